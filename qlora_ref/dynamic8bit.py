@@ -1,0 +1,71 @@
+"""8-bit blockwise quantization with the dynamic map (lesson 4's double quantization, lesson 7's Adam).
+
+Same recipe as 4-bit (absmax per block, nearest of the code's levels) with a 256-level code and one
+byte per value. Two roundings:
+
+- "lut" (default): bitsandbytes 0.50.2's CPU kernel. It does not search the code: it rounds u to a
+  grid of 65536 points on [-1, 1],
+      i = int((clamp(u, -1, 1) + 1) * 0.5 * 65535 + 0.5),
+  and reads the code index from a table built once per code (the level nearest to grid point i).
+  Fast, and a value close to a midpoint can land on the farther level; this is how bitsandbytes'
+  CPU bytes are made, so it is what bit-exactness on a CPU means.
+- "nearest": the true nearest level (ties to the lower one), as in lesson 3.
+"""
+
+import torch
+
+from .blockwise import block_absmax, dequantize_codes, nearest_code, scale_to_unit
+from .codebooks import dynamic_map
+from .state import QuantState
+from .validation import check_blocksize, check_float_tensor
+
+LUT_SIZE = 65536
+
+
+def lut_code_index(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int, code: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes 0.50.2's CPU rounding through a 65536-entry table (see the module docstring)."""
+    midpoints = 0.5 * (code[:-1] + code[1:])
+    grid = -1.0 + (2.0 * torch.arange(LUT_SIZE, dtype=torch.float32)) / (LUT_SIZE - 1)
+    table = torch.searchsorted(midpoints, grid)  # how many midpoints lie strictly below each point
+    # The C++ kernel multiplies by 1/absmax everywhere (tail included) and writes code 0 for an
+    # all-zero block; a zero inverse keeps those blocks' arithmetic finite until they are overwritten.
+    inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+    n = flat.numel()
+    unit = flat * inverse.repeat_interleave(blocksize)[:n]
+    index = ((unit.clamp(-1, 1) + 1.0) * 0.5 * (LUT_SIZE - 1) + 0.5).to(torch.int32)
+    codes = table[index]
+    return torch.where((absmax == 0).repeat_interleave(blocksize)[:n], 0, codes)
+
+
+def check_code_8bit(code) -> None:
+    if not isinstance(code, torch.Tensor) or code.dtype != torch.float32 or code.shape != (256,):
+        raise ValueError("code must be a float32 tensor of 256 levels (e.g. qlora_ref.dynamic_map())")
+    if not bool((code[1:] >= code[:-1]).all()):
+        raise ValueError("code must be sorted in ascending order")
+
+
+def quantize_blockwise(x: torch.Tensor, code=None, blocksize: int = 256, rounding: str = "lut"):
+    """8-bit codes of `x` (uint8, x's shape) and their QuantState (absmax per block, code, dtype)."""
+    check_float_tensor(x)
+    check_blocksize(blocksize)
+    code = dynamic_map() if code is None else code
+    check_code_8bit(code)
+    flat = x.contiguous().reshape(-1).float()
+    absmax = block_absmax(flat, blocksize)
+    if rounding == "lut":
+        codes = lut_code_index(flat, absmax, blocksize, code)
+    elif rounding == "nearest":
+        codes = nearest_code(scale_to_unit(flat, absmax, blocksize), code)
+    else:
+        raise ValueError(f"rounding must be 'lut' or 'nearest', got {rounding!r}")
+    state = QuantState(absmax=absmax, shape=x.shape, code=code.clone(), dtype=x.dtype, blocksize=blocksize)
+    return codes.to(torch.uint8).reshape(x.shape), state
+
+
+def dequantize_blockwise(q: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """x^ = code[q] * absmax in float32, cast to state.dtype, in q's shape."""
+    state.check_codes(q)
+    if state.quant_type is not None:
+        raise ValueError(f"this is a 4-bit ({state.quant_type}) state: use dequantize_4bit")
+    values = dequantize_codes(q, state.code, state.absmax, state.blocksize)
+    return values.to(state.dtype).reshape(q.shape)

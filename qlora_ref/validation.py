@@ -1,0 +1,40 @@
+"""Input checks shared by every quantizer: a learner's typo gets one sentence that names the problem."""
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def check_float_tensor(x, name: str = "x") -> None:
+    """Raise unless `x` is a non-empty fp32/fp16/bf16 tensor with only finite values.
+
+    bitsandbytes accepts NaN and Inf silently: a NaN makes its block's absmax NaN, an Inf makes it
+    Inf, and either way the whole block dequantizes to NaN (NaN * code, or 0 * Inf; the Inf itself
+    comes back as Inf). Neither is ever
+    what a learner meant, so the reference refuses them and says where the first one is.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {x.dtype}; quantization takes float32, float16 or bfloat16 "
+            f"(convert integers first, e.g. {name}.float())"
+        )
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}): there is nothing to quantize")
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        flat_index = int((~finite).reshape(-1).nonzero()[0])
+        bad = x.reshape(-1)[flat_index].item()
+        count = int((~finite).sum())
+        raise ValueError(
+            f"{name} contains {count} non-finite value(s) (first: {bad} at flat index {flat_index}); "
+            "an absmax scale cannot represent NaN or Inf"
+        )
+
+
+def check_blocksize(blocksize) -> None:
+    """Raise unless `blocksize` is one of bitsandbytes' block sizes (powers of two, 32..4096)."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
