@@ -1,0 +1,53 @@
+import bitsandbytes.functional as bnb
+import pytest
+import torch
+
+import qlora_ref as Q
+
+
+def test_nf4_equals_bitsandbytes_table_bit_for_bit():
+    assert torch.equal(Q.nf4_codebook(), bnb.get_4bit_type("nf4", device="cpu"))
+
+
+def test_nf4_equals_the_nonzero_part_of_create_normal_map():
+    full = bnb.create_normal_map()
+    expected = torch.cat([full[:7], torch.zeros(1), full[-8:]])
+    assert torch.equal(Q.nf4_codebook(), expected)
+
+
+def test_nf4_shape_is_8_positive_7_negative_and_an_exact_zero():
+    table = Q.nf4_codebook()
+    assert table.dtype == torch.float32 and table.shape == (16,)
+    assert int((table > 0).sum()) == 8 and int((table < 0).sum()) == 7 and int((table == 0).sum()) == 1
+    assert table[0] == -1 and table[-1] == 1 and bool((table[1:] > table[:-1]).all())
+
+
+def test_another_offset_gives_another_codebook():
+    assert not torch.equal(Q.nf4_codebook(offset=0.99), Q.nf4_codebook())
+
+
+def test_fp4_equals_bitsandbytes_table():
+    assert torch.equal(Q.fp4_codebook(), bnb.get_4bit_type("fp4", device="cpu"))
+
+
+def test_int4_is_the_symmetric_absmax_grid():
+    levels = torch.tensor(sorted(set(Q.int4_codebook().tolist())))
+    assert torch.equal(levels, torch.arange(-7, 8, dtype=torch.float32) / 7)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_dynamic_map_equals_create_dynamic_map(signed):
+    assert torch.equal(Q.dynamic_map(signed), bnb.create_dynamic_map(signed=signed))
+
+
+def test_dynamic_map_ranges():
+    signed, unsigned = Q.dynamic_map(True), Q.dynamic_map(False)
+    assert signed.shape == unsigned.shape == (256,)
+    assert signed[0].item() == pytest.approx(-0.99297, abs=1e-5) and signed[-1] == 1
+    assert unsigned[0] == 0 and unsigned[-1] == 1
+    assert bool((signed[1:] >= signed[:-1]).all()) and bool((unsigned[1:] >= unsigned[:-1]).all())
+
+
+def test_unknown_codebook_name_is_named_in_the_error():
+    with pytest.raises(ValueError, match="quant_type must be one of .* got 'nf5'"):
+        Q.codebook_4bit("nf5")
