@@ -148,10 +148,10 @@ def test_odd_length_pads_the_last_low_nibble_with_the_code_of_zero():
 
 
 def test_bits_per_parameter():
-    x = torch.randn(4096, 4096)
+    x = torch.randn(1024, 1024)
     assert Q.quantize_4bit(x, blocksize=64)[1].bits_per_parameter() == 4.5
     assert round(Q.quantize_4bit(x, blocksize=64, double_quant=True)[1].bits_per_parameter(), 3) == 4.127
     for blocksize, double_quant in itertools.product(BLOCKSIZES, (False, True)):
         measured = Q.quantize_4bit(x, blocksize=blocksize, double_quant=double_quant)[1].bits_per_parameter()
         formula = 4 + Q.constant_bits_per_parameter(blocksize, double_quant)
-        assert measured == pytest.approx(formula, abs=3e-5)  # the tail of the nested blocks and the offset
+        assert measured == pytest.approx(formula, abs=1e-4)  # the offset and the last nested block: 32/n each
