@@ -54,7 +54,11 @@ def nearest_code(unit: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
 
 
 def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
-    """Two 4-bit codes per byte, the even one high: shape [(n + 1) // 2, 1], uint8 (bitsandbytes')."""
+    """Two 4-bit codes per byte, the even one high: shape [(n + 1) // 2, 1], uint8 (bitsandbytes').
+
+    An odd count is padded with code 0 (NF4's -1.0). quantize_4bit pads the scaled values with 0.0
+    before rounding instead, as bitsandbytes does, so its padding nibble is the code of 0.0.
+    """
     codes = codes.to(torch.uint8)
     if codes.numel() % 2:
         codes = torch.cat([codes, codes.new_zeros(1)])
@@ -62,9 +66,12 @@ def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """The first `n` 4-bit codes of `packed`, high nibble first."""
+    """The first `n` 4-bit codes of `packed`, high nibble first, as int64.
+
+    int64 because they index a table: `table[codes]` with a uint8 tensor would be read as a boolean mask.
+    """
     flat = packed.reshape(-1)
-    return torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1)[:n]
+    return torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1)[:n].long()
 
 
 def dequantize_codes(codes: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:

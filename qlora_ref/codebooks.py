@@ -13,7 +13,6 @@ that zero is exact. With offset delta = 0.9677083,
 
 import numpy as np
 import torch
-from scipy.stats import norm
 
 NF4_OFFSET = 0.9677083
 
@@ -26,6 +25,8 @@ def nf4_codebook(offset: float = NF4_OFFSET) -> torch.Tensor:
     evaluated in float64 throughout lands up to a few float32 steps away in 10 of the 16 entries;
     lesson 2 shows both, and this float32 recipe is the one whose bytes bitsandbytes ships.
     """
+    from scipy.stats import norm  # here, not at the top: importing scipy.stats takes seconds
+
     positive_p = torch.linspace(offset, 0.5, 9)[:-1].numpy()
     negative_p = torch.linspace(offset, 0.5, 8)[:-1].numpy()
     levels = np.concatenate([norm.ppf(positive_p), -norm.ppf(negative_p), [0.0]])

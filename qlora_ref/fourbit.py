@@ -5,6 +5,8 @@
 
 The bytes (packed codes, absmax, nested absmax, offset) and the dequantized values equal
 bitsandbytes 0.50.2's `quantize_4bit(W, blocksize, compress_statistics, quant_type)` on a CPU.
+One difference of shape, not of values: bitsandbytes' CPU dequantize returns [1, n] for a 1-D
+input (and the transpose when the packed data is one byte); dequantize_4bit returns W's shape.
 """
 
 import torch
