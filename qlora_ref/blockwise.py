@@ -45,9 +45,10 @@ def nearest_code(unit: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
 
     Compares against the float32 midpoints of neighbouring levels (`torch.bucketize` puts a value
     equal to a boundary on its left). `code` may be in bit order (FP4 is): it is sorted here and the
-    result is mapped back to bit order.
+    result is mapped back to bit order. FP4 holds +0 (code 0) and -0 (code 8): the stable sort keeps
+    code 0 first, so a tiny negative value gets code 0 and a tiny positive one code 8, as in bitsandbytes.
     """
-    order = torch.argsort(code)
+    order = torch.argsort(code, stable=True)
     levels = code[order]
     midpoints = (levels[:-1] + levels[1:]) / 2
     return order[torch.bucketize(unit, midpoints)]

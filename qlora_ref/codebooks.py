@@ -1,7 +1,9 @@
 """Lesson 2: the codebooks. A 4-bit code is an index into 16 values; an 8-bit one into 256.
 
-Every table here is a float32 tensor indexed by the stored bits (`table[code] = value`), exactly as
-bitsandbytes 0.50.2 stores it, so `table[q] * absmax` is dequantization.
+Every table here is a float32 tensor indexed by the stored bits (`table[code] = value`), equal to
+bitsandbytes 0.50.2's, so `table[q] * absmax` is dequantization. One sign bit differs: FP4's code 8
+is -0.0 here (bit 3 is the sign), +0.0 in bitsandbytes' Python table (it writes `-0`, a Python int),
+while its C++ dequantizer returns -0.0 for code 8, as we do.
 
 NF4 (QLoRA, Dettmers et al. 2023, section 3): quantile quantization of N(0, 1), made asymmetric so
 that zero is exact. With offset delta = 0.9677083,

@@ -26,8 +26,22 @@ def test_another_offset_gives_another_codebook():
     assert not torch.equal(Q.nf4_codebook(offset=0.99), Q.nf4_codebook())
 
 
-def test_fp4_equals_bitsandbytes_table():
-    assert torch.equal(Q.fp4_codebook(), bnb.get_4bit_type("fp4", device="cpu"))
+def test_fp4_equals_bitsandbytes_table_but_for_the_sign_of_zero():
+    ours, theirs = Q.fp4_codebook(), bnb.get_4bit_type("fp4", device="cpu")
+    assert torch.equal(ours, theirs)  # values (torch.equal counts -0.0 == 0.0)
+    same_bits = ours.view(torch.int32) == theirs.view(torch.int32)
+    assert same_bits.sum() == 15 and not same_bits[8]
+    assert str(ours[8].item()) == "-0.0" and str(theirs[8].item()) == "0.0"
+
+
+def test_bitsandbytes_dequantizes_fp4_code_8_to_negative_zero_as_we_do():
+    x = torch.tensor([1.0, 1e-6, -1e-6, 0.5])  # a tiny positive value gets code 8 (-0), a tiny negative code 0
+    packed, state = bnb.quantize_4bit(x, blocksize=64, quant_type="fp4")
+    ours_packed, ours_state = Q.quantize_4bit(x, blocksize=64, quant_type="fp4")
+    assert torch.equal(packed, ours_packed) and packed[0, 0] & 0x0F == 8 and packed[1, 0] >> 4 == 0
+    theirs = bnb.dequantize_4bit(packed, state).reshape(-1)
+    ours = Q.dequantize_4bit(ours_packed, ours_state)
+    assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32)), "same bytes, signs of zero included"
 
 
 def test_int4_is_the_symmetric_absmax_grid():
