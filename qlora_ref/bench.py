@@ -1,0 +1,454 @@
+"""Benchmarks on a CUDA GPU. `python -m qlora_ref.bench kernels` times the Triton 4-bit dequantize kernel.
+
+    python -m qlora_ref.bench kernels [--out bench/results] [--quick]
+    python -m qlora_ref.bench plot bench/results/kernels-<gpu>.json      # redraw the PNG from the JSON
+
+For each weight it quantizes a random N(0, 1) matrix with bitsandbytes (NF4, blocksize 64, on the GPU),
+checks that both dequantizers give the same bits, then times
+  - triton: qlora_ref.kernels.dequantize_4bit_triton (one launch, double dequantization fused in), in
+            each of the settings in VARIANTS ("default" is a call without options)
+  - bnb:    bitsandbytes.functional.dequantize_4bit (for a nested state: 8-bit dequantize, + offset, 4-bit)
+  - copy:   a device-to-device copy of a tensor of the output's size, the practical roofline
+  - write:  zeroing a tensor of the output's size (a write-only stream, as the dequantizers mostly are)
+with triton.testing.do_bench (median; the L2 cache is flushed before every call), and each dequantizer
+also by its GPU time alone (CUDA-graph replays, see device_ms): do_bench counts the host's time too
+when a call's Python takes longer than the flush, which happens for small weights.
+GB/s counts the bytes each must move: the dequantizers read n/2 packed bytes and the absmax (and, nested,
+the second-level absmax), and write n * itemsize; the copy reads and writes n * itemsize.
+
+Weights: the Llama shapes 4096x4096, 4096x14336, 8192x8192, 8192x28672 (fp16 and bf16, with and without
+double quantization), and the course's challenge shapes (bsz, qlen, hd, m, dtype), whose weight is hd x m.
+Host time per call and a sweep of the kernel's other options on two weights come first. Results go to
+<out>/kernels-<gpu-name>.json, a PNG next to it (when matplotlib is installed) and tables on stdout.
+"""
+
+import argparse
+import datetime
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from .state import QuantState
+
+LLAMA_SHAPES = [(4096, 4096), (4096, 14336), (8192, 8192), (8192, 28672)]
+# (bsz, qlen, hd, m, dtype): the weight is hd x m.
+CHALLENGE_SHAPES = [
+    (2, 3333, 2048, 8192, torch.float16),
+    (5, 777, 1024, 4096, torch.bfloat16),
+    (3, 2048, 4096, 14336, torch.bfloat16),
+]
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+DEVICE = "cuda"
+
+
+def state_from_bitsandbytes(bnb_state) -> QuantState:
+    """qlora_ref's QuantState holding the same tensors as a bitsandbytes 4-bit QuantState (no copies)."""
+    state = QuantState(
+        absmax=bnb_state.absmax, shape=torch.Size(bnb_state.shape), code=bnb_state.code, dtype=bnb_state.dtype,
+        blocksize=bnb_state.blocksize, quant_type=bnb_state.quant_type,
+    )
+    if bnb_state.nested:
+        state.offset = bnb_state.offset
+        state.state2 = QuantState(
+            absmax=bnb_state.state2.absmax, shape=bnb_state.absmax.shape, code=bnb_state.state2.code,
+            dtype=torch.float32, blocksize=bnb_state.state2.blocksize,
+        )
+    return state
+
+
+def dequantize_bytes(state: QuantState) -> int:
+    """Bytes a dequantizer must move at least: packed codes and constants read, values written."""
+    n = state.numel
+    moved = (n + 1) // 2 + n * state.dtype.itemsize + state.absmax.numel() * state.absmax.element_size()
+    if state.nested:
+        moved += state.state2.absmax.numel() * 4 + 4
+    return moved
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def median_ms(fn) -> float:
+    """do_bench's median: CUDA events around each call, the L2 cache flushed (256 MB zeroed) before it."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+_FLUSH = {}
+
+
+def device_ms(fn, out_bytes=0) -> float:
+    """_device_ms, or NaN (with the error printed) if graph capture fails: the do_bench numbers still stand."""
+    try:
+        return _device_ms(fn, out_bytes)
+    except Exception as error:  # noqa: BLE001 - a diagnostic column must not stop the benchmark
+        print(f"device_ms failed: {error!r}", flush=True)
+        torch.cuda.synchronize()
+        return float("nan")
+
+
+def _device_ms(fn, out_bytes=0) -> float:
+    """GPU time of one call without the host: CUDA-graph replays of (L2 flush, fn) minus those of the flush alone.
+
+    do_bench's numbers include the host's time whenever the Python side of a call (checks, argument
+    handling, the launch) takes longer than its flush: then the GPU waits for the launch between the
+    two events. A graph replays the calls with no Python in between. Fewer calls are captured for a
+    large output, so that the graph's memory stays a few GB even if freed outputs were not reused.
+    """
+    if "cache" not in _FLUSH:
+        _FLUSH["cache"] = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=DEVICE)
+    cache = _FLUSH["cache"]
+
+    def flushed():
+        cache.zero_()
+        fn()
+
+    flushed()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        flushed()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = start.elapsed_time(end) / 3
+    calls = int(min(max(3, 30 / estimate), 200, max(3, 6e9 // max(out_bytes, 1))))
+
+    def per_call(body):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                body()
+        times = []
+        for _ in range(7):
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / calls)
+        del graph
+        return sorted(times)[len(times) // 2]
+
+    return max(per_call(flushed) - per_call(cache.zero_), 0.0)
+
+
+def host_us(fn, calls=400) -> float:
+    """Wall-clock microseconds per call for back-to-back calls on a tiny tensor: the host's cost of a call."""
+    import time
+
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def quantize_on_gpu(rows, cols, dtype, nested, seed=0):
+    import bitsandbytes.functional as F
+
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
+    x = torch.randn(rows, cols, device=DEVICE, dtype=dtype, generator=generator)
+    packed, bnb_state = F.quantize_4bit(x, blocksize=64, compress_statistics=nested, quant_type="nf4")
+    return packed, bnb_state
+
+
+# Settings of dequantize_4bit_triton timed on every weight; "default" is what a call without options runs.
+VARIANTS = {
+    "default": {},
+    "tile 512": {"tile_bytes": 512},
+    "tile 1024": {"tile_bytes": 1024},
+    "streaming": {"streaming": True},
+    "tile 1024, streaming": {"tile_bytes": 1024, "streaming": True},
+}
+
+
+def time_case(rows, cols, dtype, nested, roofline_cache, variants=VARIANTS):
+    """One weight: parity, then ms (do_bench median and GPU time) and GB/s of triton, bnb, copy, write."""
+    import bitsandbytes.functional as F
+
+    from .kernels.dequantize_4bit import dequantize_4bit_triton
+
+    packed, bnb_state = quantize_on_gpu(rows, cols, dtype, nested)
+    state = state_from_bitsandbytes(bnb_state)
+    theirs = F.dequantize_4bit(packed, bnb_state)
+    n = rows * cols
+    key = (n, dtype)
+    if key not in roofline_cache:  # copy and write-only rooflines depend only on the output's size
+        source, target = theirs.clone(), torch.empty_like(theirs)
+        roofline_cache[key] = {"copy": median_ms(lambda: target.copy_(source)), "write": median_ms(target.zero_)}
+        del source, target
+    moved = dequantize_bytes(state)
+    result = {
+        "shape": [rows, cols], "dtype": DTYPE_NAMES[dtype], "nested": nested, "n": n,
+        "bytes": {"dequantize": moved, "copy": 2 * n * dtype.itemsize, "write": n * dtype.itemsize},
+        "ms": {"bnb": median_ms(lambda: F.dequantize_4bit(packed, bnb_state)), **roofline_cache[key]},
+        "device_ms": {"bnb": device_ms(lambda: F.dequantize_4bit(packed, bnb_state), n * dtype.itemsize)},
+        "exact": {}, "options": {},
+    }
+    for name, options in variants.items():
+        ours = dequantize_4bit_triton(packed, state, **options)
+        result["exact"][name] = bool(torch.equal(ours, theirs))
+        del ours
+        result["options"][name] = options
+        result["ms"][name] = median_ms(lambda: dequantize_4bit_triton(packed, state, **options))
+        result["device_ms"][name] = device_ms(lambda: dequantize_4bit_triton(packed, state, **options), n * dtype.itemsize)
+    del theirs
+    nbytes = result["bytes"]
+    result["gbps"] = {k: (nbytes[k] if k in ("copy", "write") else moved) / (v * 1e-3) / 1e9 for k, v in result["ms"].items()}
+    result["device_gbps"] = {k: moved / (v * 1e-3) / 1e9 if v > 0 else None for k, v in result["device_ms"].items()}
+    return result
+
+
+def summary(result, variant="default"):
+    """The numbers of one variant against bnb and the copy."""
+    ms, dev = result["ms"], result["device_ms"]
+    return {
+        "ms": ms[variant], "bnb_ms": ms["bnb"], "copy_ms": ms["copy"],
+        "gbps": result["gbps"][variant], "bnb_gbps": result["gbps"]["bnb"], "copy_gbps": result["gbps"]["copy"],
+        "write_gbps": result["gbps"]["write"],
+        "speedup_vs_bnb": ms["bnb"] / ms[variant], "fraction_of_copy": result["gbps"][variant] / result["gbps"]["copy"],
+        "device_ms": dev[variant], "bnb_device_ms": dev["bnb"],
+        "device_speedup_vs_bnb": dev["bnb"] / dev[variant] if dev[variant] else None,
+        "exact": result["exact"][variant],
+    }
+
+
+SWEEP_CASES = [((8192, 28672), torch.bfloat16, True), ((4096, 4096), torch.bfloat16, False)]
+
+
+def sweep_variants():
+    """(label, options) of dequantize_4bit_triton's other knobs, compared on two weights."""
+    return [
+        ("default", {}),
+        ("tile 2048, 2 warps", {"tile_bytes": 2048, "num_warps": 2}),
+        ("tile 2048, 8 warps", {"tile_bytes": 2048, "num_warps": 8}),
+        ("tile 4096", {"tile_bytes": 4096}),
+        ("tile 8192", {"tile_bytes": 8192}),
+        ("tile 512, 2 warps", {"tile_bytes": 512, "num_warps": 2}),
+        ("wide rows (smem shuffle)", {"row_bytes": 1 << 20}),
+        ("strided stores, no join", {"join": False}),
+        ("bf16 rounded in software", {"soft_bf16": True}),
+    ]
+
+
+def run_sweep():
+    from .kernels.dequantize_4bit import dequantize_4bit_triton
+
+    results = []
+    for (rows, cols), dtype, nested in SWEEP_CASES:
+        packed, bnb_state = quantize_on_gpu(rows, cols, dtype, nested)
+        state = state_from_bitsandbytes(bnb_state)
+        reference = dequantize_4bit_triton(packed, state)
+        for label, options in sweep_variants():
+            out = dequantize_4bit_triton(packed, state, **options)
+            exact = bool(torch.equal(out, reference))
+            del out
+            ms = median_ms(lambda: dequantize_4bit_triton(packed, state, **options))
+            dev = device_ms(lambda: dequantize_4bit_triton(packed, state, **options), rows * cols * dtype.itemsize)
+            gbps = dequantize_bytes(state) / (ms * 1e-3) / 1e9
+            results.append({"shape": [rows, cols], "dtype": DTYPE_NAMES[dtype], "nested": nested, "variant": label,
+                            "options": options, "ms": ms, "device_ms": dev, "gbps": gbps, "exact": exact})
+            print(f"sweep {rows}x{cols} {DTYPE_NAMES[dtype]} {'nested' if nested else 'plain':6} "
+                  f"{label:26} {ms * 1e3:7.1f} us (GPU {dev * 1e3:6.1f} us) {gbps:6.0f} GB/s"
+                  f"{'' if exact else '  NOT EXACT'}", flush=True)
+        del packed, bnb_state, state, reference
+        torch.cuda.empty_cache()
+    return results
+
+
+def host_overheads():
+    """Host microseconds per call (64x64 weight: the GPU work is negligible)."""
+    import bitsandbytes.functional as F
+
+    from .kernels.dequantize_4bit import dequantize_4bit_triton
+
+    from .kernels import dequantize_4bit as K
+
+    out = {}
+    for nested in (False, True):
+        packed, bnb_state = quantize_on_gpu(64, 64, torch.bfloat16, nested)
+        state = state_from_bitsandbytes(bnb_state)
+        label = "nested" if nested else "plain"
+        out[f"triton {label}"] = host_us(lambda: dequantize_4bit_triton(packed, state))
+        K.FAST_LAUNCH = False
+        try:
+            out[f"triton {label}, kernel[grid] launch"] = host_us(lambda: dequantize_4bit_triton(packed, state))
+        finally:
+            K.FAST_LAUNCH = True
+        out[f"bnb {label}"] = host_us(lambda: F.dequantize_4bit(packed, bnb_state))
+    empty = torch.empty(0, device=DEVICE)
+    out["torch empty_like (floor)"] = host_us(lambda: torch.empty_like(empty))
+    return out
+
+
+def versions():
+    import bitsandbytes
+    import triton
+
+    return {"torch": torch.__version__, "triton": triton.__version__, "bitsandbytes": bitsandbytes.__version__,
+            "cuda": torch.version.cuda}
+
+
+def kernels(out_dir: Path, quick=False):
+    if not torch.cuda.is_available():
+        sys.exit("qlora_ref.bench kernels needs a CUDA GPU (torch.cuda.is_available() is False)")
+    device = torch.cuda.get_device_name()
+    print(f"{device}; " + ", ".join(f"{k} {v}" for k, v in versions().items()), flush=True)
+
+    host = host_overheads()
+    print("host us per call: " + ", ".join(f"{k} {v:.1f}" for k, v in host.items()), flush=True)
+    sweep = [] if quick else run_sweep()
+    roofline_cache = {}
+    llama = []
+    shapes = LLAMA_SHAPES[:1] + LLAMA_SHAPES[-1:] if quick else LLAMA_SHAPES
+    for rows, cols in shapes:
+        for dtype in (torch.float16, torch.bfloat16):
+            for nested in (False, True):
+                result = time_case(rows, cols, dtype, nested, roofline_cache)
+                llama.append(result)
+                print(_line(result), flush=True)
+                torch.cuda.empty_cache()
+    challenge = []
+    for bsz, qlen, hd, m, dtype in CHALLENGE_SHAPES:
+        for nested in (False, True):
+            result = time_case(hd, m, dtype, nested, roofline_cache)
+            result["challenge"] = {"bsz": bsz, "qlen": qlen, "hd": hd, "m": m, "dtype": DTYPE_NAMES[dtype]}
+            challenge.append(result)
+            print(_line(result), flush=True)
+            torch.cuda.empty_cache()
+
+    results = {
+        "what": "4-bit dequantize: Triton kernel vs bitsandbytes vs device-to-device copy",
+        "device": device, **versions(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "quant": "nf4, blocksize 64, random N(0,1) weights quantized by bitsandbytes on the GPU",
+        "timing": "ms: triton.testing.do_bench median (L2 flushed before each call; includes host time when the "
+                  "call's Python outlasts the flush); device_ms: CUDA-graph replay of (flush, call) minus (flush)",
+        "bytes": "dequantize: packed n/2 + absmax (+ nested absmax) read, n*itemsize written; copy: 2*n*itemsize; "
+                 "write (zero_): n*itemsize",
+        "variants": VARIANTS, "host_us_per_call": host,
+        "llama": llama, "challenge": challenge, "sweep": sweep,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"kernels-{slug(device)}.json"
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {path}")
+    try:
+        print(f"wrote {plot(results, path.with_suffix('.png'))}")
+    except ImportError as error:
+        print(f"no plot ({error}); redraw later with: python -m qlora_ref.bench plot {path}")
+    print()
+    print(variant_table(results))
+    print()
+    print(table(results))
+
+
+def _line(r, variant="default"):
+    v = summary(r, variant)
+    return (f"{r['shape'][0]}x{r['shape'][1]} {r['dtype']} {'nested' if r['nested'] else 'plain '}: "
+            f"triton {v['ms'] * 1e3:6.1f} us (GPU {v['device_ms'] * 1e3:6.1f}), bnb {v['bnb_ms'] * 1e3:6.1f} us "
+            f"(GPU {v['bnb_device_ms'] * 1e3:6.1f}), copy {v['copy_ms'] * 1e3:6.1f} us, x{v['speedup_vs_bnb']:.2f} vs bnb, "
+            f"{100 * v['fraction_of_copy']:.0f}% of copy" + ("" if all(r["exact"].values()) else ", NOT EXACT"))
+
+
+def _name(r):
+    name = f"{r['shape'][0]}x{r['shape'][1]}"
+    if "challenge" in r:
+        c = r["challenge"]
+        name += f" (challenge {c['bsz']},{c['qlen']})"
+    return name
+
+
+def table(results, variant="default") -> str:
+    """The Llama and challenge rows for one variant, as a Markdown table."""
+    lines = [
+        f"{results['device']}, torch {results['torch']}, triton {results['triton']}, bitsandbytes "
+        f"{results['bitsandbytes']}; triton options {results['variants'][variant] or 'default'}",
+        "",
+        "| weight | dtype | nested | triton ms | bnb ms | copy ms | triton GB/s | bnb GB/s | copy GB/s | write GB/s "
+        "| vs bnb | of copy | GPU-only ms triton / bnb | exact |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["llama"] + results["challenge"]:
+        v = summary(r, variant)
+        lines.append(
+            f"| {_name(r)} | {r['dtype']} | {'yes' if r['nested'] else 'no'} | {v['ms']:.4f} | {v['bnb_ms']:.4f} | "
+            f"{v['copy_ms']:.4f} | {v['gbps']:.0f} | {v['bnb_gbps']:.0f} | {v['copy_gbps']:.0f} | {v['write_gbps']:.0f} | "
+            f"{v['speedup_vs_bnb']:.2f}x | {100 * v['fraction_of_copy']:.0f}% | {v['device_ms']:.4f} / {v['bnb_device_ms']:.4f} | "
+            f"{'yes' if v['exact'] else 'NO'} |"
+        )
+    return "\n".join(lines)
+
+
+def variant_table(results) -> str:
+    """Speed-up over bnb (do_bench, then GPU-only) of every variant on every weight."""
+    names = list(results["variants"])
+    lines = ["| weight | dtype | nested | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    for r in results["llama"] + results["challenge"]:
+        cells = []
+        for name in names:
+            v = summary(r, name)
+            device = f"{v['device_speedup_vs_bnb']:.2f}" if v["device_speedup_vs_bnb"] else "-"
+            cells.append(f"{v['speedup_vs_bnb']:.2f} / {device}")
+        lines.append(f"| {_name(r)} | {r['dtype']} | {'yes' if r['nested'] else 'no'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results, path: Path, variant="default") -> Path:
+    """Grouped bars of GB/s (triton, bitsandbytes, copy) per weight, plain and nested side by side."""
+    from matplotlib.figure import Figure
+
+    rows = results["llama"] + results["challenge"]
+    fig = Figure(figsize=(13, 7), layout="constrained")
+    axes = fig.subplots(2, 1, sharey=True)
+    colours = {"triton": "tab:blue", "bnb": "tab:orange", "copy": "tab:gray"}
+    for ax, nested in zip(axes, (False, True)):
+        chosen = [r for r in rows if r["nested"] == nested]
+        labels = [f"{r['shape'][0]}x{r['shape'][1]}\n{r['dtype']}" + ("\nchallenge" if "challenge" in r else "")
+                  for r in chosen]
+        for k, (name, colour) in enumerate(colours.items()):
+            xs = [i + (k - 1) * 0.27 for i in range(len(chosen))]
+            key = {"triton": variant}.get(name, name)
+            ax.bar(xs, [r["gbps"][key] for r in chosen], width=0.27, color=colour,
+                   label={"triton": "Triton kernel", "bnb": "bitsandbytes", "copy": "copy (roofline)"}[name])
+        ax.set_xticks(range(len(chosen)), labels, fontsize=8)
+        ax.set_ylabel("GB/s (read + write)")
+        ax.set_title("double quantization" if nested else "plain absmax")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(loc="upper left")
+    fig.suptitle(f"4-bit dequantize on {results['device']} (triton {results['triton']}, bitsandbytes {results['bitsandbytes']})")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m qlora_ref.bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    k = sub.add_parser("kernels", help="time the Triton dequantize kernel against bitsandbytes and a copy")
+    k.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON and PNG")
+    k.add_argument("--quick", action="store_true", help="fewer shapes and sweep variants")
+    p = sub.add_parser("plot", help="draw the PNG of a results JSON (next to it)")
+    p.add_argument("json", type=Path)
+    p.add_argument("--table", action="store_true", help="also print the tables")
+    p.add_argument("--variant", default="default", help="which of the Triton variants to draw (default: default)")
+    args = parser.parse_args(argv)
+    if args.command == "kernels":
+        kernels(args.out, args.quick)
+    else:
+        results = json.loads(args.json.read_text())
+        print(plot(results, args.json.with_suffix(".png"), args.variant))
+        if args.table:
+            print(variant_table(results))
+            print()
+            print(table(results, args.variant))
+
+
+if __name__ == "__main__":
+    main()
