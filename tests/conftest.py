@@ -1,4 +1,10 @@
+import os
+
 import pytest
+
+# bitsandbytes wraps its CPU fallback in torch.compile, which recompiles for every new shape (tens of
+# seconds per test run). Eager mode runs the same float32 operations; the lessons compare with it compiled.
+os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,84 @@
+# make lab        open the course in JupyterLab (http://127.0.0.1:8888, token auth)
+# make test       every test: pytest tests/ + strict nbval over notebooks/
+# make notebooks  re-execute the notebooks in place (after editing a lesson)
+# Each target first sets up .venv if needed: nothing else to install by hand.
+
+SHELL := /bin/bash
+
+PYTHON ?= python3
+VENV ?= .venv
+# Used only when $(PYTHON) cannot import torch; an importable torch is reused via --system-site-packages.
+TORCH_SPEC ?= torch==2.13.0
+# e.g. make test TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cpu'
+TORCH_PIP_ARGS ?=
+# Extra arguments for jupyter lab, e.g. LAB_ARGS=--allow-root in a container where you are root
+LAB_ARGS ?=
+# Notebooks to re-execute (default: all), e.g. make notebooks NB='01 02'
+NB ?=
+
+VPY := $(VENV)/bin/python
+PIP := $(VPY) -m pip --disable-pip-version-check
+# -qq: errors only (pip's warnings about unusable extra indexes, progress bars). PIP_QUIET= to see everything.
+PIP_QUIET ?= -qq
+STAMP := $(VENV)/.installed
+
+# The kernel's environment, the same for `make notebooks` (which writes the outputs), `make test` (which
+# compares them) and `make lab`. tools/run_notebooks.py sets the same; tests/test_notebook_sources.py checks.
+export PYTHONHASHSEED := 0
+# Unset, so that kernels use ipykernel's default inline backend whatever the shell has.
+unexport MPLBACKEND
+
+PYTEST_ARGS ?=
+NBVAL_ARGS := --nbval --nbval-current-env --nbval-cell-timeout=600 \
+	--nbval-sanitize-with notebooks/nbval_sanitize.cfg
+
+.DEFAULT_GOAL := help
+.PHONY: help lab test notebooks venv clean
+
+help:
+	@sed -n 's/^# \(make .*\)/\1/p' $(firstword $(MAKEFILE_LIST))
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --no-browser --notebook-dir=notebooks $(LAB_ARGS)
+
+# One pytest run, one summary line: tests/ as usual, notebooks/*.ipynb under strict nbval.
+# Exit 5 (nothing collected) is a failure like any other non-zero status. Off a terminal (CI logs), no colours:
+# nbval colours its diffs unless told --color=no.
+test: $(STAMP)
+	@if [ -t 1 ]; then color=; else color=--color=no; fi; \
+	$(VPY) -m pytest $$color $(NBVAL_ARGS) $(PYTEST_ARGS) tests notebooks; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest ran no tests (exit 5), which counts as a failure" >&2; fi; \
+	exit $$rc
+
+notebooks: $(STAMP)
+	@$(VPY) tools/run_notebooks.py $(NB)
+
+venv: $(STAMP)
+	@:
+
+# The venv itself, with torch in it. If $(PYTHON) already imports torch (Colab, a conda env), the venv sees
+# that install through --system-site-packages and torch is never reinstalled.
+$(VENV)/.torch:
+	@if [ ! -x $(VPY) ]; then \
+	  if $(PYTHON) -c 'import torch' >/dev/null 2>&1; then \
+	    echo "make: creating $(VENV) on top of $$($(PYTHON) -c 'import sys, torch; print(sys.executable, "with torch", torch.__version__)')"; \
+	    $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else \
+	    echo "make: creating $(VENV) with $$($(PYTHON) -c 'import sys; print(sys.executable)')"; \
+	    $(PYTHON) -m venv $(VENV); \
+	  fi; \
+	fi
+	@if ! $(VPY) -c 'import torch' >/dev/null 2>&1; then \
+	  echo "make: installing $(strip $(TORCH_SPEC) $(TORCH_PIP_ARGS)) into $(VENV)"; \
+	  $(PIP) install $(PIP_QUIET) $(TORCH_PIP_ARGS) '$(TORCH_SPEC)'; \
+	fi
+	@touch $@
+
+# Everything else; redone when pyproject.toml changes.
+$(STAMP): pyproject.toml $(VENV)/.torch
+	@echo "make: installing qlora_ref and its dependencies into $(VENV) (a few minutes the first time)"
+	@$(PIP) install $(PIP_QUIET) -e '.[test,lab]'
+	@touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -1,0 +1,137 @@
+"""Checks on the committed notebooks that strict nbval cannot make by itself.
+
+- every notebooks/NN_name.ipynb has its jupytext pair NN_name.py (py:percent) with the same cells;
+- every code cell has been executed: nbval does not compare a cell whose execution_count is null,
+  so an unexecuted notebook would silently turn the strict run lax (fix: `make notebooks`);
+- no tqdm in cells whose output nbval compares (progress bars never compare equal);
+- no checked cell ends in `;`: nbval runs cells with store_history=False, where IPython's trailing-`;`
+  output suppression does not work, so `plt.plot(...);` stores no repr but shows one under nbval;
+- `make notebooks` and `make test` give the kernel the same environment.
+"""
+
+import difflib
+import importlib.util
+import io
+import re
+import tokenize
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+UNCHECKED = ("NBVAL_SKIP", "NBVAL_IGNORE_OUTPUT")  # markers of cells whose output nbval does not compare
+TQDM_BAR = re.compile(r"\d+%\|")  # as in ' 42%|████▏     | 42/100 [00:01<00:01, 30.1it/s]'
+
+notebook_params = pytest.mark.parametrize(
+    "ipynb",
+    NOTEBOOKS or [pytest.param(None, marks=pytest.mark.skip(reason="no notebooks/*.ipynb yet"))],
+    ids=lambda p: p.name if p else "none",
+)
+
+
+def cells(nb):
+    return [(cell.cell_type, cell.source.strip()) for cell in nb.cells]
+
+
+def as_lines(cell_list):
+    lines = []
+    for i, (kind, source) in enumerate(cell_list):
+        lines.append(f"## cell {i} ({kind})")
+        lines += source.splitlines()
+    return lines
+
+
+def code_cells(ipynb):
+    nb = nbformat.read(ipynb, as_version=4)
+    return [(i, cell) for i, cell in enumerate(nb.cells) if cell.cell_type == "code"]
+
+
+@notebook_params
+def test_paired_py_has_the_same_cells(ipynb):
+    py = ipynb.with_suffix(".py")
+    assert py.exists(), f"{py.name} is missing: create it with `jupytext --sync notebooks/{ipynb.name}`"
+    from_ipynb = cells(jupytext.read(ipynb))
+    from_py = cells(jupytext.read(py, fmt="py:percent"))
+    if from_ipynb != from_py:
+        diff = "\n".join(
+            difflib.unified_diff(as_lines(from_ipynb), as_lines(from_py), ipynb.name, py.name, lineterm="")
+        )
+        pytest.fail(
+            f"{ipynb.name} and {py.name} differ (sync them with `jupytext --sync` or `make notebooks`):\n{diff}"
+        )
+
+
+@notebook_params
+def test_every_code_cell_was_executed(ipynb):
+    missing = [
+        i
+        for i, cell in code_cells(ipynb)
+        if cell.source.strip() and cell.execution_count is None and "NBVAL_SKIP" not in cell.source
+    ]
+    assert not missing, (
+        f"{ipynb.name}: code cells {missing} (0-based) have no execution_count, so strict nbval would skip them. "
+        f"Run `make notebooks` and commit the result."
+    )
+
+
+@notebook_params
+def test_no_tqdm_in_checked_cells(ipynb):
+    offending = []
+    for i, cell in code_cells(ipynb):
+        if any(marker in cell.source for marker in UNCHECKED):
+            continue
+        text = "".join(
+            out.get("text", "") if out.output_type == "stream" else str(out.get("data", {}).get("text/plain", ""))
+            for out in cell.outputs
+        )
+        if "tqdm" in cell.source or TQDM_BAR.search(text):
+            offending.append(i)
+    assert not offending, (
+        f"{ipynb.name}: cells {offending} (0-based) use tqdm or show a progress bar in a compared output. "
+        f"Keep tqdm out of checked cells, or mark the cell # NBVAL_IGNORE_OUTPUT (or # NBVAL_SKIP)."
+    )
+
+
+def ends_with_semicolon(source):
+    """Whether the last token is `;` (IPython's own test for suppressing a cell's output)."""
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    except (tokenize.TokenError, SyntaxError):
+        return False
+    skip = (tokenize.ENDMARKER, tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT)
+    last = next((tok for tok in reversed(tokens) if tok.type not in skip), None)
+    return last is not None and last.type == tokenize.OP and last.string == ";"
+
+
+@notebook_params
+def test_no_trailing_semicolon_in_checked_cells(ipynb):
+    offending = [
+        i
+        for i, cell in code_cells(ipynb)
+        if "NBVAL_SKIP" not in cell.source and "NBVAL_IGNORE_OUTPUT" not in cell.source
+        and ends_with_semicolon(cell.source)
+    ]
+    assert not offending, (
+        f"{ipynb.name}: cells {offending} (0-based) end in ';'. nbval runs cells without history, where IPython "
+        f"ignores a trailing ';', so their output would differ under `make test`. End them with `plt.show()`, "
+        f"assign the value (`_ = ...`), or call a function that returns None."
+    )
+
+
+def test_make_test_and_make_notebooks_use_the_same_kernel_env():
+    spec = importlib.util.spec_from_file_location("run_notebooks", ROOT / "tools" / "run_notebooks.py")
+    run_notebooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_notebooks)
+    makefile = (ROOT / "Makefile").read_text()
+    exported = dict(re.findall(r"^export\s+(\w+)\s*:?=\s*(\S*)\s*$", makefile, re.MULTILINE))
+    unexported = set(re.findall(r"^unexport\s+(\w+)\s*$", makefile, re.MULTILINE))
+    for name, value in run_notebooks.KERNEL_ENV.items():
+        assert exported.get(name) == value, (
+            f"tools/run_notebooks.py sets {name}={value} for the kernel, "
+            f"the Makefile exports {name}={exported.get(name)}: make them agree"
+        )
+    for name in run_notebooks.KERNEL_ENV_UNSET:
+        assert name in unexported, f"tools/run_notebooks.py unsets {name} for the kernel: add `unexport {name}` to the Makefile"
