@@ -1,0 +1,203 @@
+# %% [markdown]
+# # Lesson 0 — Setup: check your environment
+#
+# **What you will learn**
+# - how to install the course (locally, or on Colab) and check that it works;
+# - which device your notebooks will run on, and which 16-bit *compute dtype* goes with it
+#   (bfloat16, or float16 on a Colab T4);
+# - how Triton kernels run on a machine without a GPU (the interpreter);
+# - the `compare(name, ours, reference)` helper that every later lesson uses to check our code against
+#   bitsandbytes.
+#
+# **Prerequisites:** Python and PyTorch basics. No GPU is needed: every lesson also runs on a CPU.
+#
+# **Install, locally:** `conda env create -f environment.yml && conda activate qlora-course`, or
+# `pip install -e ".[test,lab]"` in the repository root. Then open this notebook from `notebooks/`.
+#
+# **Install, on Colab:** *Runtime → Change runtime type → T4 GPU*. Clone the course repository in a cell
+# (`!git clone <the course repository URL>`), `%cd` into its `notebooks/` folder, then run the first code
+# cell below: on Colab it pip-installs `bitsandbytes==0.50.2` and the course package (`qlora_ref`), and keeps
+# Colab's own torch.
+
+# %%
+import os
+import sys
+
+# Before importing torch: bitsandbytes would otherwise torch.compile its CPU code paths, which is slow.
+os.environ["TORCH_COMPILE_DISABLE"] = "1"
+
+IN_COLAB = "google.colab" in sys.modules
+if IN_COLAB:  # run from the notebooks/ folder of a clone of the course repository
+    import importlib
+    import subprocess
+
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "bitsandbytes==0.50.2", ".."], check=True)
+    importlib.invalidate_caches()
+
+import torch
+
+import qlora_ref
+from qlora_ref.compare import compare
+
+_ = torch.manual_seed(0)  # `_ =` keeps the generator's repr (a memory address) out of the output
+
+# %% [markdown]
+# ## 1. Versions
+#
+# This cell's output depends on your machine, so the course's automatic checks ignore it (it starts with
+# `# NBVAL_IGNORE_OUTPUT`). Paste it into any bug report. The course pins only bitsandbytes (0.50.2: the
+# lessons check our code against it byte for byte); the other packages are unpinned.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+import platform
+from importlib.metadata import PackageNotFoundError, version
+
+print(f"[{'OK' if sys.version_info >= (3, 10) else 'FAIL'}] python {platform.python_version()} (the course needs >= 3.10)")
+
+PINNED = {"bitsandbytes": "0.50.2"}
+OPTIONAL = {"triton"}  # the Triton lessons need it; lessons 0-4 do not
+for package in ["torch", "bitsandbytes", "triton", "numpy", "scipy", "matplotlib", "ipywidgets"]:
+    try:
+        installed = version(package)
+    except PackageNotFoundError:
+        print(f"[{'--' if package in OPTIONAL else 'FAIL'}] {package} is not installed")
+        continue
+    wanted = PINNED.get(package)
+    status = "OK" if wanted is None or installed == wanted else "FAIL"
+    print(f"[{status}] {package} {installed}" + (f" (the course pins {wanted})" if wanted else ""))
+
+# %% [markdown]
+# ## 2. The device, and the compute dtype that goes with it
+#
+# QLoRA stores the frozen weights in 4 bits but computes in 16 bits: each 4-bit block is dequantized to
+# the *compute dtype* just before its matrix multiplication (Dettmers et al. 2023, arXiv:2305.14314). The
+# paper uses bfloat16. bfloat16 arithmetic needs an Ampere GPU or newer (compute capability 8.0, "sm_80").
+# Colab's free T4 is a Turing GPU, sm_75: there we use float16, which has the same 16 bits but less range.
+#
+# A trap: `torch.cuda.is_bf16_supported()` answers **True** on a T4, because by default
+# (`including_emulation=True`) it only checks that a bfloat16 tensor can be *created* on the GPU. Ask the
+# hardware question instead: the compute capability, or `is_bf16_supported(including_emulation=False)`.
+# On a CPU, torch supports bfloat16 arithmetic too, so the CPU also gets bfloat16.
+#
+# Both choices in one line each:
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+compute_dtype = torch.float16 if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0) else torch.bfloat16
+
+print("device:       ", device)
+print("compute dtype:", compute_dtype)
+if device.type == "cuda":
+    props = torch.cuda.get_device_properties(device)
+    print(f"GPU:           {props.name}, sm_{props.major}{props.minor}, {props.total_memory / 2**30:.1f} GiB")
+    print("is_bf16_supported():                          ", torch.cuda.is_bf16_supported())
+    print("is_bf16_supported(including_emulation=False): ", torch.cuda.is_bf16_supported(including_emulation=False))
+else:
+    print("no CUDA GPU: everything runs on the CPU (slower, same results)")
+
+# %% [markdown]
+# ## 3. Triton, and its interpreter on a CPU
+#
+# Later lessons write GPU kernels in Triton. Triton compiles a kernel for a GPU; on a machine without one,
+# setting the environment variable `TRITON_INTERPRET=1` makes `@triton.jit` run the kernel in Python (with
+# numpy), one program instance after another, on CPU tensors. It is slow, but it runs the same kernel code,
+# so a CPU-only laptop can still develop and test kernels. Set the variable before the kernel is defined
+# (older Triton versions read it when `triton` is imported). Triton is optional for lessons 0-4, so this
+# cell only reports; it never fails.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+    print("[--] triton is not installed (needed only by the Triton lessons)")
+
+if triton is not None:
+    if device.type == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    mode = "in the interpreter (TRITON_INTERPRET=1)" if os.environ.get("TRITON_INTERPRET") == "1" else f"compiled for {device}"
+
+    @triton.jit
+    def add_one_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n  # the last program instance is only partly inside the tensor
+        tl.store(y_ptr + offsets, tl.load(x_ptr + offsets, mask=mask) + 1, mask=mask)
+
+    x = torch.arange(1000, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    add_one_kernel[(triton.cdiv(x.numel(), 256),)](x, y, x.numel(), BLOCK=256)
+    ok = torch.equal(y, x + 1)
+    print(f"[{'OK' if ok else 'FAIL'}] triton {triton.__version__}: a kernel ran {mode} and added 1 to 1,000 values")
+
+# %% [markdown]
+# ## 4. The course package, checked against bitsandbytes
+#
+# `qlora_ref` is this course's own implementation of QLoRA's quantization, written from the papers and
+# checked against bitsandbytes 0.50.2. To see at a glance whether two tensors match we use a tiny helper,
+# `compare(name, ours, reference)`, in the spirit of the `cmp` helper of Karpathy's *makemore* lectures.
+# It prints one line: **exact** (every value equal), **close** (equal up to a few float32 rounding steps,
+# with the largest difference) or **DIFFERENT** (how many values differ, and the first one).
+
+# %%
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+
+compare("NF4 table", qlora_ref.nf4_codebook(), bnbF.get_4bit_type("nf4", device="cpu"))
+compare("a near miss", torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0 + 2e-7]))
+# compare() also returns its line; `_ =` keeps Jupyter from echoing it a second time.
+_ = compare("a real miss", torch.tensor([0.12, 0.5]), torch.tensor([0.13, 0.5]))
+
+# %% [markdown]
+# Now the self-check. Every line below must say `[OK]` on every machine: it runs on CPU tensors, where
+# bitsandbytes 0.50.2 and `qlora_ref` must agree bit for bit. (A float32 tensor is compared "bit for bit"
+# by viewing its 4 bytes per value as an int32.)
+
+# %%
+def check(label, ok):
+    print(f"[{'OK' if ok else 'FAIL'}] {label}")
+
+
+def same_bits(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+check(f"qlora_ref imports ({len(qlora_ref.__all__)} public names)", len(qlora_ref.__all__) > 0)
+check(f"bitsandbytes {bnb.__version__} is the version the course is checked against", bnb.__version__ == "0.50.2")
+check("NF4 table equals bitsandbytes' bit for bit", same_bits(qlora_ref.nf4_codebook(), bnbF.get_4bit_type("nf4", device="cpu")))
+# FP4 equals value for value: our entry 8 is -0.0 where bitsandbytes' table has +0.0 (lesson 2 shows why).
+check("FP4 table equals bitsandbytes' value for value", torch.equal(qlora_ref.fp4_codebook(), bnbF.get_4bit_type("fp4", device="cpu")))
+check("8-bit dynamic map equals bitsandbytes' bit for bit", same_bits(qlora_ref.dynamic_map(), bnbF.create_dynamic_map(signed=True)))
+
+weight = torch.randn(64, 100, generator=torch.Generator().manual_seed(0))  # 6,400 values, 100 blocks of 64
+for double_quant in (False, True):
+    packed, state = qlora_ref.quantize_4bit(weight, blocksize=64, quant_type="nf4", double_quant=double_quant)
+    packed_bnb, state_bnb = bnbF.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    label = "with" if double_quant else "without"
+    check(f"NF4 quantize_4bit {label} double quantization: packed bytes equal bitsandbytes'", torch.equal(packed, packed_bnb))
+    check(
+        f"NF4 dequantize_4bit {label} double quantization: values equal bitsandbytes' bit for bit",
+        same_bits(qlora_ref.dequantize_4bit(packed, state), bnbF.dequantize_4bit(packed_bnb, state_bnb)),
+    )
+
+# %% [markdown]
+# ## Summary
+#
+# - Install with conda (`environment.yml`) or pip (`pip install -e ".[test,lab]"`); on Colab pick a T4
+#   runtime, clone the repository and run the first cell from `notebooks/`.
+# - One line picks the device (CUDA if there is one, else the CPU) and one the compute dtype: bfloat16,
+#   except float16 on GPUs older than sm_80 such as the T4. Do not trust `is_bf16_supported()` alone.
+# - Triton kernels run on a CPU through the interpreter, `TRITON_INTERPRET=1`.
+# - `compare(name, ours, reference)` says exact / close / DIFFERENT; the self-check above must be all `[OK]`.
+#
+# ## Check your understanding
+#
+# 1. Why does the version cell start with `# NBVAL_IGNORE_OUTPUT`, but the self-check cell does not?
+# 2. On a T4, `torch.cuda.is_bf16_supported()` returns True. What does it actually check, and which dtype
+#    should a QLoRA run on a T4 compute in?
+# 3. `compare` reports "close, max |diff| 2.4e-07" for two float32 tensors of values near 1. Is that a bug
+#    in our code? (Hint: how far apart are neighbouring float32 numbers near 1?)
+# 4. Why can a Triton kernel be tested on a laptop without a GPU, and what does it cost?
