@@ -1,6 +1,6 @@
-"""Benchmarks on a CUDA GPU. `python -m qlora_ref.bench kernels` times the Triton 4-bit dequantize kernel.
+"""Benchmarks on a CUDA GPU. `python -m qlora_ref.bench kernels` times the Triton 4-bit dequantize and quantize kernels.
 
-    python -m qlora_ref.bench kernels [--out bench/results] [--quick]
+    python -m qlora_ref.bench kernels [--out bench/results] [--quick] [--only quantize]
     python -m qlora_ref.bench plot bench/results/kernels-<gpu>.json      # redraw the PNG from the JSON
 
 For each weight it quantizes a random N(0, 1) matrix with bitsandbytes (NF4, blocksize 64, on the GPU),
@@ -18,7 +18,10 @@ the second-level absmax), and write n * itemsize; the copy reads and writes n * 
 
 Weights: the Llama shapes 4096x4096, 4096x14336, 8192x8192, 8192x28672 (fp16 and bf16, with and without
 double quantization), and the course's challenge shapes (bsz, qlen, hd, m, dtype), whose weight is hd x m.
-Host time per call and a sweep of the kernel's other options on two weights come first. Results go to
+Host time per call and a sweep of the kernel's other options on two weights come first. Then quantize:
+qlora_ref.kernels.quantize_4bit_triton against bitsandbytes.functional.quantize_4bit (NF4, blocksize 64, with
+and without double quantization) on the Llama weights, a tile sweep, and counted facts on how bitsandbytes'
+CPU and CUDA bytes differ (key "quantize_facts"). Results go to
 <out>/kernels-<gpu-name>.json, a PNG next to it (when matplotlib is installed) and tables on stdout.
 """
 
@@ -297,11 +300,184 @@ def versions():
             "cuda": torch.version.cuda}
 
 
-def kernels(out_dir: Path, quick=False):
+# ---------------------------------------------------------------------------------------------------------
+# Quantize: the Triton 4-bit quantize kernel (qlora_ref.kernels.quantize_4bit) against bitsandbytes' CUDA one.
+
+QUANTIZE_SWEEP = [{"tile_values": t, "num_warps": w} for t in (2048, 4096, 8192, 16384) for w in (4, 8)]
+
+
+def quantize_bytes(n, dtype, blocksize=64) -> int:
+    """Bytes a 4-bit quantizer must move at least: n values read, n/2 packed bytes and the absmax written."""
+    return n * dtype.itemsize + (n + 1) // 2 + -(-n // blocksize) * 4
+
+
+def same_4bit(packed, state, bnb_packed, bnb_state) -> bool:
+    ok = torch.equal(packed, bnb_packed) and torch.equal(state.absmax, bnb_state.absmax)
+    if bnb_state.nested:
+        ok = ok and torch.equal(state.offset.reshape(()), bnb_state.offset.reshape(()))
+        ok = ok and torch.equal(state.state2.absmax, bnb_state.state2.absmax)
+    return bool(ok)
+
+
+def time_quantize_case(rows, cols, dtype, nested, roofline_cache):
+    """One weight: parity of every field, then ms / GB/s of bnb quantize_4bit and of ours (checked, unchecked)."""
+    import bitsandbytes.functional as F
+
+    from .kernels.quantize_4bit import quantize_4bit_triton
+
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(rows, cols, device=DEVICE, dtype=dtype, generator=generator)
+    n = rows * cols
+    bnb_packed, bnb_state = F.quantize_4bit(x, blocksize=64, compress_statistics=nested, quant_type="nf4")
+    packed, state = quantize_4bit_triton(x, 64, "nf4", nested)
+    exact = same_4bit(packed, state, bnb_packed, bnb_state)
+    del packed, state, bnb_packed, bnb_state
+    key = (n, dtype)
+    if key not in roofline_cache:
+        target = torch.empty_like(x)
+        roofline_cache[key] = {"copy": median_ms(lambda: target.copy_(x)), "write": median_ms(target.zero_)}
+        del target
+    calls = {
+        "bnb": lambda: F.quantize_4bit(x, blocksize=64, compress_statistics=nested, quant_type="nf4"),
+        "triton": lambda: quantize_4bit_triton(x, 64, "nf4", nested),
+        "triton unchecked": lambda: quantize_4bit_triton(x, 64, "nf4", nested, check=False),
+    }
+    moved = quantize_bytes(n, dtype)
+    result = {"shape": [rows, cols], "dtype": DTYPE_NAMES[dtype], "nested": nested, "n": n, "exact": exact,
+              "bytes": {"quantize": moved, "copy": 2 * n * dtype.itemsize}, "ms": dict(roofline_cache[key]),
+              "device_ms": {}}
+    for name, fn in calls.items():
+        result["ms"][name] = median_ms(fn)
+        if name == "triton unchecked":  # graph capture: not the checked call (it syncs), not bnb (it launches
+            result["device_ms"][name] = device_ms(fn, n)  # on the legacy default stream, which capture refuses)
+    result["gbps"] = {k: (result["bytes"]["copy"] if k == "copy" else n * dtype.itemsize if k == "write" else moved)
+                      / (v * 1e-3) / 1e9 for k, v in result["ms"].items()}
+    result["speedup_vs_bnb"] = {k: result["ms"]["bnb"] / result["ms"][k] for k in ("triton", "triton unchecked")}
+    return result
+
+
+def run_quantize_sweep():
+    from .kernels.quantize_4bit import quantize_4bit_triton
+
+    rows, cols, dtype = 8192, 28672, torch.bfloat16
+    x = torch.randn(rows, cols, device=DEVICE, dtype=dtype, generator=torch.Generator(device=DEVICE).manual_seed(0))
+    reference = quantize_4bit_triton(x, 64, "nf4")[0]
+    out = []
+    for options in QUANTIZE_SWEEP:
+        exact = bool(torch.equal(quantize_4bit_triton(x, 64, "nf4", **options)[0], reference))
+        ms = median_ms(lambda: quantize_4bit_triton(x, 64, "nf4", check=False, **options))
+        gbps = quantize_bytes(rows * cols, dtype) / (ms * 1e-3) / 1e9
+        out.append({"shape": [rows, cols], "dtype": "bf16", "options": options, "ms": ms, "gbps": gbps, "exact": exact})
+        print(f"quantize sweep {rows}x{cols} bf16 {options}: {ms * 1e3:7.1f} us {gbps:6.0f} GB/s"
+              f"{'' if exact else '  NOT EXACT'}", flush=True)
+    return out
+
+
+def _nibbles_differ(a, b) -> int:
+    a, b = a.reshape(-1).cpu(), b.reshape(-1).cpu()
+    return int(((a >> 4) != (b >> 4)).sum() + ((a & 15) != (b & 15)).sum())
+
+
+def cpu_vs_cuda_facts():
+    """How bitsandbytes' CPU and CUDA bytes differ (and our two PyTorch models of them), on fixed inputs."""
+    import bitsandbytes.functional as F
+
+    import qlora_ref as Q
+
+    from .kernels import cuda_semantics as C
+    from .kernels.quantize_4bit import hardware_reciprocal
+
+    facts = {}
+    significands = (torch.arange(2**23, dtype=torch.int32, device=DEVICE) + 0x3F800000).view(torch.float32)
+    differ = hardware_reciprocal(significands) != 1.0 / significands
+    facts["mufu_rcp_vs_correctly_rounded"] = {"significands": 2**23, "differ": int(differ.sum())}
+    x = torch.randn(1024, 4096, generator=torch.Generator().manual_seed(0))  # N(0, 1), float32, no zero blocks
+    xz = x.clone()
+    xz.view(-1)[:64 * 100] = 0  # 100 all-zero blocks of 64
+    for label, data in (("randn 1024x4096", x), ("randn 1024x4096, 100 zero blocks", xz)):
+        for quant_type in ("nf4", "fp4"):
+            cpu_packed, cpu_state = F.quantize_4bit(data, blocksize=64, quant_type=quant_type, compress_statistics=True)
+            gpu_packed, gpu_state = F.quantize_4bit(data.cuda(), blocksize=64, quant_type=quant_type,
+                                                    compress_statistics=True)
+            ref_packed, ref_state = Q.quantize_4bit(data, 64, quant_type, double_quant=True, backend="torch")
+            sem_packed, sem_state = C.quantize_4bit(data, 64, quant_type, double_quant=True)  # CPU: IEEE reciprocal
+            facts[f"{label} {quant_type} blocksize 64 nested"] = {
+                "values": data.numel(),
+                "codes differ, bnb cpu vs cuda": _nibbles_differ(cpu_packed, gpu_packed),
+                "absmax codes differ, bnb cpu vs cuda": int((cpu_state.absmax != gpu_state.absmax.cpu()).sum()),
+                "offset cpu - cuda": float(cpu_state.offset) - float(gpu_state.offset),
+                "codes differ, qlora_ref (torch) vs bnb cpu": _nibbles_differ(ref_packed, cpu_packed),
+                "codes differ, cuda_semantics on cpu vs bnb cuda": _nibbles_differ(sem_packed, gpu_packed),
+                "absmax codes differ, cuda_semantics on cpu vs bnb cuda":
+                    int((sem_state.absmax != gpu_state.absmax.cpu()).sum()),
+            }
+        cpu_q, _ = F.quantize_blockwise(data, blocksize=256)
+        gpu_q, _ = F.quantize_blockwise(data.cuda(), blocksize=256)
+        facts[f"{label} 8-bit blocksize 256"] = {
+            "values": data.numel(), "codes differ, bnb cpu vs cuda": int((cpu_q != gpu_q.cpu()).sum()),
+            "codes differ, cuda_semantics on cpu vs bnb cuda":
+                int((C.quantize_blockwise(data, blocksize=256)[0] != gpu_q.cpu()).sum()),
+        }
+    for k, v in facts.items():
+        print(f"fact {k}: {v}", flush=True)
+    return facts
+
+
+def quantize_table(results) -> str:
+    lines = [
+        f"{results['device']}, torch {results['torch']}, triton {results['triton']}, bitsandbytes {results['bitsandbytes']}",
+        "",
+        "| weight | dtype | nested | triton ms | triton unchecked ms | bnb ms | triton GB/s | unchecked GB/s | bnb GB/s "
+        "| copy GB/s | vs bnb | unchecked vs bnb | GPU-only ms, unchecked | exact |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["quantize"]:
+        ms, g, d = r["ms"], r["gbps"], r["device_ms"]
+        lines.append(
+            f"| {r['shape'][0]}x{r['shape'][1]} | {r['dtype']} | {'yes' if r['nested'] else 'no'} | {ms['triton']:.4f} | "
+            f"{ms['triton unchecked']:.4f} | {ms['bnb']:.4f} | {g['triton']:.0f} | {g['triton unchecked']:.0f} | "
+            f"{g['bnb']:.0f} | {g['copy']:.0f} | {r['speedup_vs_bnb']['triton']:.2f}x | "
+            f"{r['speedup_vs_bnb']['triton unchecked']:.2f}x | {d['triton unchecked']:.4f} | "
+            f"{'yes' if r['exact'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def quantize_results(roofline_cache, quick=False):
+    """The quantize part of `kernels`: Llama weights (fp16, bf16; plain, nested), a tile sweep, the facts."""
+    rows = []
+    shapes = LLAMA_SHAPES[:1] + LLAMA_SHAPES[-1:] if quick else LLAMA_SHAPES
+    for r, c in shapes:
+        for dtype in (torch.float16, torch.bfloat16):
+            for nested in (False, True):
+                result = time_quantize_case(r, c, dtype, nested, roofline_cache)
+                rows.append(result)
+                print(f"quantize {r}x{c} {DTYPE_NAMES[dtype]} {'nested' if nested else 'plain '}: "
+                      f"triton {result['ms']['triton'] * 1e3:7.1f} us, unchecked {result['ms']['triton unchecked'] * 1e3:7.1f} us, "
+                      f"bnb {result['ms']['bnb'] * 1e3:7.1f} us, x{result['speedup_vs_bnb']['triton']:.2f} "
+                      f"({result['gbps']['triton']:.0f} GB/s){'' if result['exact'] else ', NOT EXACT'}", flush=True)
+                torch.cuda.empty_cache()
+    sweep = [] if quick else run_quantize_sweep()
+    return {"quantize": rows, "quantize_sweep": sweep, "quantize_facts": cpu_vs_cuda_facts(),
+            "quantize_note": "quantize GB/s counts n*itemsize read + n/2 packed + 4 bytes per block of 64 written "
+                             "(nested too); 'triton' checks finiteness (one flag read back: a host sync), "
+                             "'triton unchecked' is check=False; bnb: bitsandbytes.functional.quantize_4bit(nf4, 64)"}
+
+
+def kernels(out_dir: Path, quick=False, only=None):
     if not torch.cuda.is_available():
         sys.exit("qlora_ref.bench kernels needs a CUDA GPU (torch.cuda.is_available() is False)")
     device = torch.cuda.get_device_name()
     print(f"{device}; " + ", ".join(f"{k} {v}" for k, v in versions().items()), flush=True)
+    if only == "quantize":  # add the quantize results to an existing JSON of this GPU
+        path = out_dir / f"kernels-{slug(device)}.json"
+        results = json.loads(path.read_text()) if path.exists() else {"device": device, **versions()}
+        results.update(quantize_results({}, quick))
+        results["quantize_date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"wrote {path}")
+        print(quantize_table({**results, **versions(), "device": device}))
+        return
 
     host = host_overheads()
     print("host us per call: " + ", ".join(f"{k} {v:.1f}" for k, v in host.items()), flush=True)
@@ -336,6 +512,7 @@ def kernels(out_dir: Path, quick=False):
         "variants": VARIANTS, "host_us_per_call": host,
         "llama": llama, "challenge": challenge, "sweep": sweep,
     }
+    results.update(quantize_results(roofline_cache, quick))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"kernels-{slug(device)}.json"
     path.write_text(json.dumps(results, indent=1) + "\n")
@@ -348,6 +525,8 @@ def kernels(out_dir: Path, quick=False):
     print(variant_table(results))
     print()
     print(table(results))
+    print()
+    print(quantize_table(results))
 
 
 def _line(r, variant="default"):
@@ -434,13 +613,14 @@ def main(argv=None):
     k = sub.add_parser("kernels", help="time the Triton dequantize kernel against bitsandbytes and a copy")
     k.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON and PNG")
     k.add_argument("--quick", action="store_true", help="fewer shapes and sweep variants")
+    k.add_argument("--only", choices=["quantize"], help="run only the quantize part, merged into the existing JSON")
     p = sub.add_parser("plot", help="draw the PNG of a results JSON (next to it)")
     p.add_argument("json", type=Path)
     p.add_argument("--table", action="store_true", help="also print the tables")
     p.add_argument("--variant", default="default", help="which of the Triton variants to draw (default: default)")
     args = parser.parse_args(argv)
     if args.command == "kernels":
-        kernels(args.out, args.quick)
+        kernels(args.out, args.quick, args.only)
     else:
         results = json.loads(args.json.read_text())
         print(plot(results, args.json.with_suffix(".png"), args.variant))

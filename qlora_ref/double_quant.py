@@ -17,20 +17,24 @@ NESTED_BLOCKSIZE = 256
 
 
 def compress_absmax(absmax: torch.Tensor):
-    """(qabsmax uint8, offset float32 scalar, state2): absmax minus its mean, quantized to 8 bits."""
+    """(qabsmax uint8, offset float32 scalar, state2): absmax minus its mean, quantized to 8 bits.
+
+    Always the PyTorch code (bitsandbytes' CPU bytes), also for a CUDA tensor, so that a state made
+    by the PyTorch path is PyTorch all the way down; qlora_ref.kernels has the Triton counterpart.
+    """
     offset = absmax.mean()
     if not torch.isfinite(offset):
         raise ValueError(
             f"double quantization overflowed: the mean of the absmax values is {offset.item()} in float32 "
             "(the weights are near float32's limit of 3.4e38); quantize with double_quant=False"
         )
-    qabsmax, state2 = quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
+    qabsmax, state2 = quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE, backend="torch")
     return qabsmax, offset, state2
 
 
 def decompress_absmax(qabsmax: torch.Tensor, offset: torch.Tensor, state2) -> torch.Tensor:
     """absmax^ = dequantize(qabsmax) + offset, float32: a product, then a separate sum."""
-    return dequantize_blockwise(qabsmax, state2) + offset
+    return dequantize_blockwise(qabsmax, state2, backend="torch") + offset
 
 
 def constant_bits_per_parameter(blocksize: int = 64, double_quant: bool = False) -> float:

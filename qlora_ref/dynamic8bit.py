@@ -20,12 +20,38 @@ from .state import QuantState
 from .validation import check_blocksize, check_float_tensor
 
 LUT_SIZE = 65536
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str, tensor) -> str:
+    """'torch' or 'triton' for `backend` and the tensor to work on.
+
+    "torch": this package's PyTorch code (bitsandbytes' CPU bytes). "triton": the Triton kernels of
+    qlora_ref.kernels (bitsandbytes' CUDA bytes; CPU tensors run in Triton's interpreter). "auto":
+    Triton for a CUDA tensor when the triton package is installed, else torch.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if not (isinstance(tensor, torch.Tensor) and tensor.is_cuda):
+            return "torch"
+        backend = "triton" if _triton_available() else "torch"
+    elif backend == "triton" and not _triton_available():
+        raise ImportError("backend='triton' needs the triton package (pip install triton; Linux), "
+                          "or use backend='torch'")
+    return backend
+
+
+def _triton_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def lut_code_index(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int, code: torch.Tensor) -> torch.Tensor:
     """bitsandbytes 0.50.2's CPU rounding through a 65536-entry table (see the module docstring)."""
     midpoints = 0.5 * (code[:-1] + code[1:])
-    grid = -1.0 + (2.0 * torch.arange(LUT_SIZE, dtype=torch.float32)) / (LUT_SIZE - 1)
+    grid = -1.0 + (2.0 * torch.arange(LUT_SIZE, dtype=torch.float32, device=flat.device)) / (LUT_SIZE - 1)
     table = torch.searchsorted(midpoints, grid)  # how many midpoints lie strictly below each point
     # The C++ kernel multiplies by 1/absmax everywhere (tail included) and writes code 0 for an
     # all-zero block; a zero inverse keeps those blocks' arithmetic finite until they are overwritten.
@@ -44,12 +70,24 @@ def check_code_8bit(code) -> None:
         raise ValueError("code must be sorted in ascending order")
 
 
-def quantize_blockwise(x: torch.Tensor, code=None, blocksize: int = 256, rounding: str = "lut"):
-    """8-bit codes of `x` (uint8, x's shape) and their QuantState (absmax per block, code, dtype)."""
+def quantize_blockwise(x: torch.Tensor, code=None, blocksize: int = 256, rounding: str = "lut", backend: str = "auto"):
+    """8-bit codes of `x` (uint8, x's shape) and their QuantState (absmax per block, code, dtype).
+
+    backend "torch" rounds as `rounding` says (bitsandbytes' CPU bytes with "lut"); "triton" runs
+    bitsandbytes' CUDA recipe (binary search) and takes only the default rounding; "auto" is triton
+    for a CUDA tensor with the default rounding, torch otherwise.
+    """
+    if resolve_backend(backend, x if rounding == "lut" else None) == "triton":
+        if rounding != "lut":
+            raise ValueError("backend='triton' rounds as bitsandbytes' CUDA kernel; rounding applies to backend='torch'")
+        from .kernels.blockwise_8bit import quantize_blockwise_triton
+
+        return quantize_blockwise_triton(x, code, blocksize)
     check_float_tensor(x)
     check_blocksize(blocksize)
     code = dynamic_map() if code is None else code
     check_code_8bit(code)
+    code = code.to(x.device)
     flat = x.contiguous().reshape(-1).float()
     absmax = block_absmax(flat, blocksize)
     if rounding == "lut":
@@ -62,8 +100,13 @@ def quantize_blockwise(x: torch.Tensor, code=None, blocksize: int = 256, roundin
     return codes.to(torch.uint8).reshape(x.shape), state
 
 
-def dequantize_blockwise(q: torch.Tensor, state: QuantState) -> torch.Tensor:
-    """x^ = code[q] * absmax in float32, cast to state.dtype, in q's shape."""
+def dequantize_blockwise(q: torch.Tensor, state: QuantState, backend: str = "auto") -> torch.Tensor:
+    """x^ = code[q] * absmax in float32, cast to state.dtype, in q's shape (backend: see quantize_blockwise;
+    the Triton kernel flushes denormal products to zero, as bitsandbytes' CUDA kernel does)."""
+    if resolve_backend(backend, q) == "triton":
+        from .kernels.blockwise_8bit import dequantize_blockwise_triton
+
+        return dequantize_blockwise_triton(q, state)
     state.check_codes(q)
     if state.quant_type is not None:
         raise ValueError(f"this is a 4-bit ({state.quant_type}) state: use dequantize_4bit")

@@ -14,15 +14,26 @@ import torch
 from .blockwise import block_absmax, dequantize_codes, nearest_code, pack_4bit, scale_to_unit, unpack_4bit
 from .codebooks import codebook_4bit
 from .double_quant import compress_absmax, decompress_absmax
+from .dynamic8bit import resolve_backend
 from .state import QuantState
 from .validation import check_blocksize, check_float_tensor
 
 
-def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = False):
-    """Packed 4-bit codes ([(n + 1) // 2, 1] uint8) and the QuantState that undoes them."""
+def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = False,
+                  backend: str = "auto"):
+    """Packed 4-bit codes ([(n + 1) // 2, 1] uint8) and the QuantState that undoes them.
+
+    backend "torch": this PyTorch code, bitsandbytes' CPU bytes. "triton": qlora_ref.kernels'
+    one-launch kernel, bitsandbytes' CUDA bytes (NF4 and FP4; CPU tensors run in Triton's
+    interpreter). "auto": triton for a CUDA tensor (NF4/FP4, triton installed), torch otherwise.
+    """
+    if resolve_backend(backend, x if quant_type in ("nf4", "fp4") else None) == "triton":
+        from .kernels.quantize_4bit import quantize_4bit_triton
+
+        return quantize_4bit_triton(x, blocksize, quant_type, double_quant)
     check_float_tensor(x)
     check_blocksize(blocksize)
-    code = codebook_4bit(quant_type)
+    code = codebook_4bit(quant_type).to(x.device)
     flat = x.contiguous().reshape(-1).float()
     absmax = block_absmax(flat, blocksize)
     if flat.numel() % blocksize:
@@ -39,8 +50,16 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     return packed, state
 
 
-def dequantize_4bit(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
-    """W^ = code[q] * absmax (absmax first rebuilt from its 8-bit codes if nested), in W's shape and dtype."""
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, backend: str = "auto") -> torch.Tensor:
+    """W^ = code[q] * absmax (absmax first rebuilt from its 8-bit codes if nested), in W's shape and dtype.
+
+    backend: "torch", "triton" (qlora_ref.kernels.dequantize_4bit_triton, one launch) or "auto"
+    (triton for CUDA tensors). Both give the same values.
+    """
+    if resolve_backend(backend, packed) == "triton":
+        from .kernels.dequantize_4bit import dequantize_4bit_triton
+
+        return dequantize_4bit_triton(packed, state)
     if not isinstance(state, QuantState) or state.quant_type is None:
         raise TypeError("dequantize_4bit needs the QuantState returned by quantize_4bit")
     state.check_codes(packed)
