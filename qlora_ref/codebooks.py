@@ -13,10 +13,23 @@ that zero is exact. With offset delta = 0.9677083,
     NF4 = sort(positives + negatives + [0]) / max                      (16 values, in [-1, 1])
 """
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 
 NF4_OFFSET = 0.9677083
+
+
+@lru_cache(maxsize=8)
+def _nf4_levels(offset: float) -> tuple:
+    from scipy.stats import norm  # here, not at the top: importing scipy.stats takes seconds
+
+    positive_p = torch.linspace(offset, 0.5, 9)[:-1].numpy()
+    negative_p = torch.linspace(offset, 0.5, 8)[:-1].numpy()
+    levels = np.concatenate([norm.ppf(positive_p), -norm.ppf(negative_p), [0.0]])
+    table = torch.tensor(levels, dtype=torch.float32).sort().values
+    return tuple((table / table.max()).tolist())
 
 
 def nf4_codebook(offset: float = NF4_OFFSET) -> torch.Tensor:
@@ -26,14 +39,9 @@ def nf4_codebook(offset: float = NF4_OFFSET) -> torch.Tensor:
     quantiles are float64 (scipy), and the normalisation is a float32 division. The same formula
     evaluated in float64 throughout lands up to a few float32 steps away in 10 of the 16 entries;
     lesson 2 shows both, and this float32 recipe is the one whose bytes bitsandbytes ships.
+    The levels are computed once per offset (scipy is slow to call); each call returns a new tensor.
     """
-    from scipy.stats import norm  # here, not at the top: importing scipy.stats takes seconds
-
-    positive_p = torch.linspace(offset, 0.5, 9)[:-1].numpy()
-    negative_p = torch.linspace(offset, 0.5, 8)[:-1].numpy()
-    levels = np.concatenate([norm.ppf(positive_p), -norm.ppf(negative_p), [0.0]])
-    table = torch.tensor(levels, dtype=torch.float32).sort().values
-    return table / table.max()
+    return torch.tensor(_nf4_levels(offset), dtype=torch.float32)
 
 
 def fp4_codebook() -> torch.Tensor:
