@@ -10,6 +10,8 @@ from .dynamic8bit import dequantize_blockwise, quantize_blockwise
 from .fourbit import dequantize_4bit, quantize_4bit
 from .linear import LinearQuantized, quantization_error, quantize_absmax, quantize_zeropoint
 from .state import QuantState
+from .lora import DequantizeMatmul, LoRALinear, QLoRALinear
+from .adapters import TrainableSummary, load_adapters, merge_adapters, prepare_model, save_adapters, trainable_summary
 
 __all__ = [
     "QuantState",
@@ -28,4 +30,13 @@ __all__ = [
     "quantize_absmax",
     "quantize_blockwise",
     "quantize_zeropoint",
+    "DequantizeMatmul",
+    "LoRALinear",
+    "QLoRALinear",
+    "TrainableSummary",
+    "load_adapters",
+    "merge_adapters",
+    "prepare_model",
+    "save_adapters",
+    "trainable_summary",
 ]
