@@ -81,10 +81,8 @@ def environment_yml_requirements():
         if pip_indent is not None:
             if value.startswith("-"):  # pip options such as `-e .`
                 continue
-            where = "pip"
         else:
             value = value.split("::", 1)[-1]  # channel::package
-            where = "conda"
         name, spec = _split(value)
         name = CONDA_TO_PIP.get(name, name)
         if name in NOT_PACKAGES:

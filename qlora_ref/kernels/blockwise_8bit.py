@@ -22,9 +22,6 @@ The bytes are bitsandbytes' CUDA `quantize_blockwise` bytes (cuda_semantics.pivo
 bitsandbytes' CUDA path refuses blocksize 32 for 8-bit; these kernels accept it (same recipe).
 """
 
-import importlib.util
-import os
-import sys
 
 import numpy as np
 import torch
@@ -35,6 +32,7 @@ from ..codebooks import dynamic_map
 from ..dynamic8bit import check_code_8bit
 from ..state import QuantState
 from ..validation import check_blocksize, check_float_tensor
+from .twins import twin
 
 __all__ = ["compress_absmax_triton", "dequantize_blockwise_triton", "quantize_blockwise_triton"]
 
@@ -145,28 +143,11 @@ def dequantize_blockwise_kernel(q_ptr, absmax_ptr, code_ptr, out_ptr, n, BLOCKSI
 
 
 INTERPRETED = isinstance(quantize_blockwise_kernel, InterpretedFunction)
-_TWINS = {}
 
 
 def _twin(interpret: bool):
-    """This module loaded with TRITON_INTERPRET=1 (interpret=True) or =0 (see dequantize_4bit._twin)."""
-    if interpret == INTERPRETED:
-        return sys.modules[__name__]
-    if interpret not in _TWINS:
-        name = __name__ + ("_interpreted" if interpret else "_compiled")
-        spec = importlib.util.spec_from_file_location(name, __file__)
-        module = importlib.util.module_from_spec(spec)
-        saved = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-        try:
-            spec.loader.exec_module(module)
-        finally:
-            if saved is None:
-                del os.environ["TRITON_INTERPRET"]
-            else:
-                os.environ["TRITON_INTERPRET"] = saved
-        _TWINS[interpret] = module
-    return _TWINS[interpret]
+    """This module loaded with TRITON_INTERPRET=1 (interpret=True) or =0: see qlora_ref.kernels.twins."""
+    return twin(__name__, __file__, interpret, INTERPRETED)
 
 
 def _quantize(flat, code, blocksize, offset, hw_rcp, tile_values=None, num_warps=4):

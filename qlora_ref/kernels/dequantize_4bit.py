@@ -51,15 +51,13 @@ Two strided stores instead of tl.join: 6x slower. Wide rows with the shared-memo
 speed (the compiler's shuffle is cheap here). Software bf16 rounding: 7% slower.
 """
 
-import importlib.util
-import os
-import sys
 
 import torch
 import triton
 import triton.language as tl
 
 from ..state import QuantState
+from .twins import twin
 
 __all__ = ["compile_ahead", "dequantize_4bit_kernel", "dequantize_4bit_triton", "launch_config"]
 
@@ -208,34 +206,11 @@ def dequantize_4bit_kernel(
 
 # True when this module was loaded with TRITON_INTERPRET=1: its kernels then run on the CPU, in numpy.
 INTERPRETED = isinstance(dequantize_4bit_kernel, InterpretedFunction)
-_TWINS = {}
 
 
 def _twin(interpret: bool):
-    """This module, loaded with TRITON_INTERPRET=1 (interpret=True) or =0: kernels of the other kind.
-
-    @triton.jit decides at decoration time whether a kernel is compiled or interpreted, through the
-    environment variable TRITON_INTERPRET. Setting it for the whole process would also turn kernels
-    meant for the GPU into interpreted ones; instead, CPU tensors go to a second copy of this module,
-    loaded once with the variable set, and `compile_ahead` uses a copy loaded with it unset.
-    """
-    if interpret == INTERPRETED:
-        return sys.modules[__name__]
-    if interpret not in _TWINS:
-        name = __name__ + ("_interpreted" if interpret else "_compiled")
-        spec = importlib.util.spec_from_file_location(name, __file__)
-        module = importlib.util.module_from_spec(spec)
-        saved = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-        try:
-            spec.loader.exec_module(module)
-        finally:
-            if saved is None:
-                del os.environ["TRITON_INTERPRET"]
-            else:
-                os.environ["TRITON_INTERPRET"] = saved
-        _TWINS[interpret] = module
-    return _TWINS[interpret]
+    """This module loaded with TRITON_INTERPRET=1 (interpret=True) or =0: see qlora_ref.kernels.twins."""
+    return twin(__name__, __file__, interpret, INTERPRETED)
 
 
 def launch_config(blocksize: int, dtype: torch.dtype, tile_bytes=None, row_bytes=None, num_warps=None):

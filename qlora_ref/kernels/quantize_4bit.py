@@ -41,9 +41,6 @@ than the default 4096 (426 vs 444 us); 8192 or more, 20% slower. The kernel reac
 device-to-device copy (2986 GB/s): the copy's roofline is not reached yet.
 """
 
-import importlib.util
-import os
-import sys
 
 import numpy as np
 import torch
@@ -53,6 +50,7 @@ import triton.language as tl
 from ..codebooks import codebook_4bit
 from ..state import QuantState
 from ..validation import FLOAT_DTYPES, check_blocksize, check_float_tensor
+from .twins import twin
 
 __all__ = ["compile_ahead", "hardware_reciprocal", "quantize_4bit_kernel", "quantize_4bit_triton"]
 
@@ -180,28 +178,11 @@ def reciprocal_kernel(a_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 
 INTERPRETED = isinstance(quantize_4bit_kernel, InterpretedFunction)
-_TWINS = {}
 
 
 def _twin(interpret: bool):
-    """This module loaded with TRITON_INTERPRET=1 (interpret=True) or =0 (see dequantize_4bit._twin)."""
-    if interpret == INTERPRETED:
-        return sys.modules[__name__]
-    if interpret not in _TWINS:
-        name = __name__ + ("_interpreted" if interpret else "_compiled")
-        spec = importlib.util.spec_from_file_location(name, __file__)
-        module = importlib.util.module_from_spec(spec)
-        saved = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-        try:
-            spec.loader.exec_module(module)
-        finally:
-            if saved is None:
-                del os.environ["TRITON_INTERPRET"]
-            else:
-                os.environ["TRITON_INTERPRET"] = saved
-        _TWINS[interpret] = module
-    return _TWINS[interpret]
+    """This module loaded with TRITON_INTERPRET=1 (interpret=True) or =0: see qlora_ref.kernels.twins."""
+    return twin(__name__, __file__, interpret, INTERPRETED)
 
 
 def hardware_reciprocal(a: torch.Tensor) -> torch.Tensor:
