@@ -1,6 +1,7 @@
 # make lab        open the course in JupyterLab (http://127.0.0.1:8888, token auth)
 # make test       every test: pytest tests/ + strict nbval over notebooks/
 # make notebooks  re-execute the notebooks in place (after editing a lesson)
+# make exercises  re-execute solutions/ and regenerate exercises/ from them
 # Each target first sets up .venv if needed: nothing else to install by hand.
 
 SHELL := /bin/bash
@@ -33,7 +34,7 @@ NBVAL_ARGS := --nbval --nbval-current-env --nbval-cell-timeout=600 \
 	--nbval-sanitize-with notebooks/nbval_sanitize.cfg
 
 .DEFAULT_GOAL := help
-.PHONY: help lab test notebooks venv clean
+.PHONY: help lab test notebooks exercises venv clean
 
 help:
 	@sed -n 's/^# \(make .*\)/\1/p' $(firstword $(MAKEFILE_LIST))
@@ -41,17 +42,21 @@ help:
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --no-browser --notebook-dir=notebooks $(LAB_ARGS)
 
-# One pytest run, one summary line: tests/ as usual, notebooks/*.ipynb under strict nbval.
+# One pytest run, one summary line: tests/ as usual, notebooks/*.ipynb and solutions/*.ipynb under strict nbval
+# (exercises/ is not run: its stubs raise NotImplementedError until a learner fills them in).
 # Exit 5 (nothing collected) is a failure like any other non-zero status. Off a terminal (CI logs), no colours:
 # nbval colours its diffs unless told --color=no.
 test: $(STAMP)
 	@if [ -t 1 ]; then color=; else color=--color=no; fi; \
-	$(VPY) -m pytest $$color $(NBVAL_ARGS) $(PYTEST_ARGS) tests notebooks; rc=$$?; \
+	$(VPY) -m pytest $$color $(NBVAL_ARGS) $(PYTEST_ARGS) tests notebooks solutions; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest ran no tests (exit 5), which counts as a failure" >&2; fi; \
 	exit $$rc
 
 notebooks: $(STAMP)
 	@$(VPY) tools/run_notebooks.py $(NB)
+
+exercises: $(STAMP)
+	@$(VPY) tools/make_exercises.py --execute $(NB)
 
 venv: $(STAMP)
 	@:

@@ -1,0 +1,74 @@
+# %% [markdown]
+# # Exercises 2 — Build the NF4 codebook from the normal quantile function
+#
+# **What you will write**
+# - `nf4_codebook(offset)`: NF4's 16 levels, derived with `scipy.stats.norm.ppf`, equal to bitsandbytes' table
+#   **bit for bit**.
+#
+# **Prerequisites:** lesson 2 (`notebooks/02_nf4_codebook.ipynb`). The paper: Dettmers et al. 2023, *QLoRA*,
+# arXiv:2305.14314, section 3.
+#
+# In `exercises/` the function body is replaced by `raise NotImplementedError(...)`: fill it in, then run the cell
+# below it. `check_nf4_codebook` compares your table with bitsandbytes' (`get_4bit_type("nf4")`) and with
+# `qlora_ref.nf4_codebook` at another offset, bit for bit, and prints one line. `solutions/` holds it solved.
+
+# %%
+import os
+
+os.environ["TORCH_COMPILE_DISABLE"] = "1"  # before importing torch (see lesson 0)
+
+import numpy as np
+import torch
+from scipy.stats import norm
+
+from qlora_ref.checks import check_nf4_codebook
+
+_ = torch.manual_seed(0)
+
+# %% [markdown]
+# ## 1. The recipe
+#
+# NF4 is asymmetric: 8 positive levels, 7 negative ones and an exact 0. With the offset δ = 0.9677083 (which keeps
+# the extreme quantiles finite):
+#
+# - positives: Φ⁻¹(p) for p in `linspace(δ, 0.5, 9)` without its last point (0.5, whose quantile is 0);
+# - negatives: −Φ⁻¹(p) for p in `linspace(δ, 0.5, 8)` without its last point;
+# - add 0, sort ascending, divide by the largest level, so the table spans [-1, 1].
+#
+# To get bitsandbytes' bytes, follow its precision exactly: the probabilities are a **float32** grid
+# (`torch.linspace`), `norm.ppf` works in float64, the levels are converted to **float32**, sorted, and divided
+# by their max in float32. (Lesson 2 shows that the same formula in float64 throughout lands a few float32 steps
+# away in 10 of the 16 entries.)
+
+# %%
+def nf4_codebook(offset: float = 0.9677083) -> torch.Tensor:
+    """NF4's 16 levels, ascending from -1.0 to 1.0, as a float32 tensor (bitsandbytes' table at the default offset)."""
+    # YOUR CODE HERE
+    raise NotImplementedError("fill in the TODO in nf4_codebook")
+    return table
+
+
+# %%
+_ = check_nf4_codebook(nf4_codebook)
+
+# %% [markdown]
+# ## 2. The float64 derivation fails the check
+#
+# The same formula with float64 probabilities (`np.linspace`) is a perfectly good normal-float table, but not the
+# one bitsandbytes ships. The checker recognises it (this cell needs no code from you):
+
+# %%
+def nf4_codebook_float64(offset=0.9677083):
+    levels = np.concatenate([norm.ppf(np.linspace(offset, 0.5, 9)[:-1]), -norm.ppf(np.linspace(offset, 0.5, 8)[:-1]), [0.0]])
+    levels = np.sort(levels)
+    return torch.tensor(levels / levels.max(), dtype=torch.float32)
+
+
+_ = check_nf4_codebook(nf4_codebook_float64)
+
+# %% [markdown]
+# ## Summary
+#
+# - NF4 = 8 positive and 7 negative normal quantiles, plus 0, normalised to [-1, 1].
+# - "Equal to bitsandbytes" is a statement about bytes: float32 probabilities, float64 quantiles, float32 division.
+# - Lesson 3 quantizes each block of 64 values to the nearest of these 16 levels.

@@ -1,0 +1,512 @@
+"""Checkers for the exercises: does a learner's function compute what the reference (and bitsandbytes) does?
+
+Each checker calls the learner's function on a few fixed, seeded inputs, compares the result with
+qlora_ref (and with bitsandbytes where it has the same thing and is installed), and prints ONE line:
+
+    check_nf4_codebook: OK — equal to bitsandbytes' table, bit for bit
+    check_absmax_quantizer: MISMATCH in q (bits=4, 1,000 normal values): 3 of 1,000 differ, first at index 17: expected 5, got 6
+      hint: q = clamp(round(x / scale), -qmax, qmax) with torch.round (floor or int() truncate)
+    check_blockwise_4bit: not implemented yet: fill in the TODO in pack_nibbles
+
+It returns True on success and False otherwise. It never raises for a wrong or unfinished answer: a function
+that raises NotImplementedError (an exercise stub) gives the "not implemented yet" line, a wrong result the
+first mismatch (where, expected vs got) and a hint. Any other exception in the learner's code propagates with
+its traceback, since that is a bug to read.
+
+The contracts (what the learner's functions take and return):
+
+- check_absmax_quantizer(quantize, dequantize=None)
+      quantize(x, bits) -> (q, scale)          symmetric, one scale for the whole tensor
+      dequantize(q, scale) -> x_hat            optional
+- check_zeropoint_quantizer(quantize, dequantize=None)
+      quantize(x, bits) -> (q, scale, zero)    asymmetric, one scale and zero-point for the whole tensor
+      dequantize(q, scale, zero) -> x_hat      optional
+  x is a float32 tensor, bits 2..8; q has x's shape (any integer or float dtype holding integers);
+  scale and zero are a number, a 0-d or a one-element tensor.
+- check_nf4_codebook(nf4_codebook)
+      nf4_codebook(offset) -> 16 float32 levels, ascending, from -1.0 to 1.0
+- check_blockwise_4bit(quantize, dequantize)
+      quantize(x, code, blocksize) -> (packed, absmax)
+          packed: uint8, (n + 1) // 2 bytes (any shape), two codes per byte, the even element in the high nibble
+          absmax: float32, one per block of `blocksize` consecutive values (the last block may be short)
+      dequantize(packed, absmax, code, n, blocksize) -> x_hat, n float32 values (any shape)
+  code is NF4's 16 levels (qlora_ref.nf4_codebook()), x any shape (it is read flat, in memory order).
+"""
+
+import math
+
+import torch
+
+__all__ = [
+    "check_absmax_quantizer",
+    "check_zeropoint_quantizer",
+    "check_nf4_codebook",
+    "check_blockwise_4bit",
+]
+
+
+class _Fail(Exception):
+    """One failed comparison: the line to print (and an optional hint)."""
+
+    def __init__(self, line, hint=None):
+        super().__init__(line)
+        self.line = line
+        self.hint = hint
+
+
+class _NotImplemented(Exception):
+    pass
+
+
+def _call(fn, *args):
+    try:
+        return fn(*args)
+    except NotImplementedError as err:
+        raise _NotImplemented(str(err).strip() or f"fill in the TODO in {getattr(fn, '__name__', 'your function')}")
+
+
+def _run(name, body):
+    """Run a checker body; print the one line (and hint) it ends with; True on success."""
+    try:
+        ok_line = body()
+    except _NotImplemented as err:
+        message = str(err)
+        print(f"{name}: not implemented yet: {message}")
+        return False
+    except _Fail as fail:
+        print(f"{name}: {fail.line}")
+        if fail.hint:
+            print(f"  hint: {fail.hint}")
+        return False
+    print(f"{name}: OK — {ok_line}")
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- comparisons
+
+
+def _number(value, what):
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise _Fail(
+                f"{what} should be one number (per tensor), got a tensor of shape {list(value.shape)}",
+                "one scale for the whole tensor: reduce over all values (x.abs().max(), x.min(), x.max())",
+            )
+        return float(value.reshape(-1)[0])
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise _Fail(f"{what} should be a number or a one-element tensor, got {type(value).__name__}")
+
+
+def _tensor(value, what):
+    if not isinstance(value, torch.Tensor):
+        try:
+            value = torch.as_tensor(value)
+        except Exception:
+            raise _Fail(f"{what} should be a tensor, got {type(value).__name__}")
+    return value.detach().cpu()
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if v == int(v) and abs(v) < 1e6:
+            return f"{v:.1f}"
+        return f"{v:.9g}"
+    return str(v)
+
+
+def _first_mismatch(expected, got, exact=True, rtol=1e-6):
+    """None, or (count, index, expected value, got value) of the first differing element (flat order)."""
+    e = expected.reshape(-1)
+    g = got.reshape(-1)
+    if e.is_floating_point() or g.is_floating_point():
+        e, g = e.double(), g.double()
+        if exact:
+            differ = ~(e == g)
+        else:
+            differ = ~torch.isclose(g, e, rtol=rtol, atol=0.0)
+    else:
+        differ = e.long() != g.long()
+    if not bool(differ.any()):
+        return None
+    idx = int(differ.nonzero()[0])
+    ev, gv = e[idx].item(), g[idx].item()
+    return int(differ.sum()), idx, ev, gv
+
+
+def _mismatch_line(what, case, found, n):
+    count, idx, ev, gv = found
+    return f"MISMATCH in {what} ({case}): {count:,} of {n:,} differ, first at index {idx}: expected {_fmt(ev)}, got {_fmt(gv)}"
+
+
+# ---------------------------------------------------------------------------------------------- lesson 1
+
+
+def _linear_cases():
+    g = torch.Generator().manual_seed(0)
+    normal = torch.randn(1000, generator=g)
+    skewed = torch.rand(1000, generator=g) * 3.0 - 0.5  # mostly positive: min -0.5, max 2.5
+    positive = torch.rand(500, generator=g) + 0.25  # all positive: the zero-point range must be widened to 0
+    weights = torch.randn(16, 32, generator=g) * 0.02
+    weights[3, 7] = 0.5  # one outlier stretches the scale for everyone
+    return [
+        ("1,000 normal values", normal),
+        ("1,000 values in [-0.5, 2.5]", skewed),
+        ("500 positive values", positive),
+        ("a 16x32 weight matrix with an outlier", weights),
+    ]
+
+
+def _check_q(q, x, case, expected_q, hint):
+    q = _tensor(q, "q")
+    if q.numel() != x.numel():
+        raise _Fail(f"q has {q.numel():,} values for {x.numel():,} inputs ({case})", "one code per value of x, in x's shape")
+    if q.is_floating_point() and not bool((q == q.round()).all()):
+        raise _Fail(f"q holds non-integers ({case}), e.g. {_fmt(float(q.reshape(-1)[(q != q.round()).reshape(-1).nonzero()[0]]))}",
+                    "round x / scale to an integer with torch.round")
+    found = _first_mismatch(expected_q, q)
+    if found:
+        raise _Fail(_mismatch_line("q", case, found, x.numel()), hint(q))
+
+
+def _check_dequantize(dequantize, args, x, case, expected):
+    if dequantize is None:
+        return
+    x_hat = _tensor(_call(dequantize, *args), "x_hat")
+    if x_hat.numel() != x.numel():
+        raise _Fail(f"the dequantized tensor has {x_hat.numel():,} values for {x.numel():,} inputs ({case})")
+    found = _first_mismatch(expected, x_hat.float(), exact=False)
+    if found:
+        raise _Fail(_mismatch_line("the dequantized values", case, found, x.numel()), None)
+
+
+def check_absmax_quantizer(quantize, dequantize=None) -> bool:
+    """Check a symmetric per-tensor quantizer `quantize(x, bits) -> (q, scale)` against qlora_ref.quantize_absmax.
+
+    scale = max|x| / (2^(bits-1) - 1) (within 1e-6 relative), q = clamp(round(x / scale), -qmax, qmax)
+    (exactly), for bits 8, 4 and 2 on four inputs; and, if given, `dequantize(q, scale) -> x_hat` = scale * q.
+    An all-zero tensor must give q = 0 and a finite, positive scale. Prints one line; True on success.
+    """
+    from .linear import quantize_absmax
+
+    def body():
+        cases = 0
+        for case, x in _linear_cases():
+            for bits in (8, 4, 2):
+                label = f"bits={bits}, {case}"
+                ref = quantize_absmax(x, bits=bits, granularity="tensor")
+                qmax = 2 ** (bits - 1) - 1
+                result = _call(quantize, x.clone(), bits)
+                if not isinstance(result, (tuple, list)) or len(result) != 2:
+                    raise _Fail("quantize should return a pair (q, scale)")
+                q, scale = result
+                scale_v = _number(scale, "scale")
+                absmax = float(x.abs().max())
+                expected_scale = float(ref.scale)
+                if not math.isclose(scale_v, expected_scale, rel_tol=1e-6):
+                    hint = "scale = max|x| / (2**(bits - 1) - 1): the largest level is qmax = 2^(b-1) - 1 (127 at 8 bits)"
+                    if math.isclose(scale_v, absmax / 2 ** (bits - 1), rel_tol=1e-6):
+                        hint = f"you divided by 2^(b-1) = {2 ** (bits - 1)}; the largest level is 2^(b-1) - 1 = {qmax}"
+                    elif math.isclose(scale_v, absmax / (2**bits - 1), rel_tol=1e-6):
+                        hint = "2^b - 1 levels is the zero-point quantizer's range; symmetric uses -qmax..qmax, qmax = 2^(b-1) - 1"
+                    elif math.isclose(scale_v, float(x.max()) / qmax, rel_tol=1e-6):
+                        hint = "absmax is the largest |x| (x.abs().max()), not the largest x"
+                    raise _Fail(f"MISMATCH in scale ({label}): expected {expected_scale:.9g}, got {scale_v:.9g}", hint)
+
+                def q_hint(q_got):
+                    g = q_got.double().reshape(-1)
+                    if bool((g.abs() > qmax).any()):
+                        return f"some codes are outside -{qmax}..{qmax}: clamp round(x / scale) to [-qmax, qmax]"
+                    u = x.double().reshape(-1) / expected_scale
+                    if bool((g == u.floor()).all()) or bool((g == u.trunc()).all()):
+                        return "round to the nearest integer with torch.round, not floor or int() (which truncates)"
+                    return "q = clamp(round(x / scale), -qmax, qmax), computed in float32 with torch.round"
+
+                _check_q(q, x, label, ref.q, q_hint)
+                if dequantize is not None:
+                    _check_dequantize(dequantize, (q, scale), x, label, ref.dequantize())
+                cases += 1
+        zeros = torch.zeros(64)
+        q, scale = _call(quantize, zeros, 8)
+        scale_v = _number(scale, "scale")
+        if not (math.isfinite(scale_v) and scale_v > 0):
+            raise _Fail(f"an all-zero tensor gives scale {scale_v} (then x / scale is nan)",
+                        "when max|x| is 0 use any positive scale, e.g. 1.0 (torch.where(absmax > 0, absmax / qmax, 1.0))")
+        _check_q(q, zeros, "bits=8, 64 zeros", torch.zeros(64), lambda _: "zeros must quantize to q = 0")
+        extra = " and dequantize" if dequantize is not None else ""
+        return f"quantize{extra} match qlora_ref.quantize_absmax ({cases + 1} cases, bits 8, 4 and 2)"
+
+    return _run("check_absmax_quantizer", body)
+
+
+def check_zeropoint_quantizer(quantize, dequantize=None) -> bool:
+    """Check an asymmetric per-tensor quantizer `quantize(x, bits) -> (q, scale, zero)` against qlora_ref.
+
+    With low = min(x.min(), 0) and high = max(x.max(), 0) (the range always contains 0):
+    scale = (high - low) / (2^bits - 1), zero = round(-low / scale), q = clamp(round(x / scale) + zero, 0, 2^bits - 1);
+    and, if given, `dequantize(q, scale, zero) -> x_hat` = scale * (q - zero). Prints one line; True on success.
+    """
+    from .linear import quantize_zeropoint
+
+    def body():
+        cases = 0
+        for case, x in _linear_cases():
+            for bits in (8, 4, 2):
+                label = f"bits={bits}, {case}"
+                ref = quantize_zeropoint(x, bits=bits, granularity="tensor")
+                qmax = 2**bits - 1
+                result = _call(quantize, x.clone(), bits)
+                if not isinstance(result, (tuple, list)) or len(result) != 3:
+                    raise _Fail("quantize should return a triple (q, scale, zero)")
+                q, scale, zero = result
+                scale_v, zero_v = _number(scale, "scale"), _number(zero, "zero")
+                lo, hi = float(x.min()), float(x.max())
+                expected_scale, expected_zero = float(ref.scale), float(ref.zero)
+                if not math.isclose(scale_v, expected_scale, rel_tol=1e-6):
+                    hint = "scale = (high - low) / (2**bits - 1) with low = min(x.min(), 0), high = max(x.max(), 0)"
+                    if math.isclose(scale_v, (hi - lo) / qmax, rel_tol=1e-6):
+                        hint = "the range must contain 0 (so that 0 is exact and zero is a valid code): low = min(x.min(), 0), high = max(x.max(), 0)"
+                    elif math.isclose(scale_v, (hi - lo) / (qmax + 1), rel_tol=1e-6) or math.isclose(
+                        scale_v, expected_scale * qmax / (qmax + 1), rel_tol=1e-6
+                    ):
+                        hint = f"b bits give 2^b levels, 0..{qmax}: divide the range by 2^b - 1 = {qmax}, not 2^b"
+                    raise _Fail(f"MISMATCH in scale ({label}): expected {expected_scale:.9g}, got {scale_v:.9g}", hint)
+                if zero_v != expected_zero:
+                    hint = "zero = round(-low / scale), an integer code, so that x = 0 maps to q = zero exactly"
+                    if zero_v == -expected_zero:
+                        hint = "the sign: zero = round(-low / scale), where low <= 0, so zero >= 0"
+                    raise _Fail(f"MISMATCH in zero ({label}): expected {_fmt(expected_zero)}, got {_fmt(zero_v)}", hint)
+
+                def q_hint(q_got):
+                    g = q_got.double().reshape(-1)
+                    if bool((g < 0).any()) or bool((g > qmax).any()):
+                        return f"some codes are outside 0..{qmax}: clamp round(x / scale) + zero to [0, 2^b - 1]"
+                    return "q = clamp(round(x / scale) + zero, 0, 2**bits - 1): round x / scale first, then add zero"
+
+                _check_q(q, x, label, ref.q, q_hint)
+                if dequantize is not None:
+                    _check_dequantize(dequantize, (q, scale, zero), x, label, ref.dequantize())
+                cases += 1
+        zeros = torch.zeros(64)
+        q, scale, zero = _call(quantize, zeros, 8)
+        scale_v = _number(scale, "scale")
+        if not (math.isfinite(scale_v) and scale_v > 0):
+            raise _Fail(f"an all-zero tensor gives scale {scale_v} (then x / scale is nan)",
+                        "when high == low (all zeros) use any positive scale, e.g. 1.0")
+        zero_v = _number(zero, "zero")
+        expected_q = torch.full((64,), zero_v)
+        _check_q(q, zeros, "bits=8, 64 zeros", expected_q, lambda _: "zeros must quantize to q = zero")
+        extra = " and dequantize" if dequantize is not None else ""
+        return f"quantize{extra} match qlora_ref.quantize_zeropoint ({cases + 1} cases, bits 8, 4 and 2)"
+
+    return _run("check_zeropoint_quantizer", body)
+
+
+# ---------------------------------------------------------------------------------------------- lesson 2
+
+
+def _bnb_nf4_table():
+    """bitsandbytes' NF4 table (float32, CPU), or None when bitsandbytes is not installed."""
+    try:
+        import bitsandbytes.functional as bnbF
+    except Exception:  # not installed, or it fails to load: check against qlora_ref only
+        return None
+    return bnbF.get_4bit_type("nf4", device="cpu").float()
+
+
+def _nf4_float64(offset):
+    """The NF4 formula evaluated in float64 throughout (NOT bitsandbytes' table: used to recognise it)."""
+    import numpy as np
+    from scipy.stats import norm
+
+    levels = np.concatenate([norm.ppf(np.linspace(offset, 0.5, 9)[:-1]), -norm.ppf(np.linspace(offset, 0.5, 8)[:-1]), [0.0]])
+    levels = np.sort(levels)
+    return torch.tensor(levels / levels.max(), dtype=torch.float32)
+
+
+def _bits_differ(expected, got):
+    """Indices where the float32 bit patterns differ (so -0.0 is not 0.0)."""
+    return (expected.view(torch.int32) != got.view(torch.int32)).nonzero().reshape(-1)
+
+
+def check_nf4_codebook(nf4_codebook) -> bool:
+    """Check `nf4_codebook(offset) -> 16 float32 levels` bit for bit: against bitsandbytes' NF4 table
+    (get_4bit_type("nf4"), when bitsandbytes is installed) and qlora_ref.nf4_codebook at offset 0.9677083,
+    and against qlora_ref.nf4_codebook at offset 0.99. Prints one line; True on success."""
+    from .codebooks import NF4_OFFSET
+    from .codebooks import nf4_codebook as reference
+
+    def one(offset, expected, source):
+        got = _tensor(_call(nf4_codebook, offset), "the codebook")
+        label = f"offset {offset}"
+        if got.numel() != 16:
+            hint = "NF4 has 16 levels: 8 positive, 7 negative and an exact 0 (linspace(offset, 0.5, 9)[:-1] and linspace(offset, 0.5, 8)[:-1])"
+            raise _Fail(f"expected 16 levels, got {got.numel()} ({label})", hint)
+        got = got.reshape(-1)
+        if got.dtype != torch.float32:
+            raise _Fail(f"expected float32 levels, got {got.dtype} ({label})",
+                        "bitsandbytes' table is float32: torch.tensor(levels, dtype=torch.float32) before dividing by the max")
+        differ = _bits_differ(expected, got)
+        if differ.numel() == 0:
+            return
+        idx = int(differ[0])
+        line = (f"MISMATCH with {source} ({label}): {differ.numel()} of 16 levels differ, first at index {idx}: "
+                f"expected {float(expected[idx]):.9g}, got {float(got[idx]):.9g}")
+        if not bool((got[1:] >= got[:-1]).all()):
+            hint = "sort the levels ascending: code 0 is -1.0, code 7 is 0.0, code 15 is 1.0"
+        elif float(got.max()) != 1.0 or float(got.min()) != -1.0:
+            hint = "normalise: divide every level by the largest one (so they span [-1, 1])"
+        elif _bits_differ(_nf4_float64(offset), got).numel() == 0:
+            hint = ("this is the float64 derivation, which differs from bitsandbytes' table in a few float32 steps: "
+                    "take the probabilities as float32 (torch.linspace(offset, 0.5, 9)), apply norm.ppf, "
+                    "convert to float32, sort, then divide by the max in float32")
+        elif bool(torch.allclose(got, expected, rtol=0, atol=1e-6)):
+            hint = ("close but not bit for bit: probabilities from torch.linspace (float32), norm.ppf (float64), "
+                    "then a float32 tensor divided by its max in float32")
+        else:
+            hint = ("positives: norm.ppf(torch.linspace(offset, 0.5, 9)[:-1]), negatives: -norm.ppf(torch.linspace(offset, 0.5, 8)[:-1]), "
+                    "plus 0; sort and divide by the max")
+        raise _Fail(line, hint)
+
+    def body():
+        table = _bnb_nf4_table()
+        if table is not None:
+            one(NF4_OFFSET, table, "bitsandbytes' table")
+        else:
+            one(NF4_OFFSET, reference(NF4_OFFSET), "qlora_ref.nf4_codebook")
+        one(0.99, reference(0.99), "qlora_ref.nf4_codebook")
+        if table is None:
+            return "equal to qlora_ref.nf4_codebook, bit for bit (bitsandbytes is not installed: not compared with it)"
+        return "equal to bitsandbytes' table, bit for bit (and to qlora_ref at offset 0.99)"
+
+    return _run("check_nf4_codebook", body)
+
+
+# ---------------------------------------------------------------------------------------------- lesson 3
+
+
+def _blockwise_cases():
+    g = torch.Generator().manual_seed(0)
+    with_zero_block = torch.randn(512, generator=g)
+    with_zero_block[128:192] = 0.0  # block 2 (blocksize 64) is all zeros, as in a pruned weight
+    return [
+        ("4,096 normal values, blocksize 64", torch.randn(4096, generator=g), 64),
+        ("a 32x48 matrix, blocksize 128", torch.randn(32, 48, generator=g) * 0.02, 128),
+        ("1,000 values (a short last block), blocksize 64", torch.randn(1000, generator=g), 64),
+        ("999 values (an odd count), blocksize 64", torch.randn(999, generator=g), 64),
+        ("512 values whose block 2 is all zeros, blocksize 64", with_zero_block, 64),
+    ]
+
+
+def _bnb_quantize_4bit():
+    try:
+        import bitsandbytes.functional as bnbF
+    except Exception:
+        return None
+    return lambda x, blocksize: bnbF.quantize_4bit(x, blocksize=blocksize, quant_type="nf4")
+
+
+def _unpack(packed, n):
+    flat = packed.reshape(-1).to(torch.int64)
+    high_first = torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1)[:n]
+    low_first = torch.stack([flat & 0x0F, flat >> 4], dim=1).reshape(-1)[:n]
+    return high_first, low_first
+
+
+def check_blockwise_4bit(quantize, dequantize) -> bool:
+    """Check a blockwise NF4 quantizer and its inverse against qlora_ref.quantize_4bit and bitsandbytes.
+
+    quantize(x, code, blocksize) -> (packed, absmax): the bytes (exactly; compared with bitsandbytes'
+    CPU quantize_4bit when it is installed) and the per-block absmax (exactly). An odd count fills the last
+    low nibble with the code of 0.0 (7 for NF4), as bitsandbytes does; an all-zero block has absmax 0 and all its
+    codes are the code of 0.0. dequantize(packed, absmax, code, n, blocksize) -> x_hat is called on the
+    reference's packed bytes and absmax and must give code[q] * absmax exactly. Prints one line; True on success.
+    """
+    from .blockwise import dequantize_codes, unpack_4bit
+    from .codebooks import nf4_codebook
+    from .fourbit import quantize_4bit as reference
+
+    def body():
+        code = nf4_codebook()
+        bnb = _bnb_quantize_4bit()
+        for case, x, blocksize in _blockwise_cases():
+            n = x.numel()
+            ref_packed, state = reference(x, blocksize=blocksize, quant_type="nf4")
+            expected_absmax = state.absmax
+            source = "qlora_ref"
+            if bnb is not None:
+                bnb_packed, bnb_state = bnb(x, blocksize)
+                if torch.equal(bnb_packed, ref_packed) and torch.equal(bnb_state.absmax, expected_absmax):
+                    source = "bitsandbytes"
+            result = _call(quantize, x.clone(), code.clone(), blocksize)
+            if not isinstance(result, (tuple, list)) or len(result) != 2:
+                raise _Fail("quantize should return a pair (packed, absmax)")
+            packed, absmax = (_tensor(v, name) for v, name in zip(result, ("packed", "absmax")))
+
+            # absmax first: the codes depend on it.
+            blocks = expected_absmax.numel()
+            if absmax.numel() != blocks:
+                hint = f"one absmax per block of {blocksize} values: ceil(n / blocksize) = {blocks} (the last block may be short)"
+                raise _Fail(f"expected {blocks} absmax values, got {absmax.numel()} ({case})", hint)
+            found = _first_mismatch(expected_absmax, absmax.float())
+            if found:
+                hint = "absmax of a block = the largest |x| in it (x.abs().amax over the block), in float32"
+                flat = x.reshape(-1)
+                if found[1] < blocks and float(flat[found[1] * blocksize:(found[1] + 1) * blocksize].max()) == found[3]:
+                    hint = "the largest |x|, not the largest x: take .abs() before the max"
+                raise _Fail(_mismatch_line("absmax", case, found, blocks), hint)
+
+            # then the bytes
+            if packed.dtype != torch.uint8:
+                raise _Fail(f"packed should be uint8, got {packed.dtype} ({case})", "return codes as torch.uint8 bytes")
+            if packed.numel() != (n + 1) // 2:
+                hint = "two 4-bit codes per byte: (n + 1) // 2 bytes (an odd count leaves half of the last byte free)"
+                raise _Fail(f"expected {(n + 1) // 2:,} bytes for {n:,} values, got {packed.numel():,} ({case})", hint)
+            found = _first_mismatch(ref_packed, packed)
+            if found:
+                expected_codes = unpack_4bit(ref_packed, n + n % 2)
+                high_first, low_first = _unpack(packed, n + n % 2)
+                wrong = (high_first != expected_codes).nonzero().reshape(-1)
+                first = int(wrong[0])
+                line = (f"MISMATCH in the packed bytes vs {source} ({case}): {found[0]:,} of {packed.numel():,} bytes differ, "
+                        f"first at byte {found[1]}: expected {int(found[2]):#010b}, got {int(found[3]):#010b} "
+                        f"(code of value {first}: expected {int(expected_codes[first])}, got {int(high_first[first])})")
+                if torch.equal(low_first, expected_codes):
+                    hint = "nibble order: the even element goes in the HIGH nibble, byte = q[2i] << 4 | q[2i + 1]"
+                elif n % 2 and first == n:
+                    hint = ("the last byte's free low nibble: bitsandbytes pads with the code of 0.0 (7 for NF4), "
+                            "not with 0: append a 0.0 to the scaled values before rounding")
+                elif first < n and float(absmax.reshape(-1)[first // blocksize]) == 0.0:
+                    hint = "an all-zero block has absmax 0 and 0 / 0 is nan: divide by absmax.clamp(min=1e-38), so its codes are the code of 0.0"
+                else:
+                    unit = float(x.reshape(-1)[first] / expected_absmax[first // blocksize])
+                    levels = ", ".join(f"{v:.4f}" for v in code.tolist())
+                    hint = (f"value {first} scales to u = x / absmax = {unit:.6f}; the nearest level is code "
+                            f"{int(expected_codes[first])} ({float(code[expected_codes[first]]):.4f}), a tie going to the lower level "
+                            f"(NF4 levels: [{levels}])")
+                raise _Fail(line, hint)
+
+            # dequantize, on the reference's bytes (so a wrong quantize cannot hide a right dequantize)
+            expected = dequantize_codes(unpack_4bit(ref_packed, n), code, expected_absmax, blocksize)
+            x_hat = _tensor(_call(dequantize, ref_packed.clone(), expected_absmax.clone(), code.clone(), n, blocksize), "x_hat")
+            if x_hat.numel() != n:
+                raise _Fail(f"dequantize returned {x_hat.numel():,} values for n = {n:,} ({case})",
+                            "return the first n values: an odd count has a padding nibble to drop")
+            found = _first_mismatch(expected, x_hat.float())
+            if found:
+                codes = unpack_4bit(ref_packed, n)
+                per_value = expected_absmax.repeat_interleave(blocksize)[:n]
+                swapped = _unpack(ref_packed, n + n % 2)[1][:n]
+                hint = "x_hat[i] = code[q[i]] * absmax[i // blocksize]: look the level up in the table, then scale"
+                if torch.equal(x_hat.reshape(-1).float(), codes.float() * per_value):
+                    hint = "q is an index into the table, not a value: x_hat = code[q] * absmax, not q * absmax"
+                elif torch.equal(x_hat.reshape(-1).float(), code[swapped] * per_value):
+                    hint = "nibble order: the high nibble holds the even element (byte >> 4 first, then byte & 0x0F)"
+                raise _Fail(_mismatch_line("the dequantized values", case, found, n), hint)
+        versus = "bitsandbytes' CPU quantize_4bit" if bnb is not None else "qlora_ref.quantize_4bit (bitsandbytes is not installed)"
+        return f"packed bytes, absmax and dequantized values equal {versus} (5 cases, blocksizes 64 and 128)"
+
+    return _run("check_blockwise_4bit", body)
