@@ -1,0 +1,152 @@
+"""The fused Triton 4-bit GEMV on a CPU (Triton's interpreter) against a float32 reference.
+
+The reference is x.float() @ qlora_ref.dequantize_4bit(W).float().T: the weights exactly as the dequantizer
+makes them (rounded to the state's dtype), products and sums in float32. The kernel rounds each weight the
+same way and multiplies and adds in float32 too, so it differs from the reference only in
+  (a) the order of the float32 additions: at most gamma_K * sum_k |x_k w_k| with gamma_K = K * 2^-24
+      (the classic bound for a float32 sum of K terms; the real error is far smaller), and
+  (b) the one rounding of y to x's dtype: at most half an ulp, u * |y| with the unit roundoff
+      u = 2^-24 (float32), 2^-11 (float16), 2^-8 (bfloat16).
+So the test asserts |y - ref| <= u * |ref| + 2 * gamma_K * (|x| @ |W|^T) (the factor 2 covers (a) carried
+through (b)). For bf16 / fp16 outputs that is "within half an ulp of the output, plus float32 noise":
+nothing looser than the output format itself can hold. bitsandbytes' own GEMV cannot run here (CUDA only);
+tests/test_triton_gemv_gpu.py compares the two errors on a GPU.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the Triton kernels need the triton package (pip install triton; Linux only)")
+
+import qlora_ref as Q  # noqa: E402
+from qlora_ref.kernels import gemv_4bit as G  # noqa: E402
+from qlora_ref.kernels.gemv_4bit import gemv_4bit_triton  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def weight(n, k, dtype, blocksize=64, quant_type="nf4", nested=False, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=generator) * 0.5).to(dtype)
+    return Q.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, double_quant=nested)
+
+
+def activations(m, k, dtype, seed=1):
+    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def check(x, packed, state, **options):
+    y = gemv_4bit_triton(x, packed, state, **options)
+    w = Q.dequantize_4bit(packed, state).float()
+    reference = x.float() @ w.T
+    K = w.shape[1]
+    bound = UNIT_ROUNDOFF[x.dtype] * reference.abs() + 2 * K * 2.0**-24 * (x.float().abs() @ w.abs().T)
+    assert y.dtype == x.dtype and y.shape == reference.shape
+    error = (y.float() - reference).abs()
+    worst = int((error - bound).argmax())
+    assert bool((error <= bound).all()), (
+        f"{int((error > bound).sum())} of {error.numel()} outputs over the bound; worst: y "
+        f"{y.reshape(-1)[worst].item()!r}, reference {reference.reshape(-1)[worst].item()!r}, "
+        f"bound {bound.reshape(-1)[worst].item():.3g}")
+    return y
+
+
+def test_cpu_tensors_run_in_the_interpreter():
+    assert G._twin(interpret=True).INTERPRETED
+    packed, state = weight(8, 64, torch.float32)
+    assert gemv_4bit_triton(activations(1, 64, torch.float32), packed, state).device.type == "cpu"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_within_half_an_ulp_of_the_reference(dtype, quant_type, nested):
+    for seed, (n, k, m) in enumerate([(64, 128, 1), (96, 256, 2), (37, 192, 3)]):  # odd N: a partial row tile
+        packed, state = weight(n, k, dtype, 64, quant_type, nested, seed)
+        check(activations(m, k, dtype, seed), packed, state)
+
+
+@pytest.mark.parametrize("blocksize", [32, 128, 256, 4096])
+def test_blocksizes_and_chunks(blocksize):
+    """Sub-blocks smaller than a block (4096: many chunks share one absmax), several loop iterations,
+    a last chunk only partly inside the row (K = 3 blocks of 32 with 32-byte chunks), small row tiles."""
+    k = 4096 if blocksize == 4096 else 3 * blocksize
+    packed, state = weight(5, k, torch.bfloat16, blocksize, "nf4", nested=True)
+    check(activations(2, k, torch.bfloat16), packed, state, block_n=2, chunk_bytes=256 if blocksize == 4096 else 32)
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.float16), (torch.float32, torch.bfloat16),
+                                             (torch.float16, torch.float32)], ids=str)
+def test_x_and_weight_dtypes_may_differ(x_dtype, w_dtype):
+    packed, state = weight(33, 128, w_dtype, nested=True)
+    check(activations(1, 128, x_dtype), packed, state)
+
+
+def test_leading_dimensions_and_up_to_eight_rows():
+    packed, state = weight(48, 128, torch.float16, nested=True)
+    x = activations(8, 128, torch.float16).reshape(2, 4, 128)
+    y = gemv_4bit_triton(x, packed, state)
+    assert y.shape == (2, 4, 48)
+    assert torch.equal(y.reshape(8, 48), check(x.reshape(8, 128), packed, state))
+    # A row alone takes the one-row path (another float32 summation order): the same up to the last bit.
+    torch.testing.assert_close(y[1, 2], gemv_4bit_triton(x[1, 2:3], packed, state)[0], rtol=2**-10, atol=1e-3)
+
+
+@pytest.mark.parametrize("m", [5, 11])
+def test_row_tiles(m):
+    """5 rows: one tile of 8 with 3 masked; 11 rows: two tiles (grid axis 1)."""
+    packed, state = weight(20, 256, torch.bfloat16, nested=True)
+    check(activations(m, 256, torch.bfloat16), packed, state, chunk_bytes=64)
+
+
+@pytest.mark.parametrize("pairs,split_x", [(False, False), (True, False), (False, True)])
+def test_lookup_and_x_variants(pairs, split_x):
+    packed, state = weight(24, 256, torch.bfloat16, quant_type="fp4", nested=True)
+    for m in (1, 3):
+        check(activations(m, 256, torch.bfloat16), packed, state, pairs=pairs, split_x=split_x)
+
+
+def test_strided_x_row():
+    packed, state = weight(16, 128, torch.float32)
+    x = activations(3, 256, torch.float32)[:, ::2]  # not contiguous
+    check(x, packed, state)
+
+
+def test_bad_input_is_refused():
+    packed, state = weight(16, 128, torch.float32)
+    x = activations(1, 128, torch.float32)
+    with pytest.raises(ValueError, match="K = 128.*got x of shape \\(1, 96\\)"):
+        gemv_4bit_triton(activations(1, 96, torch.float32), packed, state)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16.*torch.int32"):
+        gemv_4bit_triton(x.to(torch.int32), packed, state)
+    with pytest.raises(TypeError, match="4-bit QuantState"):
+        gemv_4bit_triton(x, packed, None)
+    codes, state8 = Q.quantize_blockwise(torch.randn(16, 128))
+    with pytest.raises(TypeError, match="4-bit QuantState"):
+        gemv_4bit_triton(x, codes, state8)
+    with pytest.raises(TypeError, match="uint8"):
+        gemv_4bit_triton(x, packed.float(), state)
+    with pytest.raises(ValueError, match="do not belong together"):
+        gemv_4bit_triton(x, packed[:-1], state)
+    packed1, state1 = Q.quantize_4bit(torch.randn(128), blocksize=64)
+    with pytest.raises(ValueError, match="2-D"):
+        gemv_4bit_triton(x, packed1, state1)
+    packed3, state3 = Q.quantize_4bit(torch.randn(4, 96), blocksize=64)
+    with pytest.raises(ValueError, match="multiple of the blocksize"):
+        gemv_4bit_triton(activations(1, 96, torch.float32), packed3, state3)
+    with pytest.raises(ValueError, match="power of two"):
+        gemv_4bit_triton(x, packed, state, block_n=3)
+
+
+@pytest.mark.parametrize("m_tile", [1, 8])
+def test_compiles_for_a_gpu_ahead_of_time(m_tile):
+    """The compiled kernel (not the interpreter) builds for sm_80 / sm_90 without a GPU. Its fma are the
+    explicit tl.fma of the dot products: the nested absmax adds none (a product, then a separate sum)."""
+    fmas = []
+    for capability, nested in [(80, False), (90, False), (90, True)]:
+        ptx = G.compile_ahead(capability, torch.bfloat16, nested=nested, m_tile=m_tile).asm["ptx"]
+        assert f".target sm_{capability}" in ptx
+        assert "ld.global.v4" in ptx  # the packed bytes: 16-byte loads
+        fmas.append(ptx.count("fma.rn.f32"))
+    assert fmas[0] > 0 and fmas[1] == fmas[2], fmas
