@@ -579,9 +579,11 @@ _ = compare("logits, merged vs with adapters", logits_merged, logits_ours, rtol=
 # %% [markdown]
 # ## 7. What is not built yet
 #
-# The fused 4-bit GEMV kernel (the matrix-vector product that reads the codes directly, used when
-# generating one token at a time) and this lesson's GPU benchmarks are not written yet: everything above
-# runs the dequantize-then-matmul path on a CPU.
+# A fused 4-bit GEMV kernel (the matrix-vector product that reads the codes directly, used when
+# generating one token at a time) exists in `qlora_ref/kernels/gemv_4bit.py`, but it is not yet faster
+# than bitsandbytes' (`bench/results/gemv-nvidia-h100-80gb-hbm3.json`), so QLoRALinear does not use it, and
+# this lesson's GPU benchmarks are not written yet: everything above runs the dequantize-then-matmul path
+# on a CPU.
 #
 # ## Summary
 #
