@@ -12,6 +12,8 @@ byte per value. Two roundings:
 - "nearest": the true nearest level (ties to the lower one), as in lesson 3.
 """
 
+import functools
+
 import torch
 
 from .blockwise import block_absmax, dequantize_codes, nearest_code, scale_to_unit
@@ -42,6 +44,7 @@ def resolve_backend(backend: str, tensor) -> str:
     return backend
 
 
+@functools.lru_cache(maxsize=None)  # asked on every call of a layer's forward and backward
 def _triton_available() -> bool:
     import importlib.util
 
