@@ -16,7 +16,9 @@ QLoRA (Dettmers et al., 2023) stores W0 only as NF4 codes with double-quantized 
 about 4.127 bits per weight). `DequantizeMatmul` is the autograd function that makes this work: its
 forward dequantizes W0^ to the compute dtype, multiplies, and lets the dense copy go; its backward
 dequantizes again for dL/dx = g W0^ and returns no gradient for the codes. That is what
-bitsandbytes' `MatMul4Bit` does; the LoRA branch is ordinary autograd on two small nn.Linear layers.
+bitsandbytes' `MatMul4Bit` does. The layers themselves run `LoRAMatmul`, the same idea with the LoRA
+branch inside the node, so that the low-rank product is added into the GEMM's output instead of
+through [tokens, out] temporaries; its backward is the formulas above.
 
 Names follow PEFT (`lora_A`, `lora_B`, `lora_dropout`, `scaling`) so that adapters move between the
 two (see qlora_ref.adapters).
@@ -83,10 +85,12 @@ class _LoRABranch(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
-    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """(alpha/r) · dropout(x) A^T B^T, computed in the adapters' dtype (as PEFT: x is cast to A's dtype)."""
-        x = x.to(self.lora_A.weight.dtype)
-        return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+    def lora_forward(self, x: torch.Tensor, base, bias) -> torch.Tensor:
+        """x W0^T + b + (alpha/r) · dropout(x) A^T B^T through LoRAMatmul (the LoRA products in the adapters'
+        dtype, as PEFT: x is cast to A's dtype)."""
+        h = self.lora_dropout(x)
+        return LoRAMatmul.apply(x, None if h is x else h, base, bias, self.lora_A.weight, self.lora_B.weight,
+                                self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """(alpha/r) · B A in float32, the [out, in] correction that merging adds to W0."""
@@ -115,8 +119,7 @@ class LoRALinear(_LoRABranch):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.in_features, self.weight.dtype, "LoRALinear")
-        result = F.linear(x, self.weight, self.bias)
-        return (result + self.lora_delta(x)).to(result.dtype)
+        return self.lora_forward(x, self.weight, self.bias)
 
     def base_weight(self) -> torch.Tensor:
         """W0 as stored (a frozen dense tensor)."""
@@ -149,6 +152,83 @@ class DequantizeMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_out @ dequantize_4bit(packed, ctx.state).to(grad_out.dtype)
         return grad_x, None, None, grad_bias
+
+
+def _add_scaled_product(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scaling: float) -> torch.Tensor:
+    """out + scaling · left @ right, with left [..., r] and right [r, n].
+
+    Same dtype: one addmm into out, in place (the low-rank product added by the GEMM's epilogue, no
+    [tokens, n] temporaries). Adapters in another dtype (float32 next to a bf16 base): computed in the
+    adapters' dtype and rounded once to out's, as PEFT does.
+    """
+    if left.dtype == out.dtype:
+        out.reshape(-1, out.shape[-1]).addmm_(left.reshape(-1, left.shape[-1]), right, alpha=scaling)
+        return out
+    return (out + (left @ right) * scaling).to(out.dtype)
+
+
+class LoRAMatmul(torch.autograd.Function):
+    """y = x W0^T + b + s · h A^T B^T as one autograd node (h = dropout(x), or x itself when h is None).
+
+    `base` is W0 itself (a dense frozen tensor) or a pair (packed codes, QuantState) that is dequantized in
+    the forward and again in the backward, as in DequantizeMatmul. With g = dL/dy (cast to the adapters'
+    dtype for their products):
+
+        forward:   xa = h A^T                         [..., r]   (saved: r numbers per token)
+                   y  = x W0^T + b,  then y += s · xa B^T       (one addmm, in place)
+        backward:  gB = g B                           [..., r]
+                   dL/dB = s · g^T xa,   dL/dA = s · gB^T h
+                   dL/dx = g W0 (+ s · gB A, added in place when h is x)
+
+    Autograd on the plain formula would also write s · xa B^T, a [tokens, out] tensor, add it to y, and in
+    the backward scale g and read it again: four extra passes over the largest tensor of the layer. This
+    node makes none (see bench/results/layer-*.json). The arithmetic is the plain formula's when s is a power
+    of two (alpha = 2r, PEFT's usual choice: scaling by it is exact).
+    """
+
+    @staticmethod
+    def forward(ctx, x, h, base, bias, lora_A, lora_B, scaling):
+        lora_in = x if h is None else h
+        xa = F.linear(lora_in.to(lora_A.dtype), lora_A)
+        y = F.linear(x, _base_weight(base, x.dtype), bias)
+        y = _add_scaled_product(y, xa, lora_B.t(), scaling)
+        # Saved: the dense W0 or the codes (their QuantState rides on ctx), never a dequantized weight.
+        weight_or_codes, ctx.state = (base, None) if isinstance(base, torch.Tensor) else base
+        ctx.h_is_x, ctx.scaling = h is None, scaling
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(weight_or_codes, lora_in, xa, lora_A, lora_B)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight_or_codes, lora_in, xa, lora_A, lora_B = ctx.saved_tensors
+        base = weight_or_codes if ctx.state is None else (weight_or_codes, ctx.state)
+        s = ctx.scaling
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        g_lora = g.to(lora_A.dtype)
+        gB = g_lora @ lora_B  # [tokens, r]
+        grad_x = grad_h = grad_bias = grad_A = grad_B = None
+        if ctx.needs_input_grad[4]:
+            grad_A = (gB.t() @ lora_in.reshape(-1, lora_in.shape[-1]).to(lora_A.dtype)).mul_(s)
+        if ctx.needs_input_grad[5]:
+            grad_B = (g_lora.t() @ xa.reshape(-1, xa.shape[-1])).mul_(s)
+        if ctx.needs_input_grad[3]:
+            grad_bias = g.sum(0).to(ctx.bias_dtype)
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ _base_weight(base, grad_out.dtype)
+            if ctx.h_is_x:
+                grad_x = _add_scaled_product(grad_x, gB.reshape(*grad_out.shape[:-1], -1), lora_A, s)
+        if ctx.needs_input_grad[1]:
+            grad_h = ((gB @ lora_A) * s).reshape(lora_in.shape).to(lora_in.dtype)
+        return grad_x, grad_h, None, grad_bias, grad_A, grad_B, None
+
+
+def _base_weight(base, dtype: torch.dtype) -> torch.Tensor:
+    """W0 in `dtype`: the dense tensor, or a temporary dequantized from (packed, state)."""
+    if isinstance(base, torch.Tensor):
+        return base.to(dtype)
+    packed, state = base
+    return dequantize_4bit(packed, state).to(dtype)
 
 
 class QLoRALinear(_LoRABranch):
@@ -205,8 +285,7 @@ class QLoRALinear(_LoRABranch):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.in_features, self.compute_dtype, "QLoRALinear")
-        result = DequantizeMatmul.apply(x, self.weight_packed, self.quant_state(), self.bias)
-        return (result + self.lora_delta(x)).to(result.dtype)
+        return self.lora_forward(x, (self.weight_packed, self.quant_state()), self.bias)
 
     def base_weight(self) -> torch.Tensor:
         """W0^ dequantized, in the compute dtype: a fresh temporary, for merging and for references."""
