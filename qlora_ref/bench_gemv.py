@@ -24,20 +24,24 @@ import torch
 from .bench import LLAMA_SHAPES, median_ms, slug, state_from_bitsandbytes, versions
 
 DEVICE = "cuda"
-# (block_n, chunk_bytes, num_warps); "default" is what a call without options runs.
+# Settings of gemv_4bit_triton; "default" is what a call without options runs (scaled sums, prefetch).
 CONFIGS = {
     "default": {},
-    "n1 c1024 w4": {"block_n": 1, "chunk_bytes": 1024, "num_warps": 4},
-    "n2 c1024 w4": {"block_n": 2, "chunk_bytes": 1024, "num_warps": 4},
-    "n2 c512 w2": {"block_n": 2, "chunk_bytes": 512, "num_warps": 2},
+    "n8 c256 w4 rounded": {"block_n": 8, "chunk_bytes": 256, "num_warps": 4, "scale_sums": False, "prefetch": False},
+    "n8 c512 w4 rounded": {"block_n": 8, "chunk_bytes": 512, "num_warps": 4, "scale_sums": False, "prefetch": False},
+    "n8 c512 w4 scaled": {"block_n": 8, "chunk_bytes": 512, "num_warps": 4, "prefetch": False},
+    "n8 c512 w4 rounded prefetch": {"block_n": 8, "chunk_bytes": 512, "num_warps": 4, "scale_sums": False},
+    "n8 c512 w4 pair table": {"block_n": 8, "chunk_bytes": 512, "num_warps": 4, "pairs": True},
+    "n8 c512 w4 strided x": {"block_n": 8, "chunk_bytes": 512, "num_warps": 4, "split_x": False},
+    "n4 c512 w4": {"block_n": 4, "chunk_bytes": 512, "num_warps": 4},
     "n4 c256 w2": {"block_n": 4, "chunk_bytes": 256, "num_warps": 2},
-    "n8 c256 w4": {"block_n": 8, "chunk_bytes": 256, "num_warps": 4},
-    "n4 c1024 w8": {"block_n": 4, "chunk_bytes": 1024, "num_warps": 8},
-    "n16 c128 w4": {"block_n": 16, "chunk_bytes": 128, "num_warps": 4},
-    "n8 c256 w4 pair table": {"block_n": 8, "chunk_bytes": 256, "num_warps": 4, "pairs": True},
-    "n8 c256 w4 strided x": {"block_n": 8, "chunk_bytes": 256, "num_warps": 4, "split_x": False},
-    "n8 c512 w8": {"block_n": 8, "chunk_bytes": 512, "num_warps": 8},
-    "n16 c256 w8": {"block_n": 16, "chunk_bytes": 256, "num_warps": 8},
+    "n8 c1024 w4": {"block_n": 8, "chunk_bytes": 1024, "num_warps": 4},
+    "n8 c1024 w8": {"block_n": 8, "chunk_bytes": 1024, "num_warps": 8},
+    "n16 c512 w8": {"block_n": 16, "chunk_bytes": 512, "num_warps": 8},
+    "n4 c1024 w4": {"block_n": 4, "chunk_bytes": 1024, "num_warps": 4},
+    "n2 c2048 w4": {"block_n": 2, "chunk_bytes": 2048, "num_warps": 4},
+    "n8 c2048 w8": {"block_n": 8, "chunk_bytes": 2048, "num_warps": 8},
+    "n16 c1024 w8": {"block_n": 16, "chunk_bytes": 1024, "num_warps": 8},
 }
 
 

@@ -8,7 +8,9 @@ same way and multiplies and adds in float32 too, so it differs from the referenc
   (b) the one rounding of y to x's dtype: at most half an ulp, u * |y| with the unit roundoff
       u = 2^-24 (float32), 2^-11 (float16), 2^-8 (bfloat16).
 So the test asserts |y - ref| <= u * |ref| + 2 * gamma_K * (|x| @ |W|^T) (the factor 2 covers (a) carried
-through (b)). For bf16 / fp16 outputs that is "within half an ulp of the output, plus float32 noise":
+through (b)). By default (scale_sums=True) the kernel does not round each weight: it multiplies sums of
+code * x by the absmax, so each of its weights is the exact float32 code * absmax, within u_w * |w| of the
+reference's rounded one (u_w: the unit roundoff of the state's dtype); that adds u_w * (|x| @ |W|^T). For bf16 / fp16 outputs that is "within half an ulp of the output, plus float32 noise":
 nothing looser than the output format itself can hold. bitsandbytes' own GEMV cannot run here (CUDA only);
 tests/test_triton_gemv_gpu.py compares the two errors on a GPU.
 """
@@ -41,7 +43,10 @@ def check(x, packed, state, **options):
     w = Q.dequantize_4bit(packed, state).float()
     reference = x.float() @ w.T
     K = w.shape[1]
-    bound = UNIT_ROUNDOFF[x.dtype] * reference.abs() + 2 * K * 2.0**-24 * (x.float().abs() @ w.abs().T)
+    magnitude = x.float().abs() @ w.abs().T
+    bound = UNIT_ROUNDOFF[x.dtype] * reference.abs() + 2 * K * 2.0**-24 * magnitude
+    if options.get("scale_sums", True):
+        bound = bound + UNIT_ROUNDOFF[state.dtype] * magnitude
     assert y.dtype == x.dtype and y.shape == reference.shape
     error = (y.float() - reference).abs()
     worst = int((error - bound).argmax())
@@ -105,6 +110,16 @@ def test_lookup_and_x_variants(pairs, split_x):
     packed, state = weight(24, 256, torch.bfloat16, quant_type="fp4", nested=True)
     for m in (1, 3):
         check(activations(m, 256, torch.bfloat16), packed, state, pairs=pairs, split_x=split_x)
+
+
+@pytest.mark.parametrize("scale_sums,prefetch", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("nested", [False, True])
+def test_scaled_sums_and_prefetch(scale_sums, prefetch, nested):
+    """Rows of 6 chunks of 64 bytes: the prefetched loop's first, middle and last (masked) chunks."""
+    packed, state = weight(12, 768, torch.bfloat16, nested=nested)
+    for m in (1, 2):
+        check(activations(m, 768, torch.bfloat16), packed, state, chunk_bytes=64, scale_sums=scale_sums,
+              prefetch=prefetch)
 
 
 def test_strided_x_row():

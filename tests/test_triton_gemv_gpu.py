@@ -72,15 +72,18 @@ def test_half_an_ulp_bound_small_shapes(dtype, quant_type, nested, m):
 
 
 def test_tuning_settings_agree():
-    """Every benchmarked setting computes the same y up to float32 summation order."""
+    """Every benchmarked setting computes the same y up to float32 summation order and, for scale_sums, the
+    per-weight rounding it skips: each y is rounded to bf16 once, so two settings may differ by one bf16 ulp
+    of the output (|y| up to ~4 * sqrt(K) here): bounded by 2^-7 of the largest |y|."""
     from qlora_ref.bench_gemv import CONFIGS
 
     x, packed, bnb_state = quantized(4096, 4096, torch.bfloat16, True)
     state = state_from_bitsandbytes(bnb_state)
     options = list(CONFIGS.values()) + [{"pairs": True}, {"split_x": False}]
     ys = [gemv_4bit_triton(x, packed, state, **o).float() for o in options]
-    for y in ys[1:]:
-        torch.testing.assert_close(y, ys[0], rtol=2**-7, atol=1e-3)
+    bound = 2**-7 * ys[0].abs().max().item()
+    for o, y in zip(options[1:], ys[1:]):
+        assert (y - ys[0]).abs().max().item() <= bound, o
 
 
 def test_cpu_state_on_the_gpu_and_cached_launches():

@@ -16,11 +16,14 @@ What you will learn
   order it adds.
 * Accumulating in float32 in a [BLOCK_N, SUB, HALF] register tile across the loop over K, and reducing it
   to [BLOCK_N] only once at the end (one cross-thread reduction per program, not one per chunk).
-* Accuracy by construction: each weight is rounded to the state's dtype exactly as `dequantize_4bit`
-  rounds it (code * absmax in float32, one rounding), then multiplied with x in float32. The only
-  differences from the float32 reference x.float() @ dequantize_4bit(W).float().T are the order of the
-  float32 additions and the final rounding of y to x's dtype. bitsandbytes' GEMV rounds the absmax and
-  each product to bf16/fp16 first (see tests/test_triton_gemv_gpu.py for the measured errors).
+* Scaling sums, not weights (scale_sums=True, the default): within a block every weight shares one absmax,
+  so absmax * (c_even * x_even + c_odd * x_odd) per byte replaces two multiplies by the absmax and two
+  roundings of w to bf16. The weights used are then the exact float32 code * absmax, within half a bf16 ulp
+  of the ones dequantize_4bit writes; scale_sums=False rounds each w as dequantize_4bit does (the products
+  and sums are float32 either way). bitsandbytes' GEMV rounds the absmax and each product to bf16: its
+  error against the float32 reference is about 1.5x ours (tests/test_triton_gemv_gpu.py).
+* Software pipelining by hand (prefetch=True): the loads of chunk i + 1 are issued before chunk i is
+  decoded. A GEMV is latency-bound when each thread has only one chunk's bytes in flight.
 * Double quantization fused in (absmax = code2[q] * absmax2[b // 256] + offset, two float32
   roundings, compiled with enable_fp_fusion=False as in dequantize_4bit.py).
 * Several rows of x (M <= 8, a few tokens of speculative decoding or a small batch): each chunk of W is
@@ -38,17 +41,15 @@ weight qualifies); other K are refused with a clear error.
 
 Measured (H100 80GB HBM3, triton 3.6, bitsandbytes 0.50.2; bench/results/gemv-nvidia-h100-80gb-hbm3.*)
 ------------------------------------------------------------------------------------------------------
-Accurate, not yet fast. Error against the float32 reference, bf16, one row: about half of bitsandbytes'
-matmul_4bit's (RMS 0.28 vs 0.56-0.63 on 8192x28672, max 1.93 vs 2.81), on all four Llama weights, plain and
-nested. Speed: 0.178 / 0.177 ms on 8192x28672 plain / nested (660 GB/s of packed weight), against 0.123 /
-0.117 ms for bitsandbytes (1.0 TB/s) and 0.176 ms for a dense bf16 GEMV: 0.63-0.81x bitsandbytes over the
-four weights, far from the ~0.039 ms floor. The kernel is bound by instructions, not memory: per packed
-byte two codebook lookups (a 256-entry pair table, one 8-byte lookup, measured 5-15% slower), two absmax
-multiplies, two roundings to bf16 and two fma, spread so that each thread holds one k for each of BLOCK_N
-rows. Ways on (not done): keep x in registers across rows and reuse it, look up codes in shared memory or
-registers, drop the per-weight rounding (multiply x by absmax once per block), or split K for more
-parallelism on short rows. For M > 1 each chunk of W is dequantized once for up to 8 rows, but the
-per-chunk reductions make M = 8 on 8192x28672 take 0.98 ms (bitsandbytes: 0.32 ms, dequantize + cuBLAS).
+Accurate, not faster than bitsandbytes. On 8192x28672, one bf16 row: 0.132 ms (890 GB/s of packed weight)
+against 0.122 ms for bitsandbytes' matmul_4bit and 0.176 ms for a dense bf16 GEMV; 0.84-1.00x bitsandbytes
+over the four Llama weights, far from the ~0.039 ms floor; max error 1.9-2.0 against bitsandbytes' 2.8-3.1.
+Scaled sums and prefetching took it from 0.178 ms. What is left is instructions per byte: two codebook
+lookups (index arithmetic and a load each), the nibble split and three multiply-adds. Ways on (not done):
+look codes up in registers (PTX prmt on a register-held table, two values per instruction), bf16x2
+arithmetic, or split K for more parallelism on short rows. For M > 1 each chunk of W is dequantized once
+for up to 8 rows, but the per-chunk reductions make M = 8 on 8192x28672 take ~0.9 ms (bitsandbytes:
+0.32 ms, dequantize + cuBLAS).
 """
 
 
@@ -71,7 +72,7 @@ MAX_ROWS = 8  # rows of x per program; more rows take more programs (grid axis 1
 
 # Defaults: the fastest setting of qlora_ref.bench_gemv's sweep on every Llama weight (bench/results/gemv-*.json).
 DEFAULT_BLOCK_N = 8  # output rows per program
-DEFAULT_CHUNK_BYTES = 256  # packed bytes of one row per loop iteration (512 values)
+DEFAULT_CHUNK_BYTES = 512  # packed bytes of one row per loop iteration (1024 values)
 DEFAULT_NUM_WARPS = 4
 INTERPRETER_BLOCK_N = 64  # CPU tensors (Triton's interpreter): fewer, larger programs run much faster
 
@@ -87,24 +88,30 @@ def _round_to_bf16(x):
 
 
 @triton.jit
-def _weights(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_bytes, row_blocks, row_ok,
-             sub_start, sub_ok, byte, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
-             W_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr, PAIRS: tl.constexpr):
-    """The weights of one chunk, [BLOCK_N, SUB, HALF] x 2 (even k, odd k), as float32 holding the values
-    dequantize_4bit makes: code * absmax in float32, rounded once to the state's dtype."""
+def _load_chunk(packed_ptr, absmax_ptr, absmax2_ptr, row_bytes, row_blocks, row_ok, sub_start, sub_ok, byte,
+                BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr):
+    """One chunk's loads from memory: packed bytes [BLOCK_N, SUB, HALF], stored absmax [BLOCK_N, SUB] (codes
+    when NESTED) and the nested scale [BLOCK_N, SUB] (NESTED only; else the stored absmax again)."""
     ok2 = row_ok[:, None] & sub_ok[None, :]  # [BLOCK_N, SUB]
     offsets = row_bytes[:, None, None] + sub_start[None, :, None] + byte[None, None, :]
     packed = tl.load(packed_ptr + offsets, mask=ok2[:, :, None], other=0)
-    # One absmax per (row, sub-block)
-    block = row_blocks[:, None] + (2 * sub_start[None, :]) // BLOCKSIZE  # [BLOCK_N, SUB]
+    block = row_blocks[:, None] + (2 * sub_start[None, :]) // BLOCKSIZE  # one absmax per (row, sub-block)
     stored = tl.load(absmax_ptr + block, mask=ok2, other=0)
     if NESTED:
         scale2 = tl.load(absmax2_ptr + block // NESTED_BLOCKSIZE, mask=ok2, other=0.0)
+    else:
+        scale2 = stored
+    return packed, stored, scale2
+
+
+@triton.jit
+def _decode(packed, stored, scale2, code_ptr, code2_ptr, offset_ptr, NESTED: tl.constexpr, PAIRS: tl.constexpr):
+    """The codebook values of a chunk, [BLOCK_N, SUB, HALF] x 2 (even k, odd k), and its absmax [BLOCK_N, SUB, 1]."""
+    if NESTED:
         product = tl.load(code2_ptr + stored.to(tl.int32)) * scale2
         absmax = product + tl.load(offset_ptr)  # two roundings: enable_fp_fusion=False
     else:
         absmax = stored
-    absmax = absmax[:, :, None]
     if PAIRS:  # one 8-byte lookup per byte: (code[high nibble], code[low nibble]) as two float32
         pair = tl.load(code_ptr + packed.to(tl.int32))  # int64
         c_hi = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
@@ -112,19 +119,36 @@ def _weights(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_pt
     else:  # two 4-byte lookups in the 16-entry codebook
         c_hi = tl.load(code_ptr + (packed >> 4).to(tl.int32))
         c_lo = tl.load(code_ptr + (packed & 0x0F).to(tl.int32))
-    w_hi = c_hi * absmax
-    w_lo = c_lo * absmax
+    return c_hi, c_lo, absmax[:, :, None]
+
+
+@triton.jit
+def _round_w(w, W_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """A weight code * absmax (float32) rounded to the state's dtype as dequantize_4bit rounds it, as float32."""
     if W_DTYPE == 2:
         if SOFT_BF16:
-            w_hi = _round_to_bf16(w_hi).to(tl.float32)
-            w_lo = _round_to_bf16(w_lo).to(tl.float32)
+            w = _round_to_bf16(w).to(tl.float32)
         else:
-            w_hi = w_hi.to(tl.bfloat16).to(tl.float32)
-            w_lo = w_lo.to(tl.bfloat16).to(tl.float32)
+            w = w.to(tl.bfloat16).to(tl.float32)
     elif W_DTYPE == 1:
-        w_hi = w_hi.to(tl.float16).to(tl.float32)
-        w_lo = w_lo.to(tl.float16).to(tl.float32)
-    return w_hi, w_lo
+        w = w.to(tl.float16).to(tl.float32)
+    return w
+
+
+@triton.jit
+def _accumulate(acc, c_hi, c_lo, absmax, x_even, x_odd, W_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr,
+                SCALE_SUMS: tl.constexpr):
+    """acc + w_even * x_even + w_odd * x_odd for each byte of a chunk, [BLOCK_N, SUB, HALF] float32.
+
+    SCALE_SUMS: acc + absmax * (c_even * x_even + c_odd * x_odd): one multiply by the absmax per byte and
+    no rounding of w. Else each w = code * absmax is rounded to the state's dtype first, as dequantize_4bit
+    rounds it. Explicit fused multiply-adds: the kernel is compiled with enable_fp_fusion=False.
+    """
+    if SCALE_SUMS:
+        return tl.fma(absmax, tl.fma(c_lo, x_odd, c_hi * x_even), acc)
+    w_hi = _round_w(c_hi * absmax, W_DTYPE, SOFT_BF16)
+    w_lo = _round_w(c_lo * absmax, W_DTYPE, SOFT_BF16)
+    return tl.fma(w_lo, x_odd, tl.fma(w_hi, x_even, acc))
 
 
 @triton.jit
@@ -179,6 +203,8 @@ def gemv_4bit_kernel(
     PAIRS: tl.constexpr,  # code_ptr is int64 [256]: both codes of a byte in one lookup (see _pair_table)
     SPLIT_X: tl.constexpr,  # load x contiguously and split it (else two stride-2 loads)
     M_TILE: tl.constexpr,  # rows of x per program (grid axis 1): 1, or up to 8 sharing each dequantized chunk
+    SCALE_SUMS: tl.constexpr,  # multiply sums of code * x by the absmax (else round every weight first)
+    PREFETCH: tl.constexpr,  # M_TILE == 1: load chunk i + 1 before computing chunk i
 ):
     pid = tl.program_id(0)
     m0 = tl.program_id(1) * M_TILE
@@ -198,16 +224,33 @@ def gemv_4bit_kernel(
         # One row of x (decoding): a [BLOCK_N, SUB, HALF] float32 accumulator, reduced once at the end.
         x_row = x_ptr + m0 * stride_xm
         acc = tl.full((BLOCK_N, SUB, HALF), 0.0, tl.float32)  # (tl.zeros: a @jit helper the twin cannot call)
+        # Software pipelining: the loads of chunk i + 1 are issued before chunk i is decoded, so that each
+        # thread has two chunks' bytes in flight while it computes (the loop is otherwise latency-bound).
+        sub_start = sub * HALF
+        sub_ok = sub_start < half_k
+        packed, stored, scale2 = _load_chunk(packed_ptr, absmax_ptr, absmax2_ptr, row_bytes, row_blocks, row_ok,
+                                             sub_start, sub_ok, byte, BLOCKSIZE, NESTED_BLOCKSIZE, NESTED)
+        x_even, x_odd = _x_halves(x_row, sub_start, sub_ok, byte, SUB, HALF, SPLIT_X)
         for start in range(0, loop_end, CHUNK):  # start: byte offset inside the row
-            sub_start = start + sub * HALF  # [SUB] first byte of each sub-block
-            sub_ok = sub_start < half_k  # K is a multiple of the blocksize: sub-blocks are whole or absent
-            w_hi, w_lo = _weights(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_bytes,
-                                  row_blocks, row_ok, sub_start, sub_ok, byte, BLOCKSIZE, NESTED_BLOCKSIZE, NESTED,
-                                  W_DTYPE, SOFT_BF16, PAIRS)
-            x_even, x_odd = _x_halves(x_row, sub_start, sub_ok, byte, SUB, HALF, SPLIT_X)
-            # Explicit fused multiply-adds (the kernel is compiled with enable_fp_fusion=False for the absmax).
-            acc = tl.fma(w_hi, x_even[None, :, :], acc)
-            acc = tl.fma(w_lo, x_odd[None, :, :], acc)
+            if PREFETCH:
+                next_start = start + CHUNK + sub * HALF  # [SUB] first byte of each sub-block of the next chunk
+                next_ok = next_start < half_k  # K is a multiple of the blocksize: sub-blocks are whole or absent
+                packed_n, stored_n, scale2_n = _load_chunk(packed_ptr, absmax_ptr, absmax2_ptr, row_bytes,
+                                                           row_blocks, row_ok, next_start, next_ok, byte, BLOCKSIZE,
+                                                           NESTED_BLOCKSIZE, NESTED)
+                x_even_n, x_odd_n = _x_halves(x_row, next_start, next_ok, byte, SUB, HALF, SPLIT_X)
+            else:
+                sub_start = start + sub * HALF
+                sub_ok = sub_start < half_k
+                packed, stored, scale2 = _load_chunk(packed_ptr, absmax_ptr, absmax2_ptr, row_bytes, row_blocks,
+                                                     row_ok, sub_start, sub_ok, byte, BLOCKSIZE, NESTED_BLOCKSIZE,
+                                                     NESTED)
+                x_even, x_odd = _x_halves(x_row, sub_start, sub_ok, byte, SUB, HALF, SPLIT_X)
+            c_hi, c_lo, absmax = _decode(packed, stored, scale2, code_ptr, code2_ptr, offset_ptr, NESTED, PAIRS)
+            acc = _accumulate(acc, c_hi, c_lo, absmax, x_even[None, :, :], x_odd[None, :, :], W_DTYPE, SOFT_BF16,
+                              SCALE_SUMS)
+            if PREFETCH:
+                packed, stored, scale2, x_even, x_odd = packed_n, stored_n, scale2_n, x_even_n, x_odd_n
         tl.store(y_ptr + m0 * stride_ym + rows, _round_out(_sum12(acc), y_ptr, SOFT_BF16), mask=row_ok)
     else:
         # Several rows of x: each chunk of W is dequantized once and used for all of them; each row's partial
@@ -217,13 +260,19 @@ def gemv_4bit_kernel(
         for start in range(0, loop_end, CHUNK):
             sub_start = start + sub * HALF
             sub_ok = sub_start < half_k
-            w_hi, w_lo = _weights(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_bytes,
-                                  row_blocks, row_ok, sub_start, sub_ok, byte, BLOCKSIZE, NESTED_BLOCKSIZE, NESTED,
-                                  W_DTYPE, SOFT_BF16, PAIRS)
+            packed, stored, scale2 = _load_chunk(packed_ptr, absmax_ptr, absmax2_ptr, row_bytes, row_blocks, row_ok,
+                                                 sub_start, sub_ok, byte, BLOCKSIZE, NESTED_BLOCKSIZE, NESTED)
+            c_hi, c_lo, absmax = _decode(packed, stored, scale2, code_ptr, code2_ptr, offset_ptr, NESTED, PAIRS)
+            if not SCALE_SUMS:  # round each weight once, for all rows of x
+                c_hi = _round_w(c_hi * absmax, W_DTYPE, SOFT_BF16)
+                c_lo = _round_w(c_lo * absmax, W_DTYPE, SOFT_BF16)
             for i in tl.static_range(M_TILE):
                 x_even, x_odd = _x_halves(x_ptr + (m0 + i) * stride_xm, sub_start, sub_ok & (m0 + i + 0 * sub < M), byte,
                                           SUB, HALF, SPLIT_X)
-                part = _sum12(tl.fma(w_lo, x_odd[None, :, :], w_hi * x_even[None, :, :]))  # [BLOCK_N]
+                products = tl.fma(c_lo, x_odd[None, :, :], c_hi * x_even[None, :, :])
+                if SCALE_SUMS:
+                    products = absmax * products
+                part = _sum12(products)  # [BLOCK_N]
                 acc2 = tl.where(m_idx[:, None] == i, acc2 + part[None, :], acc2)
         m_rows = m0 + m_idx
         ok = (m_rows < M)[:, None] & row_ok[None, :]
@@ -273,7 +322,8 @@ def _pair_table(code: torch.Tensor, device) -> torch.Tensor:
 
 
 def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState, *, block_n=None, chunk_bytes=None,
-                     num_warps=None, soft_bf16=None, pairs: bool = False, split_x: bool = True) -> torch.Tensor:
+                     num_warps=None, soft_bf16=None, pairs: bool = False, split_x: bool = True,
+                     scale_sums: bool = True, prefetch: bool = True) -> torch.Tensor:
     """y = x @ W^T for a 4-bit W ([N, K], `packed` + `state` from quantize_4bit), in x's dtype.
 
     x: [..., K] float32 / float16 / bfloat16 (meant for 1 to MAX_ROWS rows in all). W is dequantized in
@@ -302,7 +352,7 @@ def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState, *
     if device.type == "cpu" and not INTERPRETED:
         return _twin(interpret=True).gemv_4bit_triton(x, packed, state, block_n=block_n, chunk_bytes=chunk_bytes,
                                                       num_warps=num_warps, soft_bf16=soft_bf16, pairs=pairs,
-                                                      split_x=split_x)
+                                                      split_x=split_x, scale_sums=scale_sums, prefetch=prefetch)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
@@ -335,13 +385,13 @@ def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState, *
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, m_tile), 1)
     args = (x2, _on(packed, device), absmax, code, absmax2, code2, offset, y, M, N, K, x2.stride(0), y.stride(0))
     constexprs = (state.blocksize, nested_blocksize, state.nested, block_n, sub, half, w_dtype, soft_bf16, bool(pairs),
-                  bool(split_x), m_tile)
+                  bool(split_x), m_tile, bool(scale_sums), bool(prefetch))
     _launch(grid, args, constexprs, num_warps)
     return y.reshape(*lead, N)
 
 
 CONSTEXPRS = ("BLOCKSIZE", "NESTED_BLOCKSIZE", "NESTED", "BLOCK_N", "SUB", "HALF", "W_DTYPE", "SOFT_BF16", "PAIRS",
-              "SPLIT_X", "M_TILE")
+              "SPLIT_X", "M_TILE", "SCALE_SUMS", "PREFETCH")
 FAST_LAUNCH = True
 _COMPILED = {}
 
@@ -373,7 +423,7 @@ _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 
 def compile_ahead(capability: int, dtype: torch.dtype = torch.bfloat16, blocksize: int = 64, nested: bool = False,
                   K: int = 4096, *, block_n=None, chunk_bytes=None, num_warps=None, pairs=False, split_x=True,
-                  m_tile: int = 1):
+                  m_tile: int = 1, scale_sums: bool = True, prefetch: bool = True):
     """Compile the kernel for a GPU that need not be here (x, y and W all `dtype`); returns Triton's
     CompiledKernel (`.asm["ptx"]`, `.asm["cubin"]`). Pointers are declared 16-byte aligned and the sizes
     int32, as the launcher specializes them for fresh tensors."""
@@ -388,7 +438,7 @@ def compile_ahead(capability: int, dtype: torch.dtype = torch.bfloat16, blocksiz
     ints = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32"}
     constexprs = {"BLOCKSIZE": blocksize, "NESTED_BLOCKSIZE": 256, "NESTED": nested, "BLOCK_N": block_n, "SUB": sub,
                   "HALF": half, "W_DTYPE": _W_DTYPES[dtype], "SOFT_BF16": False,
-                  "PAIRS": pairs, "SPLIT_X": split_x, "M_TILE": m_tile}
+                  "PAIRS": pairs, "SPLIT_X": split_x, "M_TILE": m_tile, "SCALE_SUMS": scale_sums, "PREFETCH": prefetch}
     signature = {**pointers, **ints, **{name: "constexpr" for name in constexprs}}
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in [*pointers, "N", "K", "stride_xm", "stride_ym"]}
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
