@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dynamic8bit import _triton_available
 from .fourbit import dequantize_4bit, quantize_4bit
 from .state import QuantState
 from .validation import FLOAT_DTYPES, check_blocksize
@@ -190,7 +191,7 @@ class LoRAMatmul(torch.autograd.Function):
     def forward(ctx, x, h, base, bias, lora_A, lora_B, scaling):
         lora_in = x if h is None else h
         xa = F.linear(lora_in.to(lora_A.dtype), lora_A)
-        y = F.linear(x, _base_weight(base, x.dtype), bias)
+        y = _base_product(x, base, bias)
         y = _add_scaled_product(y, xa, lora_B.t(), scaling)
         # Saved: the dense W0 or the codes (their QuantState rides on ctx), never a dequantized weight.
         weight_or_codes, ctx.state = (base, None) if isinstance(base, torch.Tensor) else base
@@ -221,6 +222,22 @@ class LoRAMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_h = ((gB @ lora_A) * s).reshape(lora_in.shape).to(lora_in.dtype)
         return grad_x, grad_h, None, grad_bias, grad_A, grad_B, None
+
+
+def _base_product(x: torch.Tensor, base, bias) -> torch.Tensor:
+    """x W0^T + b. One token of a 4-bit W0 on a GPU (decoding) takes the fused GEMV, which reads the codes
+    once and never writes W0^ (qlora_ref.kernels.gemv_4bit: 3x faster than dequantize + GEMV on 8192x28672,
+    and more accurate than bitsandbytes'); everything else dequantizes W0^ and calls F.linear."""
+    if not isinstance(base, torch.Tensor) and x.is_cuda and x.numel() == x.shape[-1] and _gemv_fits(*base):
+        from .kernels.gemv_4bit import gemv_4bit_triton
+
+        y = gemv_4bit_triton(x, *base)
+        return y if bias is None else y.add_(bias)
+    return F.linear(x, _base_weight(base, x.dtype), bias)
+
+
+def _gemv_fits(packed, state) -> bool:
+    return state.shape[-1] % state.blocksize == 0 and _triton_available()
 
 
 def _base_weight(base, dtype: torch.dtype) -> torch.Tensor:
