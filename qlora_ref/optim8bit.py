@@ -1,0 +1,408 @@
+"""Lesson 7: 8-bit AdamW, bitsandbytes' `AdamW8bit`: Adam's two moments stored in one byte each.
+
+Memory per parameter
+--------------------
+fp32 Adam keeps two float32 moments per parameter, m and v: 8 bytes. 8-bit Adam stores each moment as
+8-bit codes, blockwise (lesson 4's recipe): one byte per value plus one float32 absmax per block of B,
+
+    bytes per parameter = 2 * (1 + 4 / B) = 2 + 8 / B        2.03125 at B = 256, a quarter of 8.
+
+m takes the signed dynamic map, v (never negative) the unsigned one, which spends all 256 levels on
+[0, 1]. Tensors with fewer than `min_8bit_size` (4096) values keep float32 moments: for them the
+saving is small and the quantization error not worth it. `predicted_state_bytes` counts this,
+`optimizer_state_bytes` measures what an optimizer actually holds.
+
+One step, per element (bitsandbytes' CUDA kernel kOptimizerStatic8bit2StateBlockwise, in its order)
+--------------------------------------------------------------------------------------------------
+    m, v  = code1[q1] * absmax1, code2[q2] * absmax2          decode the stored moments
+    v     = beta2 * v + (1 - beta2) * g^2
+    m     = beta1 * m + (1 - beta1) * g
+    p     = p - lr * c2 / c1 * m / (sqrt(v) + c2 * eps)       c1 = 1 - beta1^t, c2 = sqrt(1 - beta2^t)
+    p     = p * (1 - lr * weight_decay)                       decoupled weight decay, after the step
+    absmax1, q1 = max |m| per block, nearest code of m / absmax1  (likewise v); the new absmax is
+                                                               the new moments' own maximum
+A NaN or Inf gradient element leaves its parameter alone and sets its m and v to 0: one NaN would
+otherwise make its block's absmax NaN and take all 256 moments of the block with it. (bitsandbytes'
+32-bit kernel, used below min_8bit_size, has no such rule: a NaN there stays in its element; so here.)
+`adamw_update_` is this step on float32 moments; the optimizer wraps it in decode and re-encode.
+
+Where bitsandbytes 0.50.2's CPU path differs (read in backends/cpu/ops.py; our choice in brackets)
+  * Weight decay first, p * (1 - lr * wd) before the step [the kernel's order: after].
+  * The 8-bit step is grouped p - (lr / c1) * m / (sqrt(v) / c2 + eps): the same number, rounded
+    differently in float32 [the kernel's grouping; its 32-bit CPU path groups as we do]. Parameters
+    then differ from bitsandbytes' CPU ones by a float32 rounding or two; the moments' bytes are equal.
+  * NaN/Inf gradients are not skipped: they spread through the block [skipped, as on the GPU].
+  * Re-encoding rounds through a 65536-point table, qlora_ref's rounding="lut" [the same on a CPU].
+    The table's grid has no point at 0: a zero moment is stored as the level nearest 1/65535, i.e.
+    2.1e-5 * absmax for m and 1.6e-5 * absmax for v (the kernel's search keeps it 0).
+On a GPU the kernel searches the sorted code (qlora_ref.kernels' Triton quantizer, which the `auto`
+backend picks for CUDA tensors) and then nudges a code of m whose level has the wrong sign one step
+towards the value's sign. Scalars such as 1 - beta2 are rounded as each path rounds them: float64 then
+float32 on the CPU (Python floats), float32 throughout in the kernel, whose fused multiply-adds for m
+and v we also reproduce (read in its sm_90 machine code). So the moments' bytes equal bitsandbytes' on
+either device; the parameters differ by float32 roundings (the kernel's beta^t, square root and
+division are fast approximations), measured at 2e-6 after 100 steps (tests/test_optim8bit_gpu.py).
+
+API for subclasses (qlora_ref.paging.PagedAdamW8bit)
+----------------------------------------------------
+    step(): for every parameter p with a gradient, in param_groups order:
+        state = self._state_for(p)        # self.state[p]; made by self._new_state(p) on first use
+        self._before_update(p, state)     # no-op here (a paged subclass prefetches the state)
+        ...the update of p and its state, in place...
+        self._after_update(p, state)      # no-op here
+    _new_state(p) -> dict: {"step": 0, "state1": m, "state2": v}, plus "absmax1", "absmax2" for 8-bit
+        moments (bitsandbytes' key names). Every tensor comes from self._allocate(shape, dtype, device),
+        which must return a zero-filled tensor (zero codes with a zero absmax decode to m = v = 0):
+          p.numel() >= min_8bit_size: state1, state2: uint8 codes of p.shape; absmax1, absmax2:
+                                      float32 [ceil(n / blocksize)]
+          otherwise:                  state1, state2: float32 of p.shape
+        load_state_dict and load_optimizer_state_tensors go through self._load_state(p, saved), which
+        makes a new state with _new_state (so through _allocate) and copies the saved tensors into it.
+    _allocate(shape, dtype, device) -> torch.zeros(shape, dtype=dtype, device=device); override it to
+        place the states elsewhere (managed / paged memory).
+"""
+
+import math
+from itertools import chain
+
+import torch
+
+from .codebooks import dynamic_map
+from .dynamic8bit import dequantize_blockwise, quantize_blockwise
+from .state import QuantState
+from .validation import FLOAT_DTYPES, check_blocksize
+
+__all__ = [
+    "AdamW8bit",
+    "adamw_update_",
+    "bytes_per_parameter",
+    "load_optimizer_state_tensors",
+    "optimizer_state_bytes",
+    "optimizer_state_tensors",
+    "predicted_state_bytes",
+    "step_scalars",
+]
+
+
+def _float32(x: float) -> float:
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
+def step_scalars(step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                 kernel: bool) -> dict:
+    """The per-step scalars of `adamw_update_`, rounded as bitsandbytes rounds them.
+
+    kernel=False: its CPU path, Python float64 (torch rounds each to float32 where it is applied).
+    kernel=True: its CUDA kernel, float32 throughout (betas, lr and eps arrive as float32), e.g.
+    1 - beta2 = 1 - 0.99900001f = 0.00099998713 instead of 0.001; 1 - lr * wd is one fused
+    multiply-add there (the float64 product of two float32 numbers is exact, so rounding once is the
+    same). The kernel's beta^t and square root are approximations (MUFU.LG2/EX2/SQRT, --use_fast_math);
+    these are the correctly rounded values.
+    """
+    f = _float32 if kernel else float
+    beta1, beta2, lr, eps, weight_decay = f(beta1), f(beta2), f(lr), f(eps), f(weight_decay)
+    c1 = f(1.0 - f(beta1**step))
+    c2 = f(math.sqrt(f(1.0 - f(beta2**step))))
+    return dict(beta1=beta1, beta2=beta2, one_minus_beta1=f(1.0 - beta1), one_minus_beta2=f(1.0 - beta2),
+                step_size=f(f(-lr * c2) / c1), eps_c2=f(c2 * eps), decay=f(1.0 - lr * weight_decay))
+
+
+@torch.no_grad()
+def adamw_update_(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, skip_nonfinite=False):
+    """One AdamW step of `param` (in place) with float32 moments m, v (updated in place).
+
+        v = beta2 * v + (1 - beta2) * g^2
+        m = beta1 * m + (1 - beta1) * g
+        p = p + step_size * m / (sqrt(v) + eps * c2)     step_size = -lr * c2 / c1
+        p = p * (1 - lr * weight_decay)                   only when weight_decay > 0
+    with c1 = 1 - beta1^step, c2 = sqrt(1 - beta2^step) (bias corrections folded into the step size),
+    in float32 whatever param's dtype, written back once. skip_nonfinite: where g is NaN or +-Inf,
+    m = v = 0 and p is left as it was (the 8-bit kernel's rule). Scalars are rounded as bitsandbytes'
+    kernel does for CUDA tensors, as its CPU path does otherwise (step_scalars).
+    """
+    s = step_scalars(step, lr, beta1, beta2, eps, weight_decay, kernel=param.is_cuda)
+    g = grad.float()
+    finite = torch.isfinite(g) if skip_nonfinite else None
+    if finite is not None:
+        g = torch.where(finite, g, 0.0)
+    if param.is_cuda:
+        _second_moment_(v, g, s["beta2"], s["one_minus_beta2"], grad.dtype == torch.float32)
+    else:
+        v.mul_(beta2).addcmul_(g, g, value=s["one_minus_beta2"])
+    m.mul_(beta1).add_(g, alpha=s["one_minus_beta1"])  # on CUDA the kernel's fma((1 - beta1), g, beta1 m)
+    p = param.detach().to(torch.float32, copy=True)
+    p.add_(m / v.sqrt().add_(s["eps_c2"]), alpha=s["step_size"])
+    if weight_decay > 0:
+        p.mul_(s["decay"])
+    if finite is not None:
+        m.masked_fill_(~finite, 0.0)
+        v.masked_fill_(~finite, 0.0)
+        p = torch.where(finite, p, param)
+    param.copy_(p)
+
+
+def _second_moment_(v, g, beta2, one_minus_beta2, float32_grad: bool) -> None:
+    """v = beta2 v + (1 - beta2) g^2 rounded as bitsandbytes' CUDA kernel rounds it (its sm_90 machine code):
+        float32 gradients:   fma(g, fl((1 - beta2) g), fl(beta2 v))
+        fp16/bf16 gradients: fma(v, beta2, fl(g fl((1 - beta2) g)))
+    An fma rounds once; here the product of two float32 numbers is formed exactly in float64 and the sum
+    rounded to float32 (through float64 first: a double rounding that can differ only on an exact tie).
+    """
+    scaled = g * one_minus_beta2
+    if float32_grad:
+        fused = (v * beta2).double().addcmul_(g.double(), scaled.double())
+    else:
+        fused = v.double().mul_(beta2).add_((g * scaled).double())
+    v.copy_(fused)
+
+
+class AdamW8bit(torch.optim.Optimizer):
+    """AdamW with 8-bit blockwise moments, bitsandbytes' `bnb.optim.AdamW8bit` (see the module docstring).
+
+    Same defaults as bitsandbytes; `blocksize` is fixed at 256 there, any of qlora_ref's block sizes here.
+    Parameters: float32, float16 or bfloat16; gradients dense.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, blocksize=256,
+                 min_8bit_size=4096):
+        _check_hyperparameters(lr, betas, eps, weight_decay)
+        check_blocksize(blocksize)
+        if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+            raise ValueError(f"min_8bit_size must be a non-negative int, got {min_8bit_size!r}")
+        self.blocksize = blocksize
+        self.min_8bit_size = min_8bit_size
+        self._codes = {}
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        for p in group["params"]:
+            if p.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"AdamW8bit updates float32, float16 or bfloat16 parameters (as bitsandbytes' "
+                                f"kernels do); got a {p.dtype} parameter of shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise TypeError("AdamW8bit does not support sparse gradients (e.g. nn.Embedding(sparse=True)); "
+                                    "use dense gradients")
+                state = self._state_for(p)
+                self._before_update(p, state)
+                state["step"] += 1
+                beta1, beta2 = group["betas"]
+                hyper = (state["step"], group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+                if "absmax1" in state:
+                    self._update_8bit(p, state, hyper)
+                else:
+                    adamw_update_(p, p.grad, state["state1"], state["state2"], *hyper)
+                self._after_update(p, state)
+        return loss
+
+    def _update_8bit(self, p, state, hyper) -> None:
+        m = self._decode(state["state1"], state["absmax1"], signed=True)
+        v = self._decode(state["state2"], state["absmax2"], signed=False)
+        adamw_update_(p, p.grad, m, v, *hyper, skip_nonfinite=True)
+        for name, values, signed in (("1", m, True), ("2", v, False)):
+            codes, absmax = self._encode(values, signed)
+            state["state" + name].copy_(codes)
+            state["absmax" + name].copy_(absmax)
+
+    def _code(self, signed: bool, device) -> torch.Tensor:
+        key = (signed, device)
+        if key not in self._codes:
+            self._codes[key] = dynamic_map(signed=signed).to(device)
+        return self._codes[key]
+
+    def _decode(self, codes, absmax, signed: bool) -> torch.Tensor:
+        state = QuantState(absmax=absmax, shape=codes.shape, code=self._code(signed, codes.device),
+                           dtype=torch.float32, blocksize=self.blocksize)
+        return dequantize_blockwise(codes, state)
+
+    def _encode(self, values, signed: bool):
+        """Codes and absmax of a moment: bitsandbytes' CPU rounding on a CPU, its CUDA search on a GPU.
+
+        The CUDA kernel then moves a code of m whose level has the other sign bit than m one step towards
+        m's sign: a small negative m that rounds to the level 0.0 gets the smallest negative level.
+        """
+        code = self._code(signed, values.device)
+        codes, qstate = quantize_blockwise(values, code, self.blocksize)
+        if signed and values.is_cuda:
+            wrong_sign = torch.signbit(code[codes.long()]) != torch.signbit(values)
+            nudged = (codes.to(torch.int16) + torch.where(values > 0, 1, -1)) & 0xFF
+            codes = torch.where(wrong_sign, nudged, codes.to(torch.int16)).to(torch.uint8)
+        return codes, qstate.absmax
+
+    def _allocate(self, shape, dtype, device) -> torch.Tensor:
+        """A zero-filled tensor for an optimizer state; override to place states in other memory."""
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    def _state_for(self, p) -> dict:
+        """self.state[p], made by self._new_state(p) the first time p is updated."""
+        state = self.state[p]
+        if not state:
+            state.update(self._new_state(p))
+        return state
+
+    def _new_state(self, p) -> dict:
+        """Zero moments for p: 8-bit codes with float32 absmax, or float32 below min_8bit_size."""
+        state = {"step": 0}
+        if p.numel() >= self.min_8bit_size:
+            blocks = -(-p.numel() // self.blocksize)
+            for name in ("1", "2"):
+                state["state" + name] = self._allocate(p.shape, torch.uint8, p.device)
+                state["absmax" + name] = self._allocate((blocks,), torch.float32, p.device)
+        else:
+            for name in ("1", "2"):
+                state["state" + name] = self._allocate(p.shape, torch.float32, p.device)
+        return state
+
+    def _before_update(self, p, state) -> None:
+        """Called before each update of p (a paged subclass moves the state to the GPU here)."""
+
+    def _after_update(self, p, state) -> None:
+        """Called after each update of p."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's loader, except that state tensors keep their dtype (torch would cast uint8 codes and
+        float32 absmax to the parameter's dtype) and are allocated through self._allocate."""
+        super().load_state_dict({**state_dict, "state": {}})
+        saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
+        param_of = dict(zip(saved_ids, _parameters(self)))
+        for index, saved in state_dict["state"].items():
+            self._load_state(param_of[index], saved)
+
+    def _load_state(self, p, saved: dict) -> None:
+        """Make p's state a copy of `saved` in tensors from _new_state (so from _allocate), checking that
+        its keys, shapes and dtypes are the ones this optimizer would have made."""
+        expected = self._new_state(p)
+        if set(saved) != set(expected):
+            raise ValueError(f"the saved state of a parameter of shape {tuple(p.shape)} has keys {sorted(saved)}, "
+                             f"this optimizer expects {sorted(expected)} (different min_8bit_size?)")
+        for key, tensor in expected.items():
+            if key == "step":
+                expected[key] = int(saved[key])
+                continue
+            value = saved[key]
+            if value.shape != tensor.shape or value.dtype != tensor.dtype:
+                raise ValueError(f"saved {key} has shape {tuple(value.shape)} and dtype {value.dtype}, this optimizer "
+                                 f"expects {tuple(tensor.shape)} {tensor.dtype} (different blocksize?)")
+            tensor.copy_(value)
+        self.state[p] = expected
+
+
+def _parameters(optimizer) -> list:
+    """The parameters in param_groups order: torch's state_dict numbers them so."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
+    if not isinstance(lr, (int, float)) or not lr >= 0:
+        raise ValueError(f"lr must be a number >= 0, got {lr!r}")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"betas[{i}] must lie in [0, 1), got {beta!r}")
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a number > 0 (it keeps m / sqrt(v) finite), got {eps!r}")
+    if not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+
+
+def bytes_per_parameter(bits: int = 8, blocksize: int = 256) -> float:
+    """Adam's state per parameter: 8 bytes with float32 moments, 2 + 8 / blocksize with 8-bit ones."""
+    if bits == 32:
+        return 8.0
+    if bits != 8:
+        raise ValueError(f"bits must be 8 or 32, got {bits!r}")
+    check_blocksize(blocksize)
+    return 2 * (1 + 4 / blocksize)
+
+
+def predicted_state_bytes(params, blocksize: int = 256, min_8bit_size: int = 4096) -> int:
+    """Bytes of AdamW8bit's moments for these parameters (tensors or element counts), exactly:
+    2n + 2 * 4 * ceil(n / blocksize) per tensor of n >= min_8bit_size values, 8n below that."""
+    check_blocksize(blocksize)
+    total = 0
+    for p in params:
+        n = p.numel() if isinstance(p, torch.Tensor) else int(p)
+        total += 2 * n + 8 * -(-n // blocksize) if n >= min_8bit_size else 8 * n
+    return total
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Measured: the nbytes of every tensor in optimizer.state, each storage counted once.
+
+    bitsandbytes keeps its two code tables (2 x 256 float32) in every parameter's state, as the same
+    two tensors: they count once (2048 bytes). torch's AdamW adds a 0-d float32 `step` per parameter.
+    """
+    seen, total = set(), 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                key = (value.device, value.untyped_storage().data_ptr(), value.nbytes)
+                if key not in seen:
+                    seen.add(key)
+                    total += value.nbytes
+    return total
+
+
+def optimizer_state_tensors(optimizer) -> dict:
+    """A flat {name: tensor} of the optimizer's state and hyperparameters, for safetensors (no pickle).
+
+        state.{i}.{key}        the state tensors of the i-th parameter (param_groups order), and its
+                               step as a 0-d int64 tensor
+        param_groups.{g}.{key} lr, eps, weight_decay as 0-d float64 tensors, betas as a float64 pair
+    Tensors are shared with the optimizer, not copied; load with load_optimizer_state_tensors.
+    """
+    tensors = {}
+    for g, group in enumerate(optimizer.param_groups):
+        for key, value in group.items():
+            if key in ("params", "param_names"):  # the parameters themselves, and their names
+                continue
+            numbers = value if isinstance(value, (tuple, list)) else [value]
+            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers):
+                raise ValueError(f"param_groups[{g}][{key!r}] = {value!r} is not a number or a tuple of numbers")
+            tensors[f"param_groups.{g}.{key}"] = torch.tensor(value, dtype=torch.float64)
+    for i, p in enumerate(_parameters(optimizer)):
+        for key, value in optimizer.state.get(p, {}).items():
+            name = f"state.{i}.{key}"
+            tensors[name] = torch.tensor(value, dtype=torch.int64) if key == "step" else value
+    return tensors
+
+
+def load_optimizer_state_tensors(optimizer, tensors: dict) -> None:
+    """Restore what optimizer_state_tensors saved into an optimizer over the same parameters."""
+    params = _parameters(optimizer)
+    states = {}
+    for name, value in tensors.items():
+        kind, index, key = _split_name(name)
+        if kind == "param_groups":
+            if index >= len(optimizer.param_groups) or key not in optimizer.param_groups[index]:
+                raise ValueError(f"{name}: this optimizer has no such hyperparameter")
+            number = value.tolist()
+            optimizer.param_groups[index][key] = tuple(number) if isinstance(number, list) else number
+        else:
+            if index >= len(params):
+                raise ValueError(f"{name}: the saved optimizer had more parameters than this one ({len(params)})")
+            states.setdefault(index, {})[key] = value
+    for index, saved in states.items():
+        optimizer._load_state(params[index], saved)
+
+
+def _split_name(name: str):
+    parts = name.split(".")
+    if len(parts) != 3 or parts[0] not in ("state", "param_groups") or not parts[1].isdigit():
+        raise ValueError(f"{name!r} is not a name optimizer_state_tensors writes "
+                         "('state.<i>.<key>' or 'param_groups.<g>.<key>')")
+    return parts[0], int(parts[1]), parts[2]
