@@ -1,6 +1,8 @@
 # %% [markdown]
 # # Lesson 0 — Setup: check your environment
 #
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/qlora-course/blob/main/notebooks/00_setup.ipynb)
+#
 # **What you will learn**
 # - how to install the course (locally, or on Colab) and check that it works;
 # - which device your notebooks will run on, and which 16-bit *compute dtype* goes with it
@@ -14,10 +16,11 @@
 # **Install, locally:** `conda env create -f environment.yml && conda activate qlora-course`, or
 # `pip install -e ".[test,lab]"` in the repository root. Then open this notebook from `notebooks/`.
 #
-# **Install, on Colab:** *Runtime → Change runtime type → T4 GPU*. Clone the course repository in a cell
-# (`!git clone <the course repository URL>`), `%cd` into its `notebooks/` folder, then run the first code
-# cell below: on Colab it pip-installs `bitsandbytes==0.50.2` and the course package (`qlora_ref`), and keeps
-# Colab's own torch.
+# **Install, on Colab:** open the notebook with the *Open in Colab* badge above, pick *Runtime → Change runtime
+# type → T4 GPU*, and run the first code cell. On Colab only, it clones the course into `/content/qlora-course`,
+# pip-installs the course package (`qlora_ref`) and `bitsandbytes==0.50.2` while keeping Colab's own torch, and
+# moves into the clone's `notebooks/` folder. Every lesson starts with the same cell, so each one opens on Colab
+# by itself. Section 5 lists what can go wrong, and the fix.
 
 # %%
 import os
@@ -27,12 +30,20 @@ import sys
 os.environ["TORCH_COMPILE_DISABLE"] = "1"
 
 IN_COLAB = "google.colab" in sys.modules
-if IN_COLAB:  # run from the notebooks/ folder of a clone of the course repository
+if IN_COLAB:  # clone the course and install it next to Colab's own torch (lesson 0, "Troubleshooting")
     import importlib
     import subprocess
+    from importlib.metadata import version
 
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "bitsandbytes==0.50.2", ".."], check=True)
-    importlib.invalidate_caches()
+    COURSE = "/content/qlora-course"
+    if not os.path.isdir(COURSE):
+        url = "https://github.com/OWNER/qlora-course"
+        subprocess.run(["git", "clone", "--depth", "1", "--branch", "main", url, COURSE], check=True)
+    # torch pinned to the version installed: pip keeps Colab's CUDA build instead of replacing it
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", COURSE, "bitsandbytes==0.50.2", f"torch=={version('torch')}"],
+                   check=True)
+    importlib.invalidate_caches()  # so that this running kernel finds the packages just installed
+    os.chdir(f"{COURSE}/notebooks")  # the lessons run from notebooks/ (lesson 5 reads ../bench/results)
 
 import torch
 
@@ -184,14 +195,86 @@ for double_quant in (False, True):
     )
 
 # %% [markdown]
+# ## 5. Troubleshooting
+#
+# The usual problems, each with its fix: a Colab notebook without a GPU runtime; a T4, which has no bfloat16
+# arithmetic; an old runtime, whose Python or torch is too old for bitsandbytes 0.50.2; triton missing (it has
+# Linux wheels only). `troubleshoot` turns a description of an environment into `[OK]` / `[--]` (works, with a
+# limit) / `[FAIL]` lines. The torch versions it accepts are not typed in: they are read from bitsandbytes'
+# own package metadata.
+
+# %%
+from importlib.metadata import requires
+
+from packaging.requirements import Requirement
+
+# bitsandbytes' own requirement on torch, from its installed metadata (e.g. "torch<3,>=2.4")
+TORCH_FOR_BNB = next(r.specifier for r in map(Requirement, requires("bitsandbytes")) if r.name == "torch" and not r.marker)
+
+
+def troubleshoot(python, torch_version, triton_version, gpu, in_colab):
+    """[OK] / [--] / [FAIL] lines for an environment: python (major, minor), torch's and triton's version strings
+    (triton None when it is not installed), gpu None or (name, (major, minor) compute capability), in_colab."""
+    new_runtime = "use Colab's latest runtime" if in_colab else "upgrade it"
+    lines = []
+    ok = python >= (3, 10)
+    fix = "" if ok else f": the course needs 3.10 or newer; {new_runtime}"
+    lines.append(f"[{'OK' if ok else 'FAIL'}] python {python[0]}.{python[1]}{fix}")
+    ok = TORCH_FOR_BNB.contains(torch_version.split("+")[0])  # "2.8.0+cu126": the local label is not a version
+    fix = "" if ok else f": bitsandbytes 0.50.2 needs torch {TORCH_FOR_BNB}; {new_runtime}"
+    lines.append(f"[{'OK' if ok else 'FAIL'}] torch {torch_version}{fix}")
+    if gpu is None:
+        fix = "Runtime → Change runtime type → T4 GPU" if in_colab else "lessons 0-5 run on the CPU; later lessons want a GPU (or Colab)"
+        lines.append(f"[--] no CUDA GPU: {fix}")
+    else:
+        name, (major, minor) = gpu
+        if (major, minor) >= (8, 0):
+            lines.append(f"[OK] {name}, sm_{major}{minor}: native bfloat16, so compute_dtype is bfloat16")
+        else:
+            lines.append(f"[OK] {name}, sm_{major}{minor}: no native bfloat16 (it needs sm_80), so compute_dtype is float16")
+    if triton_version is None:
+        lines.append("[--] triton is not installed: lesson 5 needs it (pip install triton; Linux only: elsewhere use Colab)")
+    else:
+        where = "in the interpreter (TRITON_INTERPRET=1, section 3)" if gpu is None else f"compiled for sm_{gpu[1][0]}{gpu[1][1]}"
+        lines.append(f"[OK] triton {triton_version}: kernels run {where}")
+    return lines
+
+
+print(f"bitsandbytes 0.50.2 requires torch {TORCH_FOR_BNB}")
+T4 = ("Tesla T4", (7, 5))
+EXAMPLES = {  # made-up environments, one per problem
+    "Colab with a T4": dict(python=(3, 12), torch_version="2.8.0+cu126", triton_version="3.4.0", gpu=T4, in_colab=True),
+    "Colab without a GPU runtime": dict(python=(3, 12), torch_version="2.8.0+cu126", triton_version="3.4.0", gpu=None, in_colab=True),
+    "an old runtime": dict(python=(3, 9), torch_version="2.3.1+cu121", triton_version="2.3.1", gpu=T4, in_colab=True),
+    "a laptop without triton": dict(python=(3, 11), torch_version="2.13.0", triton_version=None, gpu=None, in_colab=False),
+    "an H100": dict(python=(3, 11), torch_version="2.13.0+cu130", triton_version="3.9.0", gpu=("NVIDIA H100 80GB HBM3", (9, 0)),
+                    in_colab=False),
+}
+for label, environment in EXAMPLES.items():
+    print(f"\n{label}:")
+    for line in troubleshoot(**environment):
+        print("  " + line)
+
+# %% [markdown]
+# And this machine (its output depends on the machine, so the automatic checks ignore it):
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+gpu = (torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
+for line in troubleshoot(sys.version_info[:2], torch.__version__, triton.__version__ if triton else None, gpu, IN_COLAB):
+    print(line)
+
+# %% [markdown]
 # ## Summary
 #
-# - Install with conda (`environment.yml`) or pip (`pip install -e ".[test,lab]"`); on Colab pick a T4
-#   runtime, clone the repository and run the first cell from `notebooks/`.
+# - Install with conda (`environment.yml`) or pip (`pip install -e ".[test,lab]"`); on Colab open a lesson with
+#   its badge, pick a T4 runtime and run the first cell, which installs the course next to Colab's torch.
 # - One line picks the device (CUDA if there is one, else the CPU) and one the compute dtype: bfloat16,
 #   except float16 on GPUs older than sm_80 such as the T4. Do not trust `is_bf16_supported()` alone.
 # - Triton kernels run on a CPU through the interpreter, `TRITON_INTERPRET=1`.
 # - `compare(name, ours, reference)` says exact / close / DIFFERENT; the self-check above must be all `[OK]`.
+# - `troubleshoot` names the usual problems (no GPU runtime, a T4 without bfloat16, an old Python or torch,
+#   triton missing) and their fix.
 #
 # ## Check your understanding
 #

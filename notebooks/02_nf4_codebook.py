@@ -1,6 +1,8 @@
 # %% [markdown]
 # # Lesson 2 — The NF4 codebook, from the normal quantile function to bitsandbytes' table
 #
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/qlora-course/blob/main/notebooks/02_nf4_codebook.ipynb)
+#
 # **What you will learn**
 # - that a 4-bit code is an index into a table of 16 values, and how to dequantize one correctly;
 # - quantile quantization: why equal-probability bins make the most of 16 codes, why its extreme quantiles are
@@ -20,8 +22,26 @@
 
 # %%
 import os
+import sys
 
-os.environ["TORCH_COMPILE_DISABLE"] = "1"  # before importing torch (see lesson 0)
+# Before importing torch: bitsandbytes would otherwise torch.compile its CPU code paths, which is slow.
+os.environ["TORCH_COMPILE_DISABLE"] = "1"
+
+IN_COLAB = "google.colab" in sys.modules
+if IN_COLAB:  # clone the course and install it next to Colab's own torch (lesson 0, "Troubleshooting")
+    import importlib
+    import subprocess
+    from importlib.metadata import version
+
+    COURSE = "/content/qlora-course"
+    if not os.path.isdir(COURSE):
+        url = "https://github.com/OWNER/qlora-course"
+        subprocess.run(["git", "clone", "--depth", "1", "--branch", "main", url, COURSE], check=True)
+    # torch pinned to the version installed: pip keeps Colab's CUDA build instead of replacing it
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", COURSE, "bitsandbytes==0.50.2", f"torch=={version('torch')}"],
+                   check=True)
+    importlib.invalidate_caches()  # so that this running kernel finds the packages just installed
+    os.chdir(f"{COURSE}/notebooks")  # the lessons run from notebooks/ (lesson 5 reads ../bench/results)
 
 import bitsandbytes.functional as bnbF
 import numpy as np
@@ -36,6 +56,9 @@ from qlora_ref.plots.codebooks import bin_masses, code_usage, plot_bin_masses, p
 # %matplotlib inline
 _ = torch.manual_seed(0)
 generator = torch.Generator().manual_seed(0)  # all the data of this lesson comes from this generator
+# Lesson 0's device and compute dtype (float16 on a T4), for your own experiments; this lesson's checks run on the CPU.
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+compute_dtype = torch.float16 if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0) else torch.bfloat16
 
 
 def show(values, digits=4):

@@ -1,6 +1,8 @@
 # %% [markdown]
 # # Lesson 4 — Double quantization
 #
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/qlora-course/blob/main/notebooks/04_double_quantization.ipynb)
+#
 # Lesson 3 stored one float32 absmax per block of 64 weights: 0.5 bits per parameter on top of the 4 bits
 # of the code, 11% of the memory of a QLoRA weight. QLoRA's *double quantization* quantizes those
 # constants too, to 8 bits, and brings their cost down to 0.127 bits per parameter.
@@ -29,12 +31,20 @@ import sys
 os.environ["TORCH_COMPILE_DISABLE"] = "1"
 
 IN_COLAB = "google.colab" in sys.modules
-if IN_COLAB:  # run from the notebooks/ folder of a clone of the course repository
+if IN_COLAB:  # clone the course and install it next to Colab's own torch (lesson 0, "Troubleshooting")
     import importlib
     import subprocess
+    from importlib.metadata import version
 
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "bitsandbytes==0.50.2", ".."], check=True)
-    importlib.invalidate_caches()
+    COURSE = "/content/qlora-course"
+    if not os.path.isdir(COURSE):
+        url = "https://github.com/OWNER/qlora-course"
+        subprocess.run(["git", "clone", "--depth", "1", "--branch", "main", url, COURSE], check=True)
+    # torch pinned to the version installed: pip keeps Colab's CUDA build instead of replacing it
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", COURSE, "bitsandbytes==0.50.2", f"torch=={version('torch')}"],
+                   check=True)
+    importlib.invalidate_caches()  # so that this running kernel finds the packages just installed
+    os.chdir(f"{COURSE}/notebooks")  # the lessons run from notebooks/ (lesson 5 reads ../bench/results)
 
 # %matplotlib inline
 import dataclasses
@@ -60,6 +70,9 @@ from qlora_ref.plots.double_quant import overhead_figure
 
 _ = torch.manual_seed(0)  # `_ =` keeps the generator's repr (a memory address) out of the output
 gen = torch.Generator().manual_seed(0)
+# Lesson 0's device and compute dtype (float16 on a T4), for your own experiments; this lesson's checks run on the CPU.
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+compute_dtype = torch.float16 if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0) else torch.bfloat16
 
 # %%
 # NBVAL_IGNORE_OUTPUT

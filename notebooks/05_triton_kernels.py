@@ -1,6 +1,8 @@
 # %% [markdown]
 # # Lesson 5 — Triton kernels
 #
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/qlora-course/blob/main/notebooks/05_triton_kernels.ipynb)
+#
 # Lessons 3 and 4 dequantized a weight with a few lines of torch: look the 4-bit codes up in a table,
 # multiply by the block's absmax. On a GPU that takes several passes over memory (unpack, look up,
 # scale, and for double quantization a separate pass over the absmax). This lesson writes the whole
@@ -38,13 +40,20 @@ os.environ["TRITON_INTERPRET"] = "1"
 os.environ["TORCH_COMPILE_DISABLE"] = "1"
 
 IN_COLAB = "google.colab" in sys.modules
-if IN_COLAB:  # run from the notebooks/ folder of a clone of the course repository
+if IN_COLAB:  # clone the course and install it next to Colab's own torch (lesson 0, "Troubleshooting")
     import importlib
     import subprocess
+    from importlib.metadata import version
 
-    # triton comes with Colab's torch: not reinstalled
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "bitsandbytes==0.50.2", ".."], check=True)
-    importlib.invalidate_caches()
+    COURSE = "/content/qlora-course"
+    if not os.path.isdir(COURSE):
+        url = "https://github.com/OWNER/qlora-course"
+        subprocess.run(["git", "clone", "--depth", "1", "--branch", "main", url, COURSE], check=True)
+    # torch pinned to the version installed: pip keeps Colab's CUDA build instead of replacing it
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", COURSE, "bitsandbytes==0.50.2", f"torch=={version('torch')}"],
+                   check=True)
+    importlib.invalidate_caches()  # so that this running kernel finds the packages just installed
+    os.chdir(f"{COURSE}/notebooks")  # the lessons run from notebooks/ (lesson 5 reads ../bench/results)
 
 # %matplotlib inline
 import dataclasses
@@ -70,6 +79,9 @@ from qlora_ref.kernels.dequantize_4bit import _round_to_bf16, compile_ahead, deq
 _ = torch.manual_seed(0)  # `_ =` keeps the generator's repr (a memory address) out of the output
 gen = torch.Generator().manual_seed(0)
 NF4 = nf4_codebook()
+# Lesson 0's device and compute dtype (float16 on a T4), for your own experiments; this lesson's checks run on the CPU.
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+compute_dtype = torch.float16 if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0) else torch.bfloat16
 
 # %%
 # NBVAL_IGNORE_OUTPUT

@@ -31,6 +31,16 @@ The contracts (what the learner's functions take and return):
           absmax: float32, one per block of `blocksize` consecutive values (the last block may be short)
       dequantize(packed, absmax, code, n, blocksize) -> x_hat, n float32 values (any shape)
   code is NF4's 16 levels (qlora_ref.nf4_codebook()), x any shape (it is read flat, in memory order).
+- check_double_quant(compress, decompress)
+      compress(absmax, code) -> (qabsmax, offset, absmax2)
+          offset: absmax.mean(); absmax2: float32, max |absmax - offset| per block of 256;
+          qabsmax: uint8, one code per absmax value (a nearest level of the map, or bitsandbytes' byte)
+      decompress(qabsmax, offset, absmax2, code) -> absmax^ = code[qabsmax] * absmax2 + offset, float32
+  absmax is the float32 absmax of a 4-bit state, code the 256-level dynamic map (qlora_ref.dynamic_map()).
+- check_dequantize_kernel(kernel)
+      a @triton.jit kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, BLOCKSIZE: tl.constexpr, TILE: tl.constexpr)
+      on the grid (cdiv((n + 1) // 2, TILE),), run in Triton's interpreter on CPU tensors (no GPU needed);
+      launch_dequantize_kernel(kernel, packed, state, tile) runs it the same way on a quantize_4bit state.
 """
 
 import math
@@ -42,6 +52,9 @@ __all__ = [
     "check_zeropoint_quantizer",
     "check_nf4_codebook",
     "check_blockwise_4bit",
+    "check_double_quant",
+    "check_dequantize_kernel",
+    "launch_dequantize_kernel",
 ]
 
 
@@ -510,3 +523,303 @@ def check_blockwise_4bit(quantize, dequantize) -> bool:
         return f"packed bytes, absmax and dequantized values equal {versus} (5 cases, blocksizes 64 and 128)"
 
     return _run("check_blockwise_4bit", body)
+
+
+# ---------------------------------------------------------------------------------------------- lesson 4
+
+
+def _double_quant_cases():
+    """(label, the float32 absmax of a real 4-bit state, the weight it came from): 4, 1 and 4 nested blocks."""
+    from .fourbit import quantize_4bit
+
+    g = torch.Generator().manual_seed(0)
+    outlier_rows = torch.randn(75, 128, generator=g) * 0.02
+    outlier_rows[10] *= 30.0  # one row of large weights: its blocks' absmax are far above the mean
+    quiet_rows = torch.randn(1000, 64, generator=g)
+    quiet_rows[520:560] *= 0.01  # 40 blocks far below the mean: in their nested block the largest |centred| is negative
+    weights = [
+        ("the absmax of a 256x256 normal weight (1,024 blocks of 64)", torch.randn(256, 256, generator=g)),
+        ("the absmax of a 75x128 weight with an outlier row (150 blocks: one short nested block)", outlier_rows),
+        ("the absmax of 1,000 blocks of 64, 40 of them near zero (a short last nested block of 232)", quiet_rows),
+    ]
+    return [(label, quantize_4bit(w, blocksize=64)[1].absmax, w) for label, w in weights]
+
+
+def _bnb_nested_state(weight):
+    """bitsandbytes' nested state of `weight` (NF4, blocks of 64), or None when bitsandbytes is not installed."""
+    try:
+        import bitsandbytes.functional as bnbF
+    except Exception:
+        return None
+    return bnbF.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)[1]
+
+
+def _nearest_level_ok(codes, centred, absmax2, code, blocksize):
+    """Which codes are a nearest level of u = x / absmax2 (either rounding of the division), up to float32
+    rounding of the distances: the true nearest-code rule, however the learner computed it."""
+    from .blockwise import scale_to_unit
+
+    levels = code.double()
+    ok = torch.zeros(codes.numel(), dtype=torch.bool)
+    by_division = (centred / absmax2.clamp(min=1e-38).repeat_interleave(blocksize)[: centred.numel()]).clamp(-1, 1)
+    for u in (scale_to_unit(centred, absmax2, blocksize), by_division):
+        distances = (u.double().reshape(-1, 1) - levels.reshape(1, -1)).abs()
+        chosen = distances.gather(1, codes.long().reshape(-1, 1)).reshape(-1)
+        ok |= chosen <= distances.min(dim=1).values + 1e-6 * u.double().abs() + 1e-12
+    return ok
+
+
+def check_double_quant(compress, decompress) -> bool:
+    """Check double quantization of the absmax (lesson 4) against qlora_ref.double_quant and bitsandbytes.
+
+    compress(absmax, code) -> (qabsmax, offset, absmax2), with absmax the float32 absmax of a 4-bit state and
+    code the 256-level dynamic map: offset = absmax.mean() (exactly), absmax2 = max |absmax - offset| per block of
+    256 (exactly), qabsmax = uint8 codes of (absmax - offset) / absmax2. Each code passes when it is
+    bitsandbytes' byte (its CPU lookup-table rounding) or a nearest level (lesson 3's rule).
+    decompress(qabsmax, offset, absmax2, code) -> absmax^ = code[qabsmax] * absmax2[i // 256] + offset, the
+    product rounded to float32 before the sum, as bitsandbytes does; it is called on bitsandbytes' (or
+    qlora_ref's) nested state and must equal its dequantized absmax exactly. Prints one line; True on success.
+    """
+    from .codebooks import dynamic_map
+    from .double_quant import NESTED_BLOCKSIZE, compress_absmax, decompress_absmax
+
+    def body():
+        code = dynamic_map(signed=True)
+        versus = "qlora_ref.double_quant (bitsandbytes is not installed)"
+        not_bnb = total = 0
+        for case, absmax, weight in _double_quant_cases():
+            n = absmax.numel()
+            ref_q, ref_offset, ref_state2 = compress_absmax(absmax)
+            bnb = _bnb_nested_state(weight)
+            if bnb is not None and torch.equal(bnb.absmax, ref_q) and torch.equal(bnb.state2.absmax, ref_state2.absmax):
+                versus = "bitsandbytes' nested state"
+            result = _call(compress, absmax.clone(), code.clone())
+            if not isinstance(result, (tuple, list)) or len(result) != 3:
+                raise _Fail("compress should return a triple (qabsmax, offset, absmax2)")
+            qabsmax, absmax2 = _tensor(result[0], "qabsmax"), _tensor(result[2], "absmax2")
+            offset = _number(result[1], "offset")
+
+            expected_offset = float(ref_offset)
+            if offset != expected_offset:
+                hint = "offset = absmax.mean(), one float32 for the whole tensor, subtracted before quantizing"
+                if offset == 0.0:
+                    hint = ("subtract the mean first: the absmax values are all positive, so without it they use only the "
+                            "top of the map's positive half (lesson 4, section 4)")
+                raise _Fail(f"MISMATCH in offset ({case}): expected {expected_offset:.9g}, got {offset:.9g}", hint)
+
+            centred = absmax - ref_offset
+            blocks = ref_state2.absmax.numel()
+            if absmax2.numel() != blocks:
+                hint = f"one absmax2 per block of {NESTED_BLOCKSIZE} absmax values: ceil({n} / {NESTED_BLOCKSIZE}) = {blocks}"
+                raise _Fail(f"expected {blocks} absmax2 values, got {absmax2.numel()} ({case})", hint)
+            found = _first_mismatch(ref_state2.absmax, absmax2.float())
+            if found:
+                block = centred[found[1] * NESTED_BLOCKSIZE:(found[1] + 1) * NESTED_BLOCKSIZE]
+                hint = f"absmax2 of a block = the largest |absmax - offset| over its {NESTED_BLOCKSIZE} values"
+                if found[3] == float(block.max()):
+                    hint = "the largest |absmax - offset|, not the largest absmax - offset: take .abs() before the max"
+                elif found[3] == float(absmax[found[1] * NESTED_BLOCKSIZE:(found[1] + 1) * NESTED_BLOCKSIZE].max()):
+                    hint = "take the block maximum of the centred values, absmax - offset, not of absmax"
+                raise _Fail(_mismatch_line("absmax2", case, found, blocks), hint)
+
+            if qabsmax.numel() != n:
+                raise _Fail(f"expected {n:,} codes, one per absmax value, got {qabsmax.numel():,} ({case})")
+            if qabsmax.dtype != torch.uint8:
+                raise _Fail(f"qabsmax should be uint8, got {qabsmax.dtype} ({case})", "one byte per code: .to(torch.uint8)")
+            qabsmax = qabsmax.reshape(-1)
+            if not torch.equal(qabsmax, ref_q):
+                ok = (qabsmax == ref_q) | _nearest_level_ok(qabsmax, centred, ref_state2.absmax, code, NESTED_BLOCKSIZE)
+                if not bool(ok.all()):
+                    i = int((~ok).nonzero()[0])
+                    u = float(centred[i] / ref_state2.absmax[i // NESTED_BLOCKSIZE])
+                    nearest = int((code.double() - u).abs().argmin())
+                    line = (f"MISMATCH in qabsmax ({case}): {int((~ok).sum()):,} of {n:,} codes are neither a nearest level "
+                            f"nor bitsandbytes' byte, "
+                            f"first at index {i}: u = (absmax - offset) / absmax2 = {u:.7f}, nearest level {float(code[nearest]):.7f} "
+                            f"(code {nearest}), got code {int(qabsmax[i])} ({float(code[int(qabsmax[i])]):.7f})")
+                    hint = "the code is the index of the nearest of the 256 levels to u (lesson 3's rule), in the map's order"
+                    if abs(int(qabsmax[i]) - nearest) == 1:
+                        hint = "one level off: compare u with the midpoints between levels, or take argmin |u - code|"
+                    raise _Fail(line, hint)
+                not_bnb += int((qabsmax != ref_q).sum())
+            total += n
+
+            # decompress, on the reference's state (so a wrong compress cannot hide a right decompress)
+            expected = decompress_absmax(ref_q, ref_offset, ref_state2)
+            got = _tensor(_call(decompress, ref_q.clone(), ref_offset.clone(), ref_state2.absmax.clone(), code.clone()), "absmax^")
+            if got.numel() != n:
+                raise _Fail(f"decompress returned {got.numel():,} values for {n:,} codes ({case})")
+            found = _first_mismatch(expected, got.float())
+            if found:
+                levels, scale2 = code[ref_q.long()], ref_state2.absmax.repeat_interleave(NESTED_BLOCKSIZE)[:n]
+                hint = "absmax^ = code[qabsmax] * absmax2[i // 256] + offset: look up, scale, then add the offset"
+                if torch.equal(got.float(), levels * scale2):
+                    hint = "add the offset back: absmax^ = code[qabsmax] * absmax2 + offset"
+                elif torch.equal(got.float(), ref_q.float() * scale2 + ref_offset):
+                    hint = "qabsmax is an index into the map, not a value: code[qabsmax] * absmax2, not qabsmax * absmax2"
+                elif torch.equal(got.float(), (levels + ref_offset) * scale2):
+                    hint = "scale first, then add the offset: code[q] * absmax2 + offset, not (code[q] + offset) * absmax2"
+                elif bool(torch.allclose(got.float(), expected, rtol=1e-6, atol=0)):
+                    hint = ("close but not bit for bit: round the product to float32 first, then add the offset "
+                            "(two roundings, as bitsandbytes' separate dequantize and + offset; no addcmul)")
+                raise _Fail(_mismatch_line("the decompressed absmax", case, found, n), hint)
+        if not_bnb == 0:
+            return f"offset, absmax2 and codes equal {versus}, bit for bit; decompress too (3 cases)"
+        return (f"offset and absmax2 equal {versus}, each code is a nearest level or bitsandbytes' byte, and decompress is exact (3 cases); "
+                f"{not_bnb} of {total:,} codes differ from bitsandbytes' CPU bytes, which round through a lookup "
+                f"table (lesson 4, section 6)")
+
+    return _run("check_double_quant", body)
+
+
+# ---------------------------------------------------------------------------------------------- lesson 5
+
+
+def _kernel_cases():
+    """(label, x, quant_type, blocksize, TILE): odd counts, short last blocks, several programs, fp16 output."""
+    g = torch.Generator().manual_seed(0)
+    return [
+        ("99 float32 values, NF4, blocks of 32, TILE 16 (4 programs)", torch.randn(99, generator=g), "nf4", 32, 16),
+        ("1,000 float16 values, NF4, blocks of 64, TILE 64 (a short last block)",
+         torch.randn(1000, generator=g).half(), "nf4", 64, 64),
+        ("a 24x40 float32 matrix, FP4, blocks of 128, TILE 32", torch.randn(24, 40, generator=g) * 0.02, "fp4", 128, 32),
+        ("333 float16 values, NF4, blocks of 64, TILE 256 (one program)", torch.randn(333, generator=g).half(), "nf4", 64, 256),
+    ]
+
+
+def _interpreted(kernel):
+    """`kernel` as Triton's interpreter runs it (what @triton.jit gives under TRITON_INTERPRET=1)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(kernel, InterpretedFunction):
+        return kernel
+    if not isinstance(kernel, JITFunction):
+        raise _Fail(f"expected a Triton kernel, got {type(kernel).__name__}", "decorate the kernel with @triton.jit")
+    return InterpretedFunction(kernel.fn)
+
+
+def _launch_guarded(kernel, packed, absmax, code, n, blocksize, dtype, tile):
+    """Run the kernel in Triton's interpreter on CPU tensors with NaN past the end of the output (to see
+    stores out of bounds) and spare bytes past the end of the inputs (so that an unmasked load reads
+    memory that exists). Returns the output buffer, guard included."""
+    from triton.runtime.errors import InterpreterError
+
+    guard = 2 * tile
+    n_bytes = (n + 1) // 2
+    packed_buf = torch.cat([packed.reshape(-1), torch.full((guard,), 0xFF, dtype=torch.uint8)])
+    absmax_buf = torch.cat([absmax.reshape(-1).float(), torch.zeros(guard)])
+    out = torch.full((n + 2 * guard,), float("nan"), dtype=dtype)
+    grid = ((n_bytes + tile - 1) // tile,)
+    try:
+        _interpreted(kernel)[grid](packed_buf, absmax_buf, code.float(), out, n, BLOCKSIZE=blocksize, TILE=tile)
+    except InterpreterError as err:
+        cause = err.__cause__
+        if isinstance(cause, NotImplementedError):
+            name = getattr(getattr(kernel, "fn", kernel), "__name__", "your kernel")
+            raise _NotImplemented(str(cause).strip() or f"fill in the TODO in {name}")
+        if isinstance(cause, RuntimeError) and "outside of the scope of a kernel" in str(cause):
+            raise _Fail("your kernel calls another @triton.jit function, which this checker cannot interpret",
+                        "write the steps inline in the kernel (or define everything after setting TRITON_INTERPRET=1, as lesson 5 does)")
+        raise
+    return out
+
+
+def launch_dequantize_kernel(kernel, packed, state, tile: int = 64) -> torch.Tensor:
+    """Run a learner's 4-bit dequantize kernel on a qlora_ref state, in Triton's interpreter on the CPU.
+
+    The launch: grid = (cdiv((n + 1) // 2, tile),), kernel[grid](packed, state.absmax, state.code, out, n,
+    BLOCKSIZE=state.blocksize, TILE=tile), out of state.dtype; returns out in state.shape.
+    """
+    if state.nested:
+        raise ValueError("the exercise kernel takes a plain state: quantize with double_quant=False")
+    n = state.numel
+    out = _launch_guarded(kernel, packed.cpu(), state.absmax.cpu(), state.code.cpu(), n, state.blocksize, state.dtype, tile)
+    return out[:n].reshape(state.shape)
+
+
+def _bnb_dequantize_4bit(x, quant_type, blocksize):
+    """bitsandbytes' (packed, dequantized values) for x, or None when bitsandbytes is not installed."""
+    try:
+        import bitsandbytes.functional as bnbF
+    except Exception:
+        return None
+    packed, state = bnbF.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type)
+    return packed, bnbF.dequantize_4bit(packed, state)
+
+
+def check_dequantize_kernel(kernel) -> bool:
+    """Check a Triton 4-bit dequantize kernel (lesson 5) against qlora_ref.dequantize_4bit and bitsandbytes.
+
+    kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, BLOCKSIZE: tl.constexpr, TILE: tl.constexpr), launched
+    on grid (cdiv((n + 1) // 2, TILE),): program p turns packed bytes p*TILE .. p*TILE + TILE - 1 into values,
+    out[2j] = code[byte_j >> 4] * absmax[2j // BLOCKSIZE] and out[2j + 1] = code[byte_j & 0xF] * absmax[...],
+    multiplied in float32 and stored in out's dtype (float32 or float16), nothing stored at or past out[n].
+    It runs in Triton's interpreter on CPU tensors (any machine, no GPU) on four inputs: odd counts, short
+    last blocks, NF4 and FP4. The values must equal qlora_ref's bit for bit, and bitsandbytes' CPU
+    dequantize_4bit where it is installed. Prints one line; True on success.
+    """
+    from .blockwise import unpack_4bit
+    from .fourbit import dequantize_4bit, quantize_4bit
+
+    def body():
+        bnb_seen = False
+        for case, x, quant_type, blocksize, tile in _kernel_cases():
+            n = x.numel()
+            packed, state = quantize_4bit(x, blocksize=blocksize, quant_type=quant_type)
+            expected = dequantize_4bit(packed, state).reshape(-1)
+            out = _launch_guarded(kernel, packed, state.absmax, state.code, n, blocksize, x.dtype, tile)
+
+            past = out[n:]
+            if not bool(past.isnan().all()):
+                first = n + int((~past.isnan()).nonzero()[0])
+                raise _Fail(f"the kernel stored past the end ({case}): value index {first} of a tensor of {n}",
+                            "mask the stores: 2*offs < n for the even values and 2*offs + 1 < n for the odd ones "
+                            "(an odd n has no last odd value)")
+            got = out[:n]
+            unwritten = got.isnan()
+            if bool(unwritten.any()):
+                first = int(unwritten.nonzero()[0])
+                hint = "store every value: the even one at out_ptr + 2*offs, the odd one at out_ptr + 2*offs + 1"
+                if first >= 2 * tile:
+                    hint = f"each program owns its own bytes: offs = tl.program_id(0) * TILE + tl.arange(0, TILE) (value {first} is in program {first // (2 * tile)})"
+                raise _Fail(f"{int(unwritten.sum()):,} of {n:,} values were never stored ({case}), first at index {first}", hint)
+
+            references = [("qlora_ref.dequantize_4bit", expected)]
+            bnb = _bnb_dequantize_4bit(x, quant_type, blocksize)
+            if bnb is not None and torch.equal(bnb[0], packed):  # the same bytes: its values are a second reference
+                bnb_seen = True
+                references.append(("bitsandbytes' dequantize_4bit", bnb[1].reshape(-1)))
+            found = None
+            for reference, values in references:
+                found = _first_mismatch(values, got)
+                if found:
+                    break
+            if found:
+                codes = unpack_4bit(packed, n + n % 2)
+                per_value = state.absmax.repeat_interleave(blocksize)[:n]
+                code = state.code
+                swapped = torch.stack([codes[1::2], codes[0::2]], dim=1).reshape(-1)[:n]
+                # the block of byte j taken as j // BLOCKSIZE instead of 2j // BLOCKSIZE
+                block_of_byte = state.absmax.repeat_interleave(blocksize)[: (n + 1) // 2].repeat_interleave(2)[:n]
+                candidates = [
+                    (code[swapped] * per_value,
+                     "nibble order: the high nibble (byte >> 4) is the even value 2j, the low nibble (byte & 0xF) the odd one"),
+                    (codes[:n].float() * per_value,
+                     "the nibble is an index into the table: tl.load(code_ptr + nibble), not the nibble itself"),
+                    (code[codes[:n]] * block_of_byte,
+                     "byte j holds values 2j and 2j + 1: its block is (2 * offs) // BLOCKSIZE, not offs // BLOCKSIZE"),
+                    (code[codes[:n]].to(x.dtype) * per_value.to(x.dtype),
+                     "multiply in float32 (code and absmax are float32) and convert once, when storing"),
+                ]
+                hint = ("out[2j] = code[byte_j >> 4] * absmax[2j // BLOCKSIZE], out[2j + 1] = code[byte_j & 0xF] * the same "
+                        "absmax, in float32")
+                for candidate, candidate_hint in candidates:
+                    if torch.equal(candidate.to(x.dtype).float(), got.float()):
+                        hint = candidate_hint
+                        break
+                raise _Fail(_mismatch_line(f"the values vs {reference}", case, found, n), hint)
+        versus = "qlora_ref.dequantize_4bit and bitsandbytes' dequantize_4bit" if bnb_seen else "qlora_ref.dequantize_4bit"
+        return f"equal to {versus}, exactly (4 cases: odd counts, short last blocks, NF4 and FP4, float32 and float16)"
+
+    return _run("check_dequantize_kernel", body)

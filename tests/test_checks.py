@@ -7,18 +7,25 @@ import re
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.stats import norm
 
-from qlora_ref import nf4_codebook, quantize_4bit
+from qlora_ref import dequantize_4bit, dynamic_map, nf4_codebook, quantize_4bit
 from qlora_ref.blockwise import unpack_4bit
 from qlora_ref.checks import (
     _blockwise_cases,
+    _double_quant_cases,
     _linear_cases,
     check_absmax_quantizer,
     check_blockwise_4bit,
+    check_dequantize_kernel,
+    check_double_quant,
     check_nf4_codebook,
     check_zeropoint_quantizer,
+    launch_dequantize_kernel,
 )
+from qlora_ref.double_quant import compress_absmax
 from qlora_ref.linear import quantize_absmax, quantize_zeropoint
 
 # ------------------------------------------------------------------------------------- "learner" functions
@@ -57,6 +64,34 @@ def nf4_float64(offset=0.9677083):
     return torch.tensor(levels / levels.max(), dtype=torch.float32)
 
 
+def ref_compress(absmax, code):
+    qabsmax, offset, state2 = compress_absmax(absmax)
+    return qabsmax, offset, state2.absmax
+
+
+def ref_decompress(qabsmax, offset, absmax2, code):
+    return code[qabsmax.long()] * absmax2.repeat_interleave(256)[: qabsmax.numel()] + offset
+
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Linux wheels only: lesson 5's tests are skipped elsewhere
+    triton = None
+needs_triton = pytest.mark.skipif(triton is None, reason="lesson 5's kernels need triton")
+
+if triton is not None:
+
+    @triton.jit
+    def ref_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, BLOCKSIZE: tl.constexpr, TILE: tl.constexpr):
+        offs = tl.program_id(0) * TILE + tl.arange(0, TILE)
+        mask = offs < (n + 1) // 2
+        byte = tl.load(packed_ptr + offs, mask=mask, other=0)
+        absmax = tl.load(absmax_ptr + (2 * offs) // BLOCKSIZE, mask=mask, other=0.0)
+        tl.store(out_ptr + 2 * offs, tl.load(code_ptr + (byte >> 4).to(tl.int32)) * absmax, mask=2 * offs < n)
+        tl.store(out_ptr + 2 * offs + 1, tl.load(code_ptr + (byte & 0xF).to(tl.int32)) * absmax, mask=2 * offs + 1 < n)
+
+
 def run(capsys, checker, *fns):
     ok = checker(*fns)
     out = capsys.readouterr().out
@@ -73,7 +108,10 @@ def test_reference_functions_pass_every_checker(capsys):
         (check_zeropoint_quantizer, (ref_zeropoint, ref_zeropoint_dequantize)),
         (check_nf4_codebook, (nf4_codebook,)),
         (check_blockwise_4bit, (ref_quantize_4bit, ref_dequantize_4bit)),
+        (check_double_quant, (ref_compress, ref_decompress)),
     ]
+    if triton is not None:
+        cases.append((check_dequantize_kernel, (ref_kernel,)))
     for checker, fns in cases:
         ok, out = run(capsys, checker, *fns)
         assert ok is True, out
@@ -98,7 +136,8 @@ def bare_stub(*args):
 
 @pytest.mark.parametrize(
     "checker, n_fns",
-    [(check_absmax_quantizer, 2), (check_zeropoint_quantizer, 2), (check_nf4_codebook, 1), (check_blockwise_4bit, 2)],
+    [(check_absmax_quantizer, 2), (check_zeropoint_quantizer, 2), (check_nf4_codebook, 1), (check_blockwise_4bit, 2),
+     (check_double_quant, 2)],
 )
 def test_a_stub_gives_one_friendly_line(capsys, checker, n_fns):
     ok, out = run(capsys, checker, *[stub] * n_fns)
@@ -327,3 +366,290 @@ def test_blockwise_dequantize_nibble_order(capsys):
 
     ok, out = run(capsys, check_blockwise_4bit, ref_quantize_4bit, wrong)
     assert not ok and "byte >> 4 first" in out
+
+
+# ------------------------------------------------------------------------------------- lesson 4 mistakes
+
+NESTED = 256
+FIRST_DQ_CASE = "the absmax of a 256x256 normal weight (1,024 blocks of 64)"
+
+
+def compress_with(offset=True, use_abs=True, centred_absmax2=True, blocksize=NESTED, dtype=torch.uint8):
+    """A nearest-code compress_absmax written from the formulas, with one piece swapped for a wrong one."""
+
+    def compress(absmax, code):
+        mean = absmax.mean() if offset else torch.tensor(0.0)
+        centred = absmax - mean
+        source = centred if centred_absmax2 else absmax
+        absmax2 = torch.stack([(b.abs() if use_abs else b).max() for b in source.split(blocksize)])
+        unit = centred / absmax2.repeat_interleave(blocksize)[: centred.numel()]
+        codes = (unit.reshape(-1, 1) - code.reshape(1, -1)).abs().argmin(dim=1)
+        return codes.to(dtype), mean, absmax2
+
+    return compress
+
+
+def test_nearest_codes_pass_and_the_line_counts_bitsandbytes_lookup_table(capsys):
+    import bitsandbytes.functional as bnbF
+
+    compress = compress_with()
+    code = dynamic_map()
+    differ = total = 0
+    for _, absmax, weight in _double_quant_cases():
+        bnb_state = bnbF.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)[1]
+        differ += int((compress(absmax, code)[0] != bnb_state.absmax).sum())
+        total += absmax.numel()
+    ok, out = run(capsys, check_double_quant, compress, ref_decompress)
+    assert ok, out
+    assert 0 < differ < total // 100  # lesson 4: the table and the nearest code disagree on a few tenths of a percent
+    assert "each code is a nearest level or bitsandbytes' byte" in out and f"{differ} of {total:,} codes differ from bitsandbytes' CPU bytes" in out
+
+
+def test_the_reference_line_says_bit_for_bit(capsys):
+    _, out = run(capsys, check_double_quant, ref_compress, ref_decompress)
+    assert "offset, absmax2 and codes equal bitsandbytes' nested state, bit for bit; decompress too" in out
+
+
+def test_double_quant_without_the_offset(capsys):
+    ok, out = run(capsys, check_double_quant, compress_with(offset=False), ref_decompress)
+    mean = _double_quant_cases()[0][1].mean()
+    assert not ok
+    assert f"MISMATCH in offset ({FIRST_DQ_CASE}): expected {float(mean):.9g}, got 0" in out
+    assert "subtract the mean first" in out
+
+
+def test_double_quant_absmax2_without_abs(capsys):
+    wrong = compress_with(use_abs=False)
+    ok, out = run(capsys, check_double_quant, wrong, ref_decompress)
+    for case, absmax, _ in _double_quant_cases():  # the first case where a block's largest |centred| is negative
+        differ = (wrong(absmax, dynamic_map())[2] != compress_absmax(absmax)[2].absmax).nonzero().reshape(-1)
+        if differ.numel():
+            break
+    assert differ.numel(), "no case has a block whose largest |absmax - offset| is negative: the checker cannot catch this"
+    assert not ok
+    assert f"MISMATCH in absmax2 ({case}): " in out and f"first at index {int(differ[0])}" in out
+    assert "take .abs() before the max" in out
+
+
+def test_double_quant_absmax2_of_the_uncentred_values(capsys):
+    ok, out = run(capsys, check_double_quant, compress_with(centred_absmax2=False), ref_decompress)
+    assert not ok and "MISMATCH in absmax2" in out and "of the centred values, absmax - offset" in out
+
+
+def test_double_quant_blocks_of_64(capsys):
+    ok, out = run(capsys, check_double_quant, compress_with(blocksize=64), ref_decompress)
+    assert not ok and f"expected 4 absmax2 values, got 16 ({FIRST_DQ_CASE})" in out and "ceil(1024 / 256) = 4" in out
+
+
+def test_double_quant_codes_not_bytes(capsys):
+    ok, out = run(capsys, check_double_quant, compress_with(dtype=torch.int64), ref_decompress)
+    assert not ok and "qabsmax should be uint8, got torch.int64" in out
+
+
+def test_double_quant_one_code_off_by_one(capsys):
+    def wrong(absmax, code):
+        qabsmax, offset, absmax2 = ref_compress(absmax, code)
+        qabsmax = qabsmax.clone()
+        qabsmax[300] += 1
+        return qabsmax, offset, absmax2
+
+    ok, out = run(capsys, check_double_quant, wrong, ref_decompress)
+    assert not ok
+    assert f"MISMATCH in qabsmax ({FIRST_DQ_CASE}): 1 of 1,024 codes are neither a nearest level nor bitsandbytes' byte, first at index 300" in out
+    assert "one level off" in out
+
+
+@pytest.mark.parametrize(
+    "decompress, hint",
+    [
+        (lambda q, off, a2, code: code[q.long()] * a2.repeat_interleave(NESTED)[: q.numel()], "add the offset back"),
+        (lambda q, off, a2, code: q.float() * a2.repeat_interleave(NESTED)[: q.numel()] + off, "an index into the map"),
+        (lambda q, off, a2, code: (code[q.long()] + off) * a2.repeat_interleave(NESTED)[: q.numel()], "scale first"),
+        # one rounding instead of two (what an fma or addcmul does): equal to 1e-6, not bit for bit
+        (lambda q, off, a2, code: (code.double()[q.long()] * a2.double().repeat_interleave(NESTED)[: q.numel()] + off.double()).float(),
+         "close but not bit for bit"),
+    ],
+    ids=["no offset", "no lookup", "offset before scaling", "one rounding"],
+)
+def test_double_quant_decompress_mistakes(capsys, decompress, hint):
+    ok, out = run(capsys, check_double_quant, ref_compress, decompress)
+    assert not ok and f"MISMATCH in the decompressed absmax ({FIRST_DQ_CASE})" in out and hint in out
+
+
+# ------------------------------------------------------------------------------------- lesson 5 mistakes
+
+FIRST_KERNEL_CASE = "99 float32 values, NF4, blocks of 32, TILE 16 (4 programs)"
+
+if triton is not None:
+
+    @triton.jit
+    def stub_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, BLOCKSIZE: tl.constexpr, TILE: tl.constexpr):
+        raise NotImplementedError("fill in the TODO in my_kernel")
+
+    @triton.jit
+    def bare_stub_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, BLOCKSIZE: tl.constexpr, TILE: tl.constexpr):
+        raise NotImplementedError
+
+    @triton.jit
+    def swapped_nibbles(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, BLOCKSIZE: tl.constexpr, TILE: tl.constexpr):
+        offs = tl.program_id(0) * TILE + tl.arange(0, TILE)
+        mask = offs < (n + 1) // 2
+        byte = tl.load(packed_ptr + offs, mask=mask, other=0)
+        absmax = tl.load(absmax_ptr + (2 * offs) // BLOCKSIZE, mask=mask, other=0.0)
+        tl.store(out_ptr + 2 * offs, tl.load(code_ptr + (byte & 0xF).to(tl.int32)) * absmax, mask=2 * offs < n)
+        tl.store(out_ptr + 2 * offs + 1, tl.load(code_ptr + (byte >> 4).to(tl.int32)) * absmax, mask=2 * offs + 1 < n)
+
+    @triton.jit
+    def no_lookup(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, BLOCKSIZE: tl.constexpr, TILE: tl.constexpr):
+        offs = tl.program_id(0) * TILE + tl.arange(0, TILE)
+        mask = offs < (n + 1) // 2
+        byte = tl.load(packed_ptr + offs, mask=mask, other=0)
+        absmax = tl.load(absmax_ptr + (2 * offs) // BLOCKSIZE, mask=mask, other=0.0)
+        tl.store(out_ptr + 2 * offs, (byte >> 4).to(tl.float32) * absmax, mask=2 * offs < n)
+        tl.store(out_ptr + 2 * offs + 1, (byte & 0xF).to(tl.float32) * absmax, mask=2 * offs + 1 < n)
+
+    @triton.jit
+    def block_of_the_byte_index(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, BLOCKSIZE: tl.constexpr, TILE: tl.constexpr):
+        offs = tl.program_id(0) * TILE + tl.arange(0, TILE)
+        mask = offs < (n + 1) // 2
+        byte = tl.load(packed_ptr + offs, mask=mask, other=0)
+        absmax = tl.load(absmax_ptr + offs // BLOCKSIZE, mask=mask, other=0.0)
+        tl.store(out_ptr + 2 * offs, tl.load(code_ptr + (byte >> 4).to(tl.int32)) * absmax, mask=2 * offs < n)
+        tl.store(out_ptr + 2 * offs + 1, tl.load(code_ptr + (byte & 0xF).to(tl.int32)) * absmax, mask=2 * offs + 1 < n)
+
+    @triton.jit
+    def odd_store_unmasked(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, BLOCKSIZE: tl.constexpr, TILE: tl.constexpr):
+        offs = tl.program_id(0) * TILE + tl.arange(0, TILE)
+        mask = offs < (n + 1) // 2
+        byte = tl.load(packed_ptr + offs, mask=mask, other=0)
+        absmax = tl.load(absmax_ptr + (2 * offs) // BLOCKSIZE, mask=mask, other=0.0)
+        tl.store(out_ptr + 2 * offs, tl.load(code_ptr + (byte >> 4).to(tl.int32)) * absmax, mask=mask)
+        tl.store(out_ptr + 2 * offs + 1, tl.load(code_ptr + (byte & 0xF).to(tl.int32)) * absmax, mask=mask)
+
+    @triton.jit
+    def first_tile_only(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, BLOCKSIZE: tl.constexpr, TILE: tl.constexpr):
+        offs = tl.arange(0, TILE)  # forgets tl.program_id(0): every program does the first tile
+        mask = offs < (n + 1) // 2
+        byte = tl.load(packed_ptr + offs, mask=mask, other=0)
+        absmax = tl.load(absmax_ptr + (2 * offs) // BLOCKSIZE, mask=mask, other=0.0)
+        tl.store(out_ptr + 2 * offs, tl.load(code_ptr + (byte >> 4).to(tl.int32)) * absmax, mask=2 * offs < n)
+        tl.store(out_ptr + 2 * offs + 1, tl.load(code_ptr + (byte & 0xF).to(tl.int32)) * absmax, mask=2 * offs + 1 < n)
+
+    @triton.jit
+    def multiplies_in_the_output_dtype(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, BLOCKSIZE: tl.constexpr,
+                                       TILE: tl.constexpr):
+        offs = tl.program_id(0) * TILE + tl.arange(0, TILE)
+        mask = offs < (n + 1) // 2
+        dtype = out_ptr.dtype.element_ty
+        byte = tl.load(packed_ptr + offs, mask=mask, other=0)
+        absmax = tl.load(absmax_ptr + (2 * offs) // BLOCKSIZE, mask=mask, other=0.0).to(dtype)
+        tl.store(out_ptr + 2 * offs, tl.load(code_ptr + (byte >> 4).to(tl.int32)).to(dtype) * absmax, mask=2 * offs < n)
+        tl.store(out_ptr + 2 * offs + 1, tl.load(code_ptr + (byte & 0xF).to(tl.int32)).to(dtype) * absmax,
+                 mask=2 * offs + 1 < n)
+
+    @triton.jit
+    def lookup_helper(code_ptr, nibble):
+        return tl.load(code_ptr + nibble.to(tl.int32))
+
+    @triton.jit
+    def calls_a_helper(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, BLOCKSIZE: tl.constexpr, TILE: tl.constexpr):
+        offs = tl.program_id(0) * TILE + tl.arange(0, TILE)
+        mask = offs < (n + 1) // 2
+        byte = tl.load(packed_ptr + offs, mask=mask, other=0)
+        absmax = tl.load(absmax_ptr + (2 * offs) // BLOCKSIZE, mask=mask, other=0.0)
+        tl.store(out_ptr + 2 * offs, lookup_helper(code_ptr, byte >> 4) * absmax, mask=2 * offs < n)
+        tl.store(out_ptr + 2 * offs + 1, lookup_helper(code_ptr, byte & 0xF) * absmax, mask=2 * offs + 1 < n)
+
+    @triton.jit
+    def typo_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, BLOCKSIZE: tl.constexpr, TILE: tl.constexpr):
+        offs = tl.program_id(0) * TILE + tl.arange(0, TILE)
+        tl.store(out_ptr + offs, tl.load(packd_ptr + offs))  # noqa: F821 (the learner's typo)
+
+
+@needs_triton
+@pytest.mark.parametrize("kernel_name, message", [("stub_kernel", "my_kernel"), ("bare_stub_kernel", "bare_stub_kernel")])
+def test_a_stub_kernel_gives_one_friendly_line(capsys, kernel_name, message):
+    ok, out = run(capsys, check_dequantize_kernel, globals()[kernel_name])
+    assert ok is False and out == f"check_dequantize_kernel: not implemented yet: fill in the TODO in {message}\n"
+
+
+@needs_triton
+def test_a_kernel_without_the_decorator(capsys):
+    ok, out = run(capsys, check_dequantize_kernel, ref_kernel.fn)
+    assert not ok and "expected a Triton kernel, got function" in out and "@triton.jit" in out
+
+
+@needs_triton
+def test_kernel_swapped_nibbles_names_the_first_value(capsys):
+    x = torch.randn(99, generator=torch.Generator().manual_seed(0))  # the checker's first case
+    packed, state = quantize_4bit(x, blocksize=32)
+    codes = unpack_4bit(packed, 100)
+    swapped = torch.stack([codes[1::2], codes[0::2]], dim=1).reshape(-1)[:99]
+    expected, wrong = dequantize_4bit(packed, state), state.code[swapped] * state.absmax.repeat_interleave(32)[:99]
+    first = int((expected != wrong).nonzero()[0])
+    ok, out = run(capsys, check_dequantize_kernel, swapped_nibbles)
+    assert not ok
+    assert f"MISMATCH in the values vs qlora_ref.dequantize_4bit ({FIRST_KERNEL_CASE}): " in out
+    assert f"first at index {first}: expected {float(expected[first]):.9g}, got {float(wrong[first]):.9g}" in out
+    assert "nibble order" in out
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "kernel_name, hint",
+    [
+        ("no_lookup", "an index into the table"),
+        ("block_of_the_byte_index", "its block is (2 * offs) // BLOCKSIZE"),
+        ("odd_store_unmasked", f"stored past the end ({FIRST_KERNEL_CASE}): value index 99 of a tensor of 99"),
+        ("first_tile_only", f"values were never stored ({FIRST_KERNEL_CASE}), first at index 32"),
+        ("multiplies_in_the_output_dtype", "multiply in float32"),
+        ("calls_a_helper", "calls another @triton.jit function"),
+    ],
+)
+def test_kernel_mistakes(capsys, kernel_name, hint):
+    ok, out = run(capsys, check_dequantize_kernel, globals()[kernel_name])
+    assert not ok and hint in out, out
+
+
+@needs_triton
+def test_kernel_output_dtype_mistake_is_caught_on_the_float16_case(capsys):
+    _, out = run(capsys, check_dequantize_kernel, multiplies_in_the_output_dtype)
+    assert "(1,000 float16 values, NF4, blocks of 64, TILE 64 (a short last block))" in out
+
+
+@needs_triton
+def test_other_errors_in_a_kernel_propagate():
+    from triton.runtime.errors import InterpreterError
+
+    with pytest.raises(InterpreterError, match="packd_ptr"):
+        check_dequantize_kernel(typo_kernel)
+
+
+@needs_triton
+@settings(max_examples=12, deadline=None)
+@given(
+    n=st.integers(1, 700),
+    blocksize=st.sampled_from([32, 64, 128, 256]),
+    tile=st.sampled_from([8, 16, 64, 128]),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    quant_type=st.sampled_from(["nf4", "fp4"]),
+    seed=st.integers(0, 2**16),
+)
+def test_launch_dequantize_kernel_runs_the_reference_kernel_exactly(n, blocksize, tile, dtype, quant_type, seed):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    packed, state = quantize_4bit(x, blocksize=blocksize, quant_type=quant_type)
+    got = launch_dequantize_kernel(ref_kernel, packed, state, tile=tile)
+    expected = dequantize_4bit(packed, state)
+    assert got.dtype == dtype and got.shape == expected.shape
+    assert torch.equal(got.view(torch.int16 if dtype == torch.float16 else torch.int32),
+                       expected.view(torch.int16 if dtype == torch.float16 else torch.int32))
+
+
+@needs_triton
+def test_launch_dequantize_kernel_keeps_the_shape_and_refuses_a_nested_state():
+    x = torch.randn(7, 45, generator=torch.Generator().manual_seed(0))
+    packed, state = quantize_4bit(x, blocksize=64)
+    assert launch_dequantize_kernel(ref_kernel, packed, state, tile=8).shape == (7, 45)
+    packed, nested = quantize_4bit(x, blocksize=64, double_quant=True)
+    with pytest.raises(ValueError, match="plain state: quantize with double_quant=False"):
+        launch_dequantize_kernel(ref_kernel, packed, nested)
