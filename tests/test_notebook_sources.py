@@ -135,3 +135,11 @@ def test_make_test_and_make_notebooks_use_the_same_kernel_env():
         )
     for name in run_notebooks.KERNEL_ENV_UNSET:
         assert name in unexported, f"tools/run_notebooks.py unsets {name} for the kernel: add `unexport {name}` to the Makefile"
+
+
+def test_lessons_carry_the_current_colab_setup():
+    """The Colab badge and first cell of each lesson are written by tools/colab.py from one address."""
+    spec = importlib.util.spec_from_file_location("colab", ROOT / "tools" / "colab.py")
+    colab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(colab)
+    assert not colab.problems(), "\n".join(colab.problems()) + "\nrun `python tools/colab.py --write`"
