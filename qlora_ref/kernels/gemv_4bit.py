@@ -41,15 +41,16 @@ weight qualifies); other K are refused with a clear error.
 
 Measured (H100 80GB HBM3, triton 3.6, bitsandbytes 0.50.2; bench/results/gemv-nvidia-h100-80gb-hbm3.*)
 ------------------------------------------------------------------------------------------------------
-Accurate, not faster than bitsandbytes. On 8192x28672, one bf16 row: 0.132 ms (890 GB/s of packed weight)
-against 0.122 ms for bitsandbytes' matmul_4bit and 0.176 ms for a dense bf16 GEMV; 0.84-1.00x bitsandbytes
-over the four Llama weights, far from the ~0.039 ms floor; max error 1.9-2.0 against bitsandbytes' 2.8-3.1.
+Accurate, not faster than bitsandbytes. On 8192x28672, one bf16 row: 0.131 ms (896 GB/s of packed weight)
+against 0.123 ms for bitsandbytes' matmul_4bit and 0.176 ms for a dense bf16 GEMV; 0.82-1.02x bitsandbytes
+over the four Llama weights, plain and nested, far from the ~0.039 ms floor; max error 2.1 against
+bitsandbytes' 2.8-3.1.
 Scaled sums and prefetching took it from 0.178 ms. What is left is instructions per byte: two codebook
 lookups (index arithmetic and a load each), the nibble split and three multiply-adds. Ways on (not done):
 look codes up in registers (PTX prmt on a register-held table, two values per instruction), bf16x2
 arithmetic, or split K for more parallelism on short rows. For M > 1 each chunk of W is dequantized once
-for up to 8 rows, but the per-chunk reductions make M = 8 on 8192x28672 take ~0.9 ms (bitsandbytes:
-0.32 ms, dequantize + cuBLAS).
+for up to 8 rows (M = 2: on par with bitsandbytes; M = 4: 0.37 vs 0.33 ms on 8192x28672), but the
+per-chunk reductions make M = 8 slow there (bitsandbytes dequantizes and calls cuBLAS).
 """
 
 
