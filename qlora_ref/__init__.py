@@ -1,7 +1,8 @@
 """qlora_ref: QLoRA from first principles, checked byte for byte against bitsandbytes.
 
-One module per lesson: linear (1), codebooks (2), blockwise (3), dynamic8bit and double_quant (4);
-fourbit puts lessons 3 and 4 together behind bitsandbytes' API.
+One module per lesson: linear (1), codebooks (2), blockwise (3), dynamic8bit and double_quant (4),
+kernels (5), lora and adapters (6), optim8bit and paging (7); fourbit puts lessons 3 and 4 together
+behind bitsandbytes' API.
 """
 
 from .codebooks import codebook_4bit, dynamic_map, fp4_codebook, int4_codebook, nf4_codebook
@@ -12,6 +13,8 @@ from .linear import LinearQuantized, quantization_error, quantize_absmax, quanti
 from .state import QuantState
 from .lora import DequantizeMatmul, LoRALinear, QLoRALinear
 from .adapters import TrainableSummary, load_adapters, merge_adapters, prepare_model, save_adapters, trainable_summary
+from .optim8bit import AdamW8bit, optimizer_state_bytes, predicted_state_bytes
+from .paging import PagedAdamW8bit, Pager
 
 __all__ = [
     "QuantState",
@@ -39,4 +42,9 @@ __all__ = [
     "prepare_model",
     "save_adapters",
     "trainable_summary",
+    "AdamW8bit",
+    "PagedAdamW8bit",
+    "Pager",
+    "optimizer_state_bytes",
+    "predicted_state_bytes",
 ]
