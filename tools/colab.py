@@ -20,7 +20,7 @@ from pathlib import Path
 
 REPO = "OWNER/qlora-course"  # placeholder until the course is published: its GitHub "owner/name"
 BRANCH = "main"
-LESSONS = ("00", "01", "02", "03", "04", "05", "06", "07")
+LESSONS = ("00", "01", "02", "03", "04", "05", "06", "07", "09")
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 BLOCK_START = 'IN_COLAB = "google.colab" in sys.modules'

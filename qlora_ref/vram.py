@@ -1,0 +1,740 @@
+"""Lesson 9: the VRAM budget of fine-tuning a Llama-shaped model, term by term, in bytes.
+
+    b = estimate("Llama-2-7B", method="qlora_nf4_dq", optimizer="paged_adamw8bit", batch=1, seq_len=512, r=64)
+    print(b.table("T4 (15 GB)")); b.fits("T4 (15 GB)")
+
+The model is a preset (PRESETS) or any Llama-family config.json (from_hf_config). Its parameters are
+counted exactly from the architecture: V = vocab_size, d = hidden_size, f = intermediate_size, L layers,
+H heads and K key/value heads of d_h = head_dim numbers each:
+
+    per layer   q_proj d x H d_h, k_proj and v_proj d x K d_h, o_proj H d_h x d,
+                gate_proj and up_proj d x f, down_proj f x d, two RMSNorm weights of d
+    the rest    embeddings V x d, lm_head V x d (none when tied to the embeddings), a final norm of d
+
+A training step's memory is what stays (weights, gradients, optimizer states) plus the activations at
+the worst moment of the step. The terms (the keys of MemoryBreakdown.parts):
+
+    4-bit weights            QLoRA: the seven linears of every layer as NF4 codes, n/2 bytes
+    quantization constants   n * constant_bits_per_parameter(64, double_quant) / 8 (0.5 or ~0.127 bits a
+                             weight, lesson 4) plus each layer's code tables: what QLoRALinear stores
+    16-bit weights           frozen bf16: the whole base of 16-bit LoRA; for QLoRA the embeddings, lm_head
+                             and the norms, which stay unquantized (as transformers + bitsandbytes leave them)
+    trainable weights        full fine-tuning: every parameter (fp32 or bf16); LoRA: r (in + out) per adapted
+                             linear, in the adapters' dtype (float32 by default, as PEFT and qlora_ref)
+    gradients                one per trainable parameter, in its dtype (all of them: an upper bound, since
+                             they appear during the backward pass)
+    optimizer states         "adamw" (torch.optim.AdamW): two moments in the parameter's dtype, so 8 B per
+                             fp32 parameter and 4 per bf16 one; "adamw8bit": optim8bit.predicted_state_bytes,
+                             2 + 8/256 B per parameter (float32 below 4096 values); "paged_adamw8bit": the
+                             same bytes, but each state tensor of >= 100,000 values lives in unified memory
+                             and must be on the GPU only while its parameter is updated: the GPU term is the
+                             unpaged states plus the largest paged parameter's (the rest: optimizer_host_bytes)
+    activations (saved)      what autograd keeps through the backward pass: `activations` has the formulas
+    logits                   the logits the forward returns, held until the output is dropped
+    then the larger of two moments of the backward pass (the other part(s) are 0, see `moments`):
+    head and loss backward   the final norm's and the loss's saved tensors plus two float32 [tokens, V]
+                             gradients
+    recomputed layer         gradient checkpointing: one layer's saved tensors, rebuilt for its backward
+    backward working set     the gradients in flight inside a layer's backward
+    dequantization workspace QLoRA: the largest linear weight dequantized to bf16 (2 in out bytes), one at a
+                             time (counted at the layer's backward, although it is briefly freed there)
+    CUDA context             ASSUMED: CUDA_CONTEXT_BYTES, until measured
+    allocator overhead       ASSUMED: ALLOCATOR_OVERHEAD times everything PyTorch allocates (the caching
+                             allocator's rounding and fragmentation), until measured
+
+The code modelled is qlora_ref's: qlora_ref.llama's model with QLoRALinear / LoRALinear layers
+(LoRAMatmul), bf16 compute (fp32 for full fp32 training), PyTorch's scaled_dot_product_attention, no
+dropout. On a CPU `measure_saved_bytes` (what autograd saves) equals the prediction to the byte and
+`measure_peak_bytes` (every tensor alive during a step) is within 10% of it: tests/test_vram.py.
+"""
+
+import json
+import math
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from .double_quant import NESTED_BLOCKSIZE
+from .optim8bit import predicted_state_bytes
+from .paging import MANAGED_MIN_NUMEL
+from .validation import check_blocksize
+
+__all__ = [
+    "ALLOCATOR_OVERHEAD",
+    "CUDA_CONTEXT_BYTES",
+    "GPUS",
+    "LORA_TARGETS",
+    "METHODS",
+    "OPTIMIZERS",
+    "PARTS",
+    "PRESETS",
+    "Activations",
+    "MemoryBreakdown",
+    "ModelShape",
+    "activations",
+    "estimate",
+    "from_hf_config",
+    "gpu_memory",
+    "load_measurements",
+    "matching_run",
+    "measurement_line",
+    "measure_peak_bytes",
+    "measure_saved_bytes",
+    "quantized_linear_bytes",
+]
+
+GIB = 2**30
+MIB = 2**20
+
+# ASSUMPTIONS, to be replaced by the lead's H100 measurement (bench/results/memory-*.json):
+CUDA_CONTEXT_BYTES = 500 * MIB  # CUDA context + cuBLAS workspace of torch 2.x on an H100 (lazy module loading)
+ALLOCATOR_OVERHEAD = 0.05  # reserved / allocated - 1 of PyTorch's caching allocator in a training loop
+
+# Memory each card offers, in GiB: the T4 as Colab shows it (15 GiB of its 16 with ECC on), the others as
+# sold. torch.cuda.get_device_properties(0).total_memory reports slightly less (firmware, ECC pages).
+GPUS = {
+    "T4 (15 GB)": 15 * GIB,
+    "RTX 3060 (12 GB)": 12 * GIB,
+    "RTX 4090 (24 GB)": 24 * GIB,
+    "A100 (40 GB)": 40 * GIB,
+    "A100 (80 GB)": 80 * GIB,
+    "H100 (80 GB)": 80 * GIB,
+}
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # "all-linear"
+
+# method -> (base storage, compute bytes, trains the base): the five ways of fine-tuning the issue compares
+METHODS = {
+    "full_fp32": ("fp32", 4, True),  # every weight, gradient and activation in float32
+    "full_bf16": ("bf16", 2, True),  # pure bf16: weights, gradients (and torch AdamW's moments) in bfloat16
+    "lora_bf16": ("bf16", 2, False),  # frozen bf16 base + LoRA adapters
+    "qlora_nf4": ("nf4", 2, False),  # frozen NF4 base, float32 constants, + LoRA adapters
+    "qlora_nf4_dq": ("nf4_dq", 2, False),  # the same with double-quantized constants (QLoRA's default)
+}
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+
+PARTS = (
+    "4-bit weights",
+    "quantization constants",
+    "16-bit weights",
+    "trainable weights",
+    "gradients",
+    "optimizer states",
+    "activations (saved)",
+    "logits",
+    "head and loss backward",
+    "recomputed layer",
+    "backward working set",
+    "dequantization workspace",
+    "CUDA context",
+    "allocator overhead",
+)
+ASSUMED_PARTS = ("CUDA context", "allocator overhead")
+
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------
+# The architecture and its parameters
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A Llama-family decoder's shape: everything the budget needs from a config.json."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    tie_word_embeddings: bool = False
+    name: str = "custom"
+
+    def __post_init__(self):
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim"):
+            _positive_int(getattr(self, f), f)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+
+    def linear_shapes(self) -> dict:
+        """{name: (in_features, out_features)} of the seven linears of one decoder layer."""
+        d, f = self.hidden_size, self.intermediate_size
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+                "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+
+    def parameter_counts(self) -> dict:
+        """Parameters by kind: linear (the layers' seven linears), embeddings, lm_head, norms."""
+        d, V, L = self.hidden_size, self.vocab_size, self.num_hidden_layers
+        return {"linear": L * sum(i * o for i, o in self.linear_shapes().values()), "embeddings": V * d,
+                "lm_head": 0 if self.tie_word_embeddings else V * d, "norms": (2 * L + 1) * d}
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(self.parameter_counts().values())
+
+    def parameter_tensors(self) -> list:
+        """Element counts of every parameter tensor, in model order (the optimizer keeps state per tensor)."""
+        V, d, L = self.vocab_size, self.hidden_size, self.num_hidden_layers
+        layer = [i * o for i, o in self.linear_shapes().values()] + [d, d]
+        return [V * d] + layer * L + [d] + ([] if self.tie_word_embeddings else [V * d])
+
+
+PRESETS = {
+    "Llama-2-7B": ModelShape(32000, 4096, 11008, 32, 32, 32, 128, name="Llama-2-7B"),
+    "Llama-2-13B": ModelShape(32000, 5120, 13824, 40, 40, 40, 128, name="Llama-2-13B"),
+    "Llama-2-70B": ModelShape(32000, 8192, 28672, 80, 64, 8, 128, name="Llama-2-70B"),
+    "Llama-3-8B": ModelShape(128256, 4096, 14336, 32, 32, 8, 128, name="Llama-3-8B"),
+    "Llama-3-70B": ModelShape(128256, 8192, 28672, 80, 64, 8, 128, name="Llama-3-70B"),
+}
+
+_LLAMA_LIKE = ("llama", "mistral")  # the same tensors; other families add biases or other blocks
+
+
+def from_hf_config(path_or_dict, name: Optional[str] = None) -> ModelShape:
+    """The ModelShape of a Hugging Face config.json (a path to the file or its folder, or the dict).
+
+    Defaults are transformers' LlamaConfig's: num_key_value_heads = num_attention_heads,
+    head_dim = hidden_size / num_attention_heads, tie_word_embeddings = False.
+    """
+    if isinstance(path_or_dict, dict):
+        config, source = path_or_dict, "the config"
+    else:
+        path = Path(path_or_dict)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist (give a config.json, its folder, or a dict)")
+        config, source = json.loads(path.read_text()), str(path)
+    model_type = config.get("model_type")
+    if model_type not in _LLAMA_LIKE:
+        raise ValueError(f"{source} has model_type {model_type!r}; this estimator models the Llama layout "
+                         f"({', '.join(_LLAMA_LIKE)})")
+    for flag in ("attention_bias", "mlp_bias"):
+        if config.get(flag):
+            raise ValueError(f"{source} sets {flag}; the estimator models Llama's linears without biases")
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in config]
+    if missing:
+        raise ValueError(f"{source} lacks {missing}: the parameter count needs them")
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    head_dim = config.get("head_dim")
+    if head_dim is None:
+        _positive_int(hidden, "hidden_size")
+        _positive_int(heads, "num_attention_heads")
+        if hidden % heads:
+            raise ValueError(f"{source} has no head_dim and hidden_size {hidden} is not a multiple of "
+                             f"num_attention_heads {heads}")
+        head_dim = hidden // heads
+    return ModelShape(config["vocab_size"], hidden, config["intermediate_size"], config["num_hidden_layers"],
+                      heads, config.get("num_key_value_heads") or heads, head_dim,
+                      bool(config.get("tie_word_embeddings", False)), name or config.get("_name_or_path") or "custom")
+
+
+def _resolve_model(model) -> ModelShape:
+    if isinstance(model, ModelShape):
+        return model
+    if isinstance(model, str) and model in PRESETS:
+        return PRESETS[model]
+    if isinstance(model, (dict, Path)) or (isinstance(model, str) and Path(model).exists()):
+        return from_hf_config(model)
+    raise ValueError(f"model must be one of the presets {list(PRESETS)}, a ModelShape, a config.json "
+                     f"dict or path; got {model!r}")
+
+
+def quantized_linear_bytes(in_features: int, out_features: int, blocksize: int = 64,
+                           double_quant: bool = True) -> tuple:
+    """(codes, constants) bytes of one linear weight as QLoRALinear stores it (exactly its memory_breakdown).
+
+    codes: ceil(n / 2) bytes, two 4-bit codes a byte (n = in * out).
+    constants: one absmax per block of B: float32 (4 bytes), or with double quantization a uint8 code
+    plus, per 256 of them, a float32 second-level absmax and one float32 offset; and the code tables
+    (16 float32 NF4 levels, 256 float32 dynamic-map levels when nested). When B * 256 divides n this is
+    n * constant_bits_per_parameter(B, double_quant) / 8 plus the tables.
+    """
+    _positive_int(in_features, "in_features")
+    _positive_int(out_features, "out_features")
+    check_blocksize(blocksize)
+    n = in_features * out_features
+    blocks = -(-n // blocksize)
+    if double_quant:
+        constants = blocks + 4 + 4 * -(-blocks // NESTED_BLOCKSIZE) + 4 * (16 + 256)
+    else:
+        constants = 4 * blocks + 4 * 16
+    return -(-n // 2), constants
+
+
+# ---------------------------------------------------------------------------------------------------
+# Activations: what autograd saves for the backward pass
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Bytes of activation memory in one training step (forward, then backward).
+
+    `saved` (layers + rope + embedding + head + loss) is what autograd keeps at the end of the forward
+    pass: measure_saved_bytes measures exactly that. The backward pass then peaks at one of two moments:
+    the loss's backward (its saved log-probabilities plus two float32 [positions, V] gradients) or a
+    layer's backward (with checkpointing the layer's rebuilt tensors, plus the gradients in flight).
+    `peak` is the larger, on top of what stays: measure_peak_bytes measures it on a CPU.
+    """
+
+    layers: int  # saved by the decoder layers; with checkpointing, each layer's input only
+    rope: int  # the cos and sin tables [seq, head_dim], shared by every layer
+    embedding: int  # the input ids (int64), saved only when the embeddings train
+    head: int  # the final norm's tensors, and lm_head's input when lm_head trains
+    loss: int  # float32 log-probabilities [batch (seq - 1), V], the int64 targets and a 0-d float32
+    logits: int  # the logits the forward returns [batch, seq, V]: alive until the output is dropped
+    loss_transient: int  # two float32 [batch (seq - 1), V] tensors in the loss's backward
+    recomputed_layer: int  # checkpointing: one layer's saved tensors, rebuilt for its backward
+    backward_working_set: int  # gradients in flight in a layer's backward (see _working_set)
+    per_layer: tuple = field(default=())  # bytes each layer saves without checkpointing
+
+    @property
+    def saved(self) -> int:
+        return self.layers + self.rope + self.embedding + self.head + self.loss
+
+    @property
+    def loss_moment(self) -> int:
+        """The backward of the head: the final norm's and the loss's saved tensors, the loss's gradients."""
+        return self.head + self.loss + self.loss_transient
+
+    @property
+    def layer_moment(self) -> int:
+        """The backward of a layer, once the head's tensors are gone."""
+        return self.recomputed_layer + self.backward_working_set
+
+    @property
+    def peak(self) -> int:
+        """What stays through the backward (the layers' tensors, rope, the logits) + the larger moment."""
+        return self.layers + self.rope + self.embedding + self.logits + max(self.loss_moment, self.layer_moment)
+
+
+def _norm(x_grad: bool, trains: bool, d: int, c: int):
+    """RMSNorm as written (x32 = x.float(); x32 * rsqrt(mean(x32^2) + eps); weight * that.to(dtype)).
+    Saves, per token: x32 (4d bytes: a float32 copy in bf16, the input itself in fp32) and the rsqrt
+    (4 bytes) when x needs a gradient; the normalized c*d when the weight trains. -> (bytes, out_grad)"""
+    return (4 * d + 4 if x_grad else 0) + (c * d if trains else 0), x_grad or trains
+
+
+def _linears(x_grad: bool, names, in_features: int, targets, trains: bool, c: int, a: int, r: int,
+             input_saved: bool = False):
+    """Linears reading one input x of `in_features`. Saved per token: x (c * in bytes) once if any of
+    them is adapted (LoRAMatmul keeps it for dA) or trains (its weight's gradient needs it) and nobody
+    saved it already; a * r for each adapter's x A^T. -> (bytes, {name: out_grad})"""
+    adapted = [n for n in names if n in targets]
+    saved = c * in_features if (adapted or trains) and not input_saved else 0
+    saved += a * r * len(adapted)
+    return saved, {n: x_grad or trains or n in targets for n in names}
+
+
+def _layer(shape: ModelShape, x_grad: bool, targets, trains: bool, c: int, a: int, r: int):
+    """Bytes per token one decoder layer saves, whether its output needs a gradient, and whether its
+    rotary embedding saved cos and sin (when q or k needs a gradient)."""
+    d, f, H = shape.hidden_size, shape.intermediate_size, shape.num_attention_heads
+    q_width = H * shape.head_dim
+    saved, n1_grad = _norm(x_grad, trains, d, c)
+    part, grads = _linears(n1_grad, ("q_proj", "k_proj", "v_proj"), d, targets, trains, c, a, r)
+    saved += part
+    rope_saved = grads["q_proj"] or grads["k_proj"]
+    attention_grad = any(grads.values())
+    # SDPA (flash / memory-efficient kernels) saves q, k and v after repeat_interleave (all H heads), its
+    # output and the float32 logsumexp [H] per token: O(seq), never the seq x seq probabilities.
+    saved += (4 * c * q_width + 4 * H) if attention_grad else 0
+    # o_proj reads the attention output through a view of the same storage: saved already when SDPA saved it.
+    part, grads = _linears(attention_grad, ("o_proj",), q_width, targets, trains, c, a, r,
+                           input_saved=attention_grad)
+    saved += part
+    h_grad = x_grad or grads["o_proj"]
+    part, n2_grad = _norm(h_grad, trains, d, c)
+    saved += part
+    part, grads = _linears(n2_grad, ("gate_proj", "up_proj"), d, targets, trains, c, a, r)
+    saved += part
+    gate_grad, up_grad = grads["gate_proj"], grads["up_proj"]
+    # silu(gate) saves gate; silu(gate) * up saves each factor for the other's gradient
+    saved += c * f * (gate_grad + up_grad + gate_grad)
+    part, grads = _linears(gate_grad or up_grad, ("down_proj",), f, targets, trains, c, a, r)
+    saved += part
+    return saved, h_grad or grads["down_proj"], rope_saved
+
+
+def _working_set(shape: ModelShape, targets, trains: bool, c: int, a: int) -> int:
+    """Bytes per token of gradients alive at once in a layer's backward, at its widest point:
+
+        the residual stream's gradient        c d, throughout
+        + the larger of
+          SwiGLU's backward                   2 c f: the product's gradient and one factor's
+          an adapted linear (in, out)         c in (dL/dx), and with adapters in another dtype than the
+                                              compute (float32 next to bf16), LoRAMatmul's a out (the
+                                              incoming gradient cast to their dtype) + 2 a in (dL/dx's
+                                              low-rank part s (g B) A and its scaled copy, before the cast)
+          a trained linear (full fine-tuning) c in (dL/dx; dL/dW is the gradient itself)
+    """
+    d, f = shape.hidden_size, shape.intermediate_size
+    sites = [2 * c * f]
+    for name, (i, o) in shape.linear_shapes().items():
+        if name in targets and a != c:
+            sites.append(a * o + c * i + 2 * a * i)
+        elif name in targets or trains:
+            sites.append(c * i)
+    return c * d + max(sites)
+
+
+def _method(method: str):
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    return METHODS[method]
+
+
+def _check_targets(lora_targets) -> tuple:
+    targets = tuple(lora_targets)
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if not targets or unknown:
+        raise ValueError(f"lora_targets must be a non-empty subset of {LORA_TARGETS}, got {lora_targets!r}")
+    return targets
+
+
+def activations(model, method: str = "qlora_nf4_dq", batch: int = 1, seq_len: int = 512, r: int = 64,
+                gradient_checkpointing: bool = True, lora_targets=LORA_TARGETS, adapter_bytes: int = 4) -> Activations:
+    """Activation memory of one training step of qlora_ref.llama, per term (see Activations).
+
+    With c the compute dtype's bytes (2 for bf16, 4 for fp32), a the adapters' (4: float32), N = batch *
+    seq tokens, per token and per layer whose input needs a gradient, with every linear adapted:
+
+        input_layernorm            4d + 4          x in float32, rsqrt (+ c d normalized if the norm trains)
+        q/k/v input                c d             one tensor, read by three linears
+        LoRA x A^T                 7 a r           one per adapted linear
+        SDPA                       4 c H d_h + 4H  q, k, v (repeated to H heads), output, logsumexp
+        post_attention_layernorm   4d + 4
+        gate/up input              c d
+        MLP                        4 c f           gate (silu's input), silu(gate), up, their product
+
+    so 20 d + 8 f + 28 r + 4 H + 8 bytes for Llama's bf16 QLoRA (H d_h = d). The first layer saves
+    4d + 4 less: its input, the frozen embeddings' output, needs no gradient, so input_layernorm saves
+    nothing. A linear without an adapter saves no input unless its weight trains (requires_grad decides
+    what autograd keeps: `_layer` walks it). Full fine-tuning also saves each norm's normalized input and
+    lm_head's input (c d), and the embedding's input ids (8 N).
+    With gradient checkpointing a layer keeps only its input, c d per token, and one layer's tensors are
+    rebuilt at a time in the backward (recomputed_layer). Shared by all layers: cos and sin, 2 c seq d_h.
+    The head: the final norm (4d + 4 per token), the loss: 4 V + 8 bytes per predicted position
+    (batch (seq - 1); for batch 1 the targets are a view of all seq labels) + 4, and the returned
+    logits c V N.
+    """
+    shape = _resolve_model(model)
+    _, c, trains = _method(method)
+    _positive_int(batch, "batch")
+    if _positive_int(seq_len, "seq_len") < 2:
+        raise ValueError("seq_len must be at least 2: the loss predicts each token from the ones before it")
+    targets = () if trains else _check_targets(lora_targets)
+    if not trains:
+        _positive_int(r, "r")
+        if adapter_bytes not in (2, 4):
+            raise ValueError(f"adapter_bytes must be 2 (bf16 adapters) or 4 (float32), got {adapter_bytes!r}")
+    tokens, positions = batch * seq_len, batch * (seq_len - 1)
+    # the loss flattens labels[:, 1:]: a copy of the targets, or for batch 1 a view of all of labels
+    targets_kept = tokens if batch == 1 else positions
+    d, V, L = shape.hidden_size, shape.vocab_size, shape.num_hidden_layers
+
+    per_layer, x_grad, rope_saved = [], trains, False
+    for _ in range(L):
+        saved, x_grad, rope = _layer(shape, x_grad, targets, trains, c, adapter_bytes, r)
+        per_layer.append(saved * tokens)
+        rope_saved = rope_saved or rope
+    if gradient_checkpointing:
+        # checkpoint(layer, h, cos, sin) keeps its inputs, whether or not they need a gradient
+        layers, rope_saved, recomputed = L * c * d * tokens, True, max(per_layer)
+    else:
+        layers, recomputed = sum(per_layer), 0
+    head, head_grad = _norm(x_grad, trains, d, c)
+    head += c * d if trains else 0  # lm_head's input, for its weight's gradient
+    return Activations(
+        layers=layers,
+        rope=2 * c * seq_len * shape.head_dim if rope_saved else 0,
+        embedding=8 * tokens if trains else 0,
+        head=head * tokens,
+        loss=(4 * V * positions + 8 * targets_kept + 4) if head_grad else 0,
+        logits=c * V * tokens,
+        loss_transient=2 * 4 * V * positions,
+        recomputed_layer=recomputed,
+        backward_working_set=_working_set(shape, targets, trains, c, adapter_bytes) * tokens,
+        per_layer=tuple(per_layer),
+    )
+
+
+def measure_saved_bytes(model: torch.nn.Module, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> int:
+    """Bytes autograd saves for backward in one forward pass of `model(input_ids, labels=labels)`.
+
+    Every tensor saved for backward goes through torch.autograd.graph.saved_tensors_hooks' pack hook;
+    the sum of their storages' sizes, each storage once, leaving out the model's parameters and buffers
+    (they are weights, not activations). Runs on any device; the graph is freed on return.
+    """
+    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    seen = set()
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            seen.add((storage.data_ptr(), storage.nbytes()))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids, labels=labels)
+    return sum(nbytes for _, nbytes in seen)
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Counts the bytes of every storage an operator creates while they are alive, and their peak.
+
+    Each new storage (an output that is not a view of an input) is added when made and subtracted by a
+    weakref finalizer when PyTorch frees it, so `live` follows what a device allocator would hold.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._alive = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            ptr, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or ptr in inputs or ptr in self._alive:
+                continue
+            self._alive.add(ptr)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._freed, ptr, nbytes)
+        return out
+
+    def _freed(self, ptr: int, nbytes: int) -> None:
+        self._alive.discard(ptr)
+        self.live -= nbytes
+
+
+def measure_peak_bytes(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> int:
+    """Peak bytes of the tensors made in one forward and backward pass, `model(input_ids, labels=labels)
+    .loss.backward()`: activations, temporaries, and the parameters' gradients as they appear.
+
+    What a GPU's torch.cuda.max_memory_allocated would add on top of the weights, measured on any device
+    by following every tensor PyTorch creates (a TorchDispatchMode) and when it is freed. The
+    returned output is dropped only after the backward, as in a training loop that keeps `out`.
+    """
+    with _LiveBytes() as tracker:
+        out = model(input_ids, labels=labels)
+        out.loss.backward()
+        del out
+    return tracker.peak
+
+
+# ---------------------------------------------------------------------------------------------------
+# The budget
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Bytes by part (PARTS order) at the peak of one training step; `total` is their sum.
+
+    moments: the transient bytes of each candidate peak moment of the backward pass (the larger one
+    is in `parts`). allocated: what PyTorch's allocator holds at the peak (all but the assumed parts),
+    the number torch.cuda.max_memory_allocated measures (but for one paged optimizer state, which lives
+    in unified memory, outside the allocator).
+    """
+
+    setup: dict
+    parts: dict
+    moments: dict
+    optimizer_host_bytes: int = 0  # paged optimizer states that may sit in host RAM instead
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def allocated(self) -> int:
+        return self.total - sum(self.parts[p] for p in ASSUMED_PARTS)
+
+    @property
+    def peak_moment(self) -> str:
+        return max(self.moments, key=self.moments.get)
+
+    def fits(self, gpu) -> bool:
+        """Whether the total fits a GPU of GPUS (by name) or of `gpu` bytes."""
+        return self.total <= gpu_memory(gpu)
+
+    def table(self, gpu=None) -> str:
+        """One line per non-zero part, in GiB, the total, and (given a GPU) whether it fits."""
+        width = max(map(len, PARTS)) + 3
+        lines = [f"{part + (' *' if part in ASSUMED_PARTS else ''):<{width}}{value / GIB:8.3f} GiB"
+                 for part, value in self.parts.items() if value]
+        lines.append(f"{'total':<{width}}{self.total / GIB:8.3f} GiB")
+        other = min(self.moments, key=self.moments.get)
+        lines.append(f"peak at the {self.peak_moment} ({self.moments[self.peak_moment] / GIB:.3f} GiB of "
+                     f"transients; the {other}: {self.moments[other] / GIB:.3f} GiB)")
+        if self.optimizer_host_bytes:
+            lines.append(f"paged: {self.optimizer_host_bytes / GIB:.3f} GiB of optimizer states may stay in host RAM")
+        lines.append("* assumed, not measured")
+        if gpu is not None:
+            room = gpu_memory(gpu) - self.total
+            verdict = f"fits, {room / GIB:.2f} GiB to spare" if room >= 0 else \
+                f"does NOT fit, {-room / GIB:.2f} GiB short"
+            lines.append(f"{gpu}: {verdict}")
+        return "\n".join(lines)
+
+
+def gpu_memory(gpu) -> int:
+    """Bytes of a GPU named in GPUS, or `gpu` itself when it is a number of bytes."""
+    if isinstance(gpu, str):
+        if gpu not in GPUS:
+            raise ValueError(f"unknown GPU {gpu!r}; known: {list(GPUS)} (or give its memory in bytes)")
+        return GPUS[gpu]
+    return _positive_int(gpu, "gpu (bytes)")
+
+
+def _optimizer_bytes(optimizer: str, tensors, dtype_bytes: int) -> tuple:
+    """(bytes on the GPU, bytes that may stay in host RAM) of the optimizer's states for these tensors."""
+    if optimizer == "adamw":
+        return 2 * dtype_bytes * sum(tensors), 0
+    if optimizer == "adamw8bit":
+        return predicted_state_bytes(tensors), 0
+    if optimizer != "paged_adamw8bit":
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    resident, paged = 0, []
+    for n in tensors:
+        # AdamW8bit's states of n values: two uint8 [n] and two float32 [ceil(n / 256)], or two float32 [n]
+        states = [n, n, 4 * -(-n // 256), 4 * -(-n // 256)] if n >= 4096 else [4 * n, 4 * n]
+        elements = [n, n, -(-n // 256), -(-n // 256)] if n >= 4096 else [n, n]
+        big = sum(b for b, e in zip(states, elements) if e >= MANAGED_MIN_NUMEL)
+        resident += sum(states) - big
+        paged.append(big)
+    largest = max(paged, default=0)
+    return resident + largest, sum(paged) - largest
+
+
+def estimate(model="Llama-2-7B", method: str = "qlora_nf4_dq", optimizer: str = "paged_adamw8bit",
+             batch: int = 1, seq_len: int = 512, r: int = 64, gradient_checkpointing: bool = True,
+             lora_targets=LORA_TARGETS, adapter_bytes: int = 4, blocksize: int = 64,
+             context_bytes: int = CUDA_CONTEXT_BYTES,
+             allocator_overhead: float = ALLOCATOR_OVERHEAD) -> MemoryBreakdown:
+    """The VRAM of one training step (its peak), by part: see the module docstring for each term.
+
+    model: a PRESETS name, a ModelShape, or a config.json (dict or path). r and lora_targets matter for
+    the LoRA methods only. adapter_bytes: 4 for float32 adapters (qlora_ref's and PEFT's default), 2 for bf16.
+    """
+    shape = _resolve_model(model)
+    base, c, trains = _method(method)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    check_blocksize(blocksize)
+    if not (isinstance(allocator_overhead, (int, float)) and 0 <= allocator_overhead < 1):
+        raise ValueError(f"allocator_overhead must be a fraction in [0, 1), got {allocator_overhead!r}")
+    if isinstance(context_bytes, bool) or not isinstance(context_bytes, int) or context_bytes < 0:
+        raise ValueError(f"context_bytes must be an int >= 0, got {context_bytes!r}")
+    act = activations(shape, method, batch, seq_len, r, gradient_checkpointing, lora_targets, adapter_bytes)
+    counts = shape.parameter_counts()
+    linears = shape.linear_shapes()
+    parts, dequantize = dict.fromkeys(PARTS, 0), 0
+    if trains:
+        trainable, dtype_bytes = shape.parameter_tensors(), 4 if base == "fp32" else 2
+    else:
+        targets = _check_targets(lora_targets)
+        trainable = [r * n for name in targets for n in linears[name]] * shape.num_hidden_layers
+        dtype_bytes = adapter_bytes
+        if base == "bf16":
+            parts["16-bit weights"] = 2 * shape.parameter_count
+        else:
+            for i, o in linears.values():
+                codes, constants = quantized_linear_bytes(i, o, blocksize, base == "nf4_dq")
+                parts["4-bit weights"] += codes * shape.num_hidden_layers
+                parts["quantization constants"] += constants * shape.num_hidden_layers
+            parts["16-bit weights"] = 2 * (shape.parameter_count - counts["linear"])
+            dequantize = 2 * max(i * o for i, o in linears.values())
+    parts["trainable weights"] = dtype_bytes * sum(trainable)
+    parts["gradients"] = dtype_bytes * sum(trainable)
+    parts["optimizer states"], host = _optimizer_bytes(optimizer, trainable, dtype_bytes)
+    parts["activations (saved)"] = act.layers + act.rope + act.embedding
+    parts["logits"] = act.logits
+    moments = {"head and loss backward": act.loss_moment, "layer backward": act.layer_moment + dequantize}
+    if moments["head and loss backward"] >= moments["layer backward"]:
+        parts["head and loss backward"] = act.loss_moment
+    else:
+        parts["recomputed layer"] = act.recomputed_layer
+        parts["backward working set"] = act.backward_working_set
+        parts["dequantization workspace"] = dequantize
+    parts["allocator overhead"] = math.ceil(allocator_overhead * sum(parts.values()))
+    parts["CUDA context"] = context_bytes
+    setup = {"model": shape.name, "method": method, "optimizer": optimizer, "batch": batch, "seq_len": seq_len,
+             "r": None if trains else r, "gradient_checkpointing": bool(gradient_checkpointing)}
+    return MemoryBreakdown(setup=setup, parts=parts, moments=moments, optimizer_host_bytes=host)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measurements (GPU runs, written by bench code to bench/results/memory-<device>.json)
+# ---------------------------------------------------------------------------------------------------
+
+SETUP_KEYS = ("model", "method", "optimizer", "batch", "seq_len", "r", "gradient_checkpointing")
+MEASURED_KEYS = ("peak_allocated", "peak_reserved")
+
+
+def load_measurements(directory=RESULTS_DIR) -> list:
+    """Every run of every bench/results/memory-*.json, as dicts; [] when there is none yet.
+
+    A file: {"device": "NVIDIA H100 80GB HBM3", "runs": [run, ...]} (other top-level keys are kept on
+    each run). A run: the setup of `estimate` (model, method, optimizer, batch, seq_len, r,
+    gradient_checkpointing) and the measured bytes peak_allocated (torch.cuda.max_memory_allocated over
+    one training step), peak_reserved (torch.cuda.max_memory_reserved), and optionally context_bytes
+    (device memory in use once CUDA is initialised, before any tensor). Paged optimizer states in unified
+    memory appear in neither peak: PyTorch's allocator does not hand them out.
+    """
+    runs = []
+    for path in sorted(Path(directory).glob("memory-*.json")):
+        document = json.loads(path.read_text())
+        if not isinstance(document, dict) or not isinstance(document.get("runs"), list):
+            raise ValueError(f"{path} must hold a dict with a list 'runs'")
+        common = {k: v for k, v in document.items() if k != "runs"}
+        for i, run in enumerate(document["runs"]):
+            missing = [k for k in SETUP_KEYS + MEASURED_KEYS if k not in run]
+            if missing:
+                raise ValueError(f"{path}: run {i} lacks {missing}")
+            runs.append({**common, **run, "file": path.name})
+    return runs
+
+
+def matching_run(breakdown: MemoryBreakdown, runs: list) -> Optional[dict]:
+    """The last of `runs` (load_measurements) measured with breakdown's setup, or None."""
+    found = [run for run in runs if all(run[k] == breakdown.setup[k] for k in SETUP_KEYS)]
+    return found[-1] if found else None
+
+
+def measurement_line(breakdown: MemoryBreakdown, run: dict) -> str:
+    """Estimate against a GPU run (load_measurements), in GiB: what PyTorch allocated at the peak, and
+    the allocator's reservation plus the CUDA context when the run measured the context."""
+    def pair(what, estimated, measured):
+        return (f"{what}: estimated {estimated / GIB:.2f} GiB, measured {measured / GIB:.2f} GiB "
+                f"({(estimated - measured) / measured:+.1%})")
+
+    line = pair("allocated", breakdown.allocated, run["peak_allocated"])
+    if "context_bytes" in run:
+        return line + "; " + pair("reserved + context", breakdown.total, run["peak_reserved"] + run["context_bytes"])
+    return line + f"; reserved {run['peak_reserved'] / GIB:.2f} GiB (context not measured)"
