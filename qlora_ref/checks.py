@@ -41,6 +41,13 @@ The contracts (what the learner's functions take and return):
       a @triton.jit kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, BLOCKSIZE: tl.constexpr, TILE: tl.constexpr)
       on the grid (cdiv((n + 1) // 2, TILE),), run in Triton's interpreter on CPU tensors (no GPU needed);
       launch_dequantize_kernel(kernel, packed, state, tile) runs it the same way on a quantize_4bit state.
+- check_qlora_backward(backward)
+      backward(grad_out, packed, state, x, A, B, scaling) -> (dL/dx, dL/dA, dL/dB)
+  for y = x W0^T + scaling · x A^T B^T, W0 = dequantize_4bit(packed, state) frozen; x [..., in], A [r, in],
+  B [out, r], grad_out [..., out], float32; the gradients have the shapes of x, A and B.
+- check_adamw_update(update)
+      update(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay) -> None, p, m, v updated in place
+  one AdamW step on float32 tensors in bitsandbytes' CUDA kernel order (qlora_ref.optim8bit.adamw_update_).
 """
 
 import math
@@ -55,6 +62,8 @@ __all__ = [
     "check_double_quant",
     "check_dequantize_kernel",
     "launch_dequantize_kernel",
+    "check_qlora_backward",
+    "check_adamw_update",
 ]
 
 
@@ -823,3 +832,250 @@ def check_dequantize_kernel(kernel) -> bool:
         return f"equal to {versus}, exactly (4 cases: odd counts, short last blocks, NF4 and FP4, float32 and float16)"
 
     return _run("check_dequantize_kernel", body)
+
+
+# ---------------------------------------------------------------------------------------------- lesson 6
+
+
+def _qlora_backward_cases():
+    """(case, grad_out, packed, state, x, A, B, scaling): fixed, seeded; leading dimensions of 1, 2 and 3."""
+    from .fourbit import quantize_4bit
+
+    g = torch.Generator().manual_seed(0)
+    specs = [  # label, x's shape, out_features, r, alpha, double_quant
+        ("x [7, 48], W0 [40, 48], r=4, scaling 4.0", (7, 48), 40, 4, 16, False),
+        ("x [2, 5, 64], W0 [33, 64], r=8, scaling 0.5", (2, 5, 64), 33, 8, 4, True),
+        ("x [3, 1, 2, 20], W0 [24, 20], r=1, scaling 16.0", (3, 1, 2, 20), 24, 1, 16, True),
+    ]
+    cases = []
+    for label, x_shape, out_features, r, alpha, double_quant in specs:
+        in_features = x_shape[-1]
+        packed, state = quantize_4bit(torch.randn(out_features, in_features, generator=g) * 0.1, blocksize=64,
+                                      double_quant=double_quant)
+        x = torch.randn(x_shape, generator=g)
+        A = torch.randn(r, in_features, generator=g) / math.sqrt(in_features)
+        B = torch.randn(out_features, r, generator=g) * 0.1  # not zero as at init: B = 0 would give dL/dA = 0
+        grad_out = torch.randn(*x_shape[:-1], out_features, generator=g)
+        cases.append((label, grad_out, packed, state, x, A, B, alpha / r))
+    return cases
+
+
+def _dense_lora_grads(grad_out, weight, x, A, B, scaling):
+    """dL/dx, dL/dA, dL/dB by autograd through y = x W^T + s · (x A^T) B^T, W dense and frozen."""
+    x, A, B = (t.clone().requires_grad_(True) for t in (x, A, B))
+    y = x @ weight.t() + scaling * ((x @ A.t()) @ B.t())
+    y.backward(grad_out)
+    return x.grad, A.grad, B.grad
+
+
+# float32 products summed in another order differ by a few ulps of the largest term (tens of terms here).
+BACKWARD_RTOL = 1e-5
+
+
+def _close(expected, got):
+    """Elementwise |got - expected| <= 1e-5 · |expected| + 1e-5 · max|expected|."""
+    tol = BACKWARD_RTOL * (expected.abs() + expected.abs().max())
+    return (got.double() - expected.double()).abs() <= tol.double()
+
+
+def _gradient_shape_hint(name, got_shape, expected_shape, x_shape):
+    if got_shape[-2:] == expected_shape and len(got_shape) > 2:
+        return ("sum over every leading dimension of x: flatten g and x to [tokens, features] "
+                "(reshape(-1, features)) before the product, so the tokens are summed")
+    if tuple(reversed(got_shape)) == tuple(expected_shape):
+        return f"{name} has the shape of the parameter ({list(expected_shape)}): you built its transpose"
+    if name == "dL/dx":
+        return f"dL/dx has x's shape {list(x_shape)}: reshape it back (grad.reshape(x.shape))"
+    return f"{name} has the shape of the parameter, {list(expected_shape)}"
+
+
+def check_qlora_backward(backward) -> bool:
+    """Check the backward of the QLoRA layer (lesson 6) against autograd through the dense layer.
+
+    backward(grad_out, packed, state, x, A, B, scaling) -> (dL/dx, dL/dA, dL/dB) for y = x W0^T + s x A^T B^T,
+    W0 = dequantize_4bit(packed, state) frozen (no gradient), no dropout:
+        dL/dx = g W0 + s (g B) A,   dL/dA = s (g B)^T x,   dL/dB = s g^T (x A^T)
+    with g = grad_out and every leading dimension of x summed. Three cases in float32 on the CPU, x of shapes
+    [7, 48], [2, 5, 64] and [3, 1, 2, 20]; each gradient must be within 1e-5 · (|expected| + max|expected|) of
+    autograd's (the same products summed in another order round differently). Prints one line; True on success.
+    """
+    from .fourbit import dequantize_4bit
+
+    def body():
+        for case, grad_out, packed, state, x, A, B, scaling in _qlora_backward_cases():
+            weight = dequantize_4bit(packed, state)
+            expected = _dense_lora_grads(grad_out, weight, x, A, B, scaling)
+            result = _call(backward, grad_out.clone(), packed, state, x.clone(), A.clone(), B.clone(), scaling)
+            if not isinstance(result, (tuple, list)) or len(result) != 3:
+                count = len(result) if isinstance(result, (tuple, list)) else 1
+                hint = "return three tensors: grad_x, grad_A, grad_B"
+                if count == 4:
+                    hint = ("W0 is frozen: it gets no gradient (only its codes are stored, and nothing would use one); "
+                            "return (grad_x, grad_A, grad_B) only")
+                raise _Fail(f"backward should return (dL/dx, dL/dA, dL/dB), got {count} value(s) ({case})", hint)
+            gB = grad_out.reshape(-1, grad_out.shape[-1]) @ B
+            for name, exp, got in zip(("dL/dx", "dL/dA", "dL/dB"), expected, result):
+                if got is None:
+                    raise _Fail(f"{name} is None ({case})", f"return a tensor of shape {list(exp.shape)}")
+                got = _tensor(got, name).float()
+                if tuple(got.shape) != tuple(exp.shape):
+                    raise _Fail(f"{name} has shape {list(got.shape)}, expected {list(exp.shape)} ({case})",
+                                _gradient_shape_hint(name, tuple(got.shape), tuple(exp.shape), tuple(x.shape)))
+                close = _close(exp, got)
+                if bool(close.all()):
+                    continue
+                differ = ~close.reshape(-1)
+                idx = int(differ.nonzero()[0])
+                line = (f"MISMATCH in {name} ({case}): {int(differ.sum()):,} of {exp.numel():,} differ, first at "
+                        f"index {idx}: expected {_fmt(exp.reshape(-1)[idx].item())}, got {_fmt(got.reshape(-1)[idx].item())}")
+                if name == "dL/dx":
+                    base_path = grad_out @ weight
+                    lora_path = (gB @ A).reshape(x.shape)
+                    candidates = [
+                        (base_path, "the adapters' path is missing: dL/dx = g W0 + s (g B) A"),
+                        (scaling * lora_path, "the base's path is missing: W0 is frozen, but it still passes the "
+                                              "gradient on to x: dL/dx = g W0 + s (g B) A"),
+                        (base_path + lora_path, "forgot the scaling on the adapters' path: + s (g B) A"),
+                    ]
+                else:
+                    candidates = [
+                        (exp / scaling, f"forgot the scaling: {name} = s · ({'(g B)^T x' if name == 'dL/dA' else 'g^T (x A^T)'}) with s = alpha/r"),
+                        (exp * scaling, "the scaling is applied twice"),
+                    ]
+                hint = "dL/dx = g W0 + s (g B) A, dL/dA = s (g B)^T x, dL/dB = s g^T (x A^T), x and g flattened to [tokens, features]"
+                for candidate, candidate_hint in candidates:
+                    if bool(_close(candidate, got).all()):
+                        hint = candidate_hint
+                        break
+                raise _Fail(line, hint)
+        return ("dL/dx, dL/dA and dL/dB match autograd through the dense layer within 1e-5 "
+                "(3 cases: x [7, 48], [2, 5, 64], [3, 1, 2, 20])")
+
+    return _run("check_qlora_backward", body)
+
+
+# ---------------------------------------------------------------------------------------------- lesson 7
+
+
+def _adamw_cases():
+    """(case, hyperparameters, p, [5 gradients]): large lr · weight_decay and eps where their mistakes show."""
+    g = torch.Generator().manual_seed(0)
+    specs = [  # label, shape, hyperparameters, gradient scale
+        ("lr 0.1, betas (0.9, 0.999), eps 1e-8, weight_decay 0.5, 1,000 values", (1000,),
+         dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.5), 1.0),
+        ("lr 1e-3, betas (0.8, 0.99), eps 1e-3, weight_decay 0, [7, 13], gradients ~1e-3", (7, 13),
+         dict(lr=1e-3, beta1=0.8, beta2=0.99, eps=1e-3, weight_decay=0.0), 1e-3),
+        ("lr 0.05, betas (0.5, 0.9), eps 1e-6, weight_decay 0.1, [3, 33]", (3, 33),
+         dict(lr=0.05, beta1=0.5, beta2=0.9, eps=1e-6, weight_decay=0.1), 10.0),
+    ]
+    cases = []
+    for label, shape, hyper, grad_scale in specs:
+        p = torch.randn(shape, generator=g)
+        grads = [torch.randn(shape, generator=g) * grad_scale for _ in range(5)]
+        cases.append((label, hyper, p, grads))
+    return cases
+
+
+def _adamw_variants(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
+    """(p, hint) for the usual mistakes, each computed from the state before the step (m, v: after it)."""
+    c1 = 1 - beta1**step
+    c2 = math.sqrt(1 - beta2**step)
+    step_size, decay = -lr * c2 / c1, 1 - lr * weight_decay
+    return [
+        ((p * decay + step_size * m / (v.sqrt() + eps * c2)),
+         "weight decay applied before the step: bitsandbytes' CUDA kernel decays after: "
+         "p = p + step_size · m / (sqrt(v) + eps·c2), then p = p · (1 - lr·weight_decay)"),
+        ((p - lr * m / (v.sqrt() + eps)) * decay,
+         "bias correction missing: step_size = -lr · c2 / c1 with c1 = 1 - beta1^step, c2 = sqrt(1 - beta2^step)"),
+        ((p + step_size * m / (v.sqrt() + eps)) * decay,
+         "eps added outside the sqrt term scaled by c2: with the bias corrections folded into the step size the "
+         "denominator is sqrt(v) + eps·c2 (that is c2 · (sqrt(v̂) + eps))"),
+        ((p + step_size * m / (v.sqrt() + eps * c2)) * (1 - weight_decay),
+         "the decoupled decay is p · (1 - lr·weight_decay): lr times weight_decay, not weight_decay alone"),
+        ((p + step_size * m / (v.sqrt() + eps * c2)),
+         "weight decay missing: after the step, p = p · (1 - lr·weight_decay)"),
+        ((p + step_size * m / (v + eps * c2)) * decay,
+         "the denominator is sqrt(v) + eps·c2: the square root of the second moment"),
+    ]
+
+
+def _moment_hint(which, got, m_old, v_old, g, p, beta1, beta2, weight_decay):
+    beta, old = (beta1, m_old) if which == "m" else (beta2, v_old)
+    term = g if which == "m" else g * g
+    in_place = ("update m, v and p in place (m.mul_(beta1).add_(...), p.copy_(...)): `m = ...` inside the "
+                "function makes a new tensor that the caller never sees")
+    if torch.equal(got, old) and not torch.equal(old, beta * old + (1 - beta) * term):
+        return in_place
+    candidates = [
+        ((1 - beta) * old + beta * term, f"{which} = beta · {which} + (1 - beta) · {'g' if which == 'm' else 'g²'}: "
+                                        f"beta multiplies the old moment"),
+        (beta * old + (1 - beta) * (g if which == "v" else g * g),
+         "m averages g, v averages g² (the squared gradient)"),
+    ]
+    if weight_decay > 0:
+        g_l2 = g + weight_decay * p
+        candidates.append((beta * old + (1 - beta) * (g_l2 if which == "m" else g_l2 * g_l2),
+                           "that is Adam with L2 regularisation (weight_decay · p added to the gradient); AdamW "
+                           "decouples it: the moments see g alone, and p · (1 - lr·weight_decay) comes after the step"))
+    for candidate, hint in candidates:
+        if bool(torch.isclose(got, candidate, rtol=1e-5, atol=1e-30).all()):
+            return hint
+    return f"{which} = beta{1 if which == 'm' else 2} · {which} + (1 - beta{1 if which == 'm' else 2}) · {'g' if which == 'm' else 'g²'}"
+
+
+def check_adamw_update(update) -> bool:
+    """Check one AdamW step in bitsandbytes' kernel order (lesson 7) against qlora_ref.optim8bit.adamw_update_.
+
+    update(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay) updates the float32 tensors p, m and v in
+    place (it returns nothing):
+        v = beta2 · v + (1 - beta2) · g²,   m = beta1 · m + (1 - beta1) · g
+        p = p + step_size · m / (sqrt(v) + eps · c2),   step_size = -lr · c2 / c1
+        p = p · (1 - lr · weight_decay)                               (decoupled weight decay, after the step)
+    with c1 = 1 - beta1^step, c2 = sqrt(1 - beta2^step). Three cases of five steps each (steps 1-5), each step
+    started from the reference's state. Tolerances (float32 roundings in another order): m within
+    1e-6 · (|m_old| + |g|), v within 1e-6 · v, p within 1e-5 · |the reference's change of p| + 1e-6 · |p|.
+    Prints one line (with how many values of p were equal bit for bit); True on success.
+    """
+    from .optim8bit import adamw_update_
+
+    def body():
+        exact = total = 0
+        for case, hyper, p0, grads in _adamw_cases():
+            p_ref, m_ref, v_ref = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)
+            for step, g in enumerate(grads, start=1):
+                label = f"step {step}, {case}"
+                p_old, m_old, v_old = p_ref.clone(), m_ref.clone(), v_ref.clone()
+                p, m, v = p_old.clone(), m_old.clone(), v_old.clone()
+                _call(update, p, g.clone(), m, v, step, hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"],
+                      hyper["weight_decay"])
+                adamw_update_(p_ref, g, m_ref, v_ref, step, **hyper)
+                n = p.numel()
+                m_tol = 1e-6 * (m_old.abs() + g.abs())
+                v_tol = 1e-6 * v_ref
+                p_tol = 1e-5 * (p_ref - p_old).abs() + 1e-6 * p_ref.abs()
+                for which, got, exp, tol in (("m", m, m_ref, m_tol), ("v", v, v_ref, v_tol), ("p", p, p_ref, p_tol)):
+                    differ = ((got.double() - exp.double()).abs() > tol.double()).reshape(-1)
+                    if not bool(differ.any()):
+                        continue
+                    idx = int(differ.nonzero()[0])
+                    line = (f"MISMATCH in {which} ({label}): {int(differ.sum()):,} of {n:,} differ, first at index "
+                            f"{idx}: expected {_fmt(exp.reshape(-1)[idx].item())}, got {_fmt(got.reshape(-1)[idx].item())}")
+                    if which != "p":
+                        hint = _moment_hint(which, got, m_old, v_old, g, p_old, hyper["beta1"], hyper["beta2"],
+                                            hyper["weight_decay"])
+                    elif torch.equal(got, p_old):
+                        hint = "p did not change: update it in place (p.add_(...), p.mul_(...) or p.copy_(...))"
+                    else:
+                        hint = ("p = p + step_size · m / (sqrt(v) + eps·c2) with the new m and v, then "
+                                "p · (1 - lr·weight_decay)")
+                        for candidate, candidate_hint in _adamw_variants(p_old, g, m_ref, v_ref, step, **hyper):
+                            if bool(((got.double() - candidate.double()).abs() <= p_tol.double()).all()):
+                                hint = candidate_hint
+                                break
+                    raise _Fail(line, hint)
+                exact += int((p == p_ref).sum())
+                total += n
+        return (f"p, m and v match qlora_ref's adamw_update_ (3 cases, steps 1-5; "
+                f"{exact:,} of {total:,} values of p equal bit for bit)")
+
+    return _run("check_adamw_update", body)

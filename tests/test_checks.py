@@ -2,6 +2,7 @@
 message that names the first mismatch (where, expected vs got) and the right hint; an unfinished exercise
 gives one "not implemented yet" line, never a traceback."""
 
+import math
 import re
 
 import numpy as np
@@ -14,19 +15,24 @@ from scipy.stats import norm
 from qlora_ref import dequantize_4bit, dynamic_map, nf4_codebook, quantize_4bit
 from qlora_ref.blockwise import unpack_4bit
 from qlora_ref.checks import (
+    _adamw_cases,
     _blockwise_cases,
     _double_quant_cases,
     _linear_cases,
     check_absmax_quantizer,
+    check_adamw_update,
     check_blockwise_4bit,
     check_dequantize_kernel,
     check_double_quant,
     check_nf4_codebook,
+    check_qlora_backward,
     check_zeropoint_quantizer,
     launch_dequantize_kernel,
 )
 from qlora_ref.double_quant import compress_absmax
+from qlora_ref.lora import LoRAMatmul
 from qlora_ref.linear import quantize_absmax, quantize_zeropoint
+from qlora_ref.optim8bit import adamw_update_
 
 # ------------------------------------------------------------------------------------- "learner" functions
 
@@ -653,3 +659,208 @@ def test_launch_dequantize_kernel_keeps_the_shape_and_refuses_a_nested_state():
     packed, nested = quantize_4bit(x, blocksize=64, double_quant=True)
     with pytest.raises(ValueError, match="plain state: quantize with double_quant=False"):
         launch_dequantize_kernel(ref_kernel, packed, nested)
+
+
+# ------------------------------------------------------------------------------------- lesson 6: the QLoRA backward
+
+
+def ref_qlora_backward(grad_out, packed, state, x, A, B, scaling):
+    """The library's own backward (LoRAMatmul, the node QLoRALinear runs) as the learner's function."""
+    x, A, B = (t.clone().requires_grad_(True) for t in (x, A, B))
+    LoRAMatmul.apply(x, None, (packed, state), None, A, B, scaling).backward(grad_out)
+    return x.grad, A.grad, B.grad
+
+
+def formula_qlora_backward(grad_out, packed, state, x, A, B, scaling):
+    weight = dequantize_4bit(packed, state)
+    g, h = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
+    gB = g @ B
+    return grad_out @ weight + scaling * (gB @ A).reshape(x.shape), scaling * gB.t() @ h, scaling * g.t() @ (h @ A.t())
+
+
+@pytest.mark.parametrize("fn", [ref_qlora_backward, formula_qlora_backward])
+def test_qlora_backward_reference_passes(capsys, fn):
+    ok, out = run(capsys, check_qlora_backward, fn)
+    assert ok and out.startswith("check_qlora_backward: OK — ") and out.count("\n") == 1
+
+
+def test_qlora_backward_stub(capsys):
+    ok, out = run(capsys, check_qlora_backward, stub)
+    assert ok is False and out == "check_qlora_backward: not implemented yet: fill in the TODO in my_function\n"
+
+
+def _grads_then(change):
+    def fn(grad_out, packed, state, x, A, B, scaling):
+        return change(formula_qlora_backward(grad_out, packed, state, x, A, B, scaling), grad_out,
+                      dequantize_4bit(packed, state), scaling)
+    return fn
+
+
+FIRST_LORA_CASE = "x [7, 48], W0 [40, 48], r=4, scaling 4.0"
+
+
+@pytest.mark.parametrize(
+    "change, message, hint",
+    [
+        (lambda r, g, w, s: (r[0], r[1] / s, r[2]), f"MISMATCH in dL/dA ({FIRST_LORA_CASE}): 192 of 192 differ",
+         "forgot the scaling: dL/dA"),
+        (lambda r, g, w, s: (r[0], r[1], r[2] / s), "MISMATCH in dL/dB", "forgot the scaling: dL/dB"),
+        (lambda r, g, w, s: (r[0], r[1] * s, r[2]), "MISMATCH in dL/dA", "applied twice"),
+        (lambda r, g, w, s: (r[0], r[1].t(), r[2]), "dL/dA has shape [48, 4], expected [4, 48]", "its transpose"),
+        (lambda r, g, w, s: (r[0], r[1], r[2].t()), "dL/dB has shape [4, 40], expected [40, 4]", "its transpose"),
+        (lambda r, g, w, s: (r[0].reshape(-1, r[0].shape[-1]), r[1], r[2]), "dL/dx has shape",
+         "reshape it back"),
+        (lambda r, g, w, s: (*r, torch.zeros_like(w)), "got 4 value(s)", "W0 is frozen"),
+        (lambda r, g, w, s: (g @ w, r[1], r[2]), "MISMATCH in dL/dx", "the adapters' path is missing"),
+        (lambda r, g, w, s: (r[0] - g @ w, r[1], r[2]), "MISMATCH in dL/dx", "the base's path is missing"),
+        (lambda r, g, w, s: (r[0], None, r[2]), "dL/dA is None", "return a tensor of shape [4, 48]"),
+    ],
+)
+def test_qlora_backward_mistakes(capsys, change, message, hint):
+    ok, out = run(capsys, check_qlora_backward, _grads_then(change))
+    assert not ok and message in out and hint in out, out
+
+
+def test_qlora_backward_unsummed_leading_dimensions(capsys):
+    def batched(grad_out, packed, state, x, A, B, scaling):  # forgets to flatten: one dL/dA per batch entry
+        grad_x, grad_A, grad_B = formula_qlora_backward(grad_out, packed, state, x, A, B, scaling)
+        if x.dim() == 3:
+            grad_A = scaling * (grad_out @ B).transpose(-1, -2) @ x
+        return grad_x, grad_A, grad_B
+
+    ok, out = run(capsys, check_qlora_backward, batched)
+    assert not ok and "dL/dA has shape [2, 8, 64], expected [8, 64] (x [2, 5, 64]" in out
+    assert "sum over every leading dimension" in out
+
+
+def test_qlora_backward_missing_scaling_on_the_adapters_path_to_x(capsys):
+    def change(r, g, w, s):
+        return (r[0] - g @ w) / s + g @ w, r[1], r[2]
+
+    ok, out = run(capsys, check_qlora_backward, _grads_then(change))
+    assert not ok and "forgot the scaling on the adapters' path" in out
+
+
+def test_qlora_backward_tolerance_is_tight_enough_to_see_one_wrong_value(capsys):
+    def change(r, g, w, s):
+        grad_B = r[2].clone()
+        grad_B[3, 1] *= 1 + 1e-3
+        return r[0], r[1], grad_B
+
+    ok, out = run(capsys, check_qlora_backward, _grads_then(change))
+    assert not ok and f"MISMATCH in dL/dB ({FIRST_LORA_CASE}): 1 of 160 differ, first at index 13" in out
+
+
+# ------------------------------------------------------------------------------------- lesson 7: the AdamW update
+
+
+def kernel_order_adamw(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    m.mul_(beta1).add_(g, alpha=1 - beta1)
+    c1, c2 = 1 - beta1**step, math.sqrt(1 - beta2**step)
+    p.add_(m / (v.sqrt() + eps * c2), alpha=-lr * c2 / c1)
+    p.mul_(1 - lr * weight_decay)
+
+
+def textbook_adamw(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
+    """Adam's m-hat / v-hat form: the same numbers up to float32 rounding, which the tolerances allow."""
+    m.copy_(beta1 * m + (1 - beta1) * g)
+    v.copy_(beta2 * v + (1 - beta2) * g * g)
+    m_hat, v_hat = m / (1 - beta1**step), v / (1 - beta2**step)
+    p.copy_((p - lr * m_hat / (v_hat.sqrt() + eps)) * (1 - lr * weight_decay))
+
+
+def torch_adamw_step(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
+    param = torch.nn.Parameter(p)
+    param.grad = g
+    opt = torch.optim.AdamW([param], lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, foreach=False)
+    opt.state[param] = {"step": torch.tensor(float(step - 1)), "exp_avg": m, "exp_avg_sq": v}
+    opt.step()
+
+
+def test_adamw_update_reference_passes_bit_for_bit(capsys):
+    ok, out = run(capsys, check_adamw_update, adamw_update_)
+    assert ok and "5,950 of 5,950 values of p equal bit for bit" in out
+
+
+def test_adamw_update_kernel_order_and_textbook_form_pass(capsys):
+    assert run(capsys, check_adamw_update, kernel_order_adamw)[0]
+    ok, out = run(capsys, check_adamw_update, textbook_adamw)
+    assert ok and "values of p equal bit for bit" in out
+
+
+def test_adamw_update_stub(capsys):
+    ok, out = run(capsys, check_adamw_update, stub)
+    assert ok is False and out == "check_adamw_update: not implemented yet: fill in the TODO in my_function\n"
+
+
+def _adamw_with(**changes):
+    """kernel_order_adamw with one piece replaced: decay_first, no_bias_correction, eps_unscaled, ..."""
+    def fn(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
+        if changes.get("l2"):
+            g = g + weight_decay * p
+            weight_decay = 0.0
+        if changes.get("not_in_place"):
+            return None
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        if changes.get("betas_swapped"):
+            m.mul_(1 - beta1).add_(g, alpha=beta1)
+        else:
+            m.mul_(beta1).add_(g, alpha=1 - beta1)
+        c1, c2 = 1 - beta1**step, math.sqrt(1 - beta2**step)
+        step_size = -lr if changes.get("no_bias_correction") else -lr * c2 / c1
+        eps_term = eps if changes.get("eps_unscaled") or changes.get("no_bias_correction") else eps * c2
+        decay = 1 - (weight_decay if changes.get("decay_without_lr") else lr * weight_decay)
+        if changes.get("decay_first"):
+            p.mul_(decay)
+        p.add_(m / (v.sqrt() + eps_term), alpha=step_size)
+        if not changes.get("decay_first") and not changes.get("no_decay"):
+            p.mul_(decay)
+    return fn
+
+
+FIRST_ADAMW_CASE = "step 1, lr 0.1, betas (0.9, 0.999), eps 1e-8, weight_decay 0.5, 1,000 values"
+
+
+@pytest.mark.parametrize(
+    "change, message, hint",
+    [
+        ("decay_first", f"MISMATCH in p ({FIRST_ADAMW_CASE}): 1,000 of 1,000 differ",
+         "weight decay applied before the step: bitsandbytes' CUDA kernel decays after"),
+        ("no_bias_correction", f"MISMATCH in p ({FIRST_ADAMW_CASE})", "bias correction missing"),
+        ("eps_unscaled", f"MISMATCH in p ({FIRST_ADAMW_CASE})", "eps added outside the sqrt term scaled by c2"),
+        ("decay_without_lr", "MISMATCH in p", "lr times weight_decay, not weight_decay alone"),
+        ("no_decay", "MISMATCH in p", "weight decay missing"),
+        ("l2", f"MISMATCH in m ({FIRST_ADAMW_CASE})", "Adam with L2 regularisation"),
+        ("not_in_place", f"MISMATCH in m ({FIRST_ADAMW_CASE})", "update m, v and p in place"),
+        ("betas_swapped", "MISMATCH in m", "beta multiplies the old moment"),
+    ],
+)
+def test_adamw_update_mistakes(capsys, change, message, hint):
+    ok, out = run(capsys, check_adamw_update, _adamw_with(**{change: True}))
+    assert not ok and message in out and hint in out, out
+
+
+def test_adamw_update_torch_adamw_is_caught_for_its_decay_order(capsys):
+    ok, out = run(capsys, check_adamw_update, torch_adamw_step)
+    assert not ok and "weight decay applied before the step" in out
+
+
+def test_adamw_update_eps_mistake_is_seen_without_weight_decay(capsys):
+    def eps_unscaled_no_decay_case_first(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
+        fn = _adamw_with(eps_unscaled=True) if weight_decay == 0 else kernel_order_adamw
+        fn(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay)
+
+    ok, out = run(capsys, check_adamw_update, eps_unscaled_no_decay_case_first)
+    assert not ok and "(step 1, lr 1e-3, betas (0.8, 0.99), eps 1e-3, weight_decay 0, [7, 13]" in out
+    assert "eps added outside the sqrt term scaled by c2" in out
+
+
+def test_adamw_update_first_mismatch_names_expected_and_got(capsys):
+    p, g = _adamw_cases()[0][2].clone(), _adamw_cases()[0][3][0]
+    expected, wrong = p.clone(), p.clone()
+    hyper = _adamw_cases()[0][1]
+    adamw_update_(expected, g, torch.zeros_like(p), torch.zeros_like(p), 1, **hyper)
+    _adamw_with(decay_first=True)(wrong, g, torch.zeros_like(p), torch.zeros_like(p), 1, **hyper)
+    ok, out = run(capsys, check_adamw_update, _adamw_with(decay_first=True))
+    assert not ok and f"first at index 0: expected {float(expected[0]):.9g}, got {float(wrong[0]):.9g}" in out
