@@ -67,7 +67,9 @@ def test_half_an_ulp_bound_small_shapes(dtype, quant_type, nested, m):
         w = F.dequantize_4bit(packed, bnb_state).float()
         reference = x.float() @ w.T
         y = gemv_4bit_triton(x, packed, state_from_bitsandbytes(bnb_state))
-        bound = UNIT_ROUNDOFF[dtype] * reference.abs() + 2 * k * 2.0**-24 * (x.float().abs() @ w.abs().T)
+        magnitude = x.float().abs() @ w.abs().T
+        # + u * magnitude: the default scale_sums uses the unrounded float32 code * absmax (tests/test_triton_gemv.py)
+        bound = UNIT_ROUNDOFF[dtype] * (reference.abs() + magnitude) + 2 * k * 2.0**-24 * magnitude
         assert bool(((y.float() - reference).abs() <= bound).all()), (n, k, blocksize)
 
 
@@ -100,4 +102,5 @@ def test_cpu_state_on_the_gpu_and_cached_launches():
     for _ in range(2):
         for xs in (x.cuda(), misaligned):
             got = gemv_4bit_triton(xs, packed.cuda(), state).cpu()
-            torch.testing.assert_close(got, expected, rtol=2**-10, atol=1e-3)
+            # one fp16 ulp of the largest output: the kernel's weights are not rounded to fp16 (scale_sums)
+            assert (got.float() - expected.float()).abs().max() <= 2**-10 * expected.float().abs().max()
