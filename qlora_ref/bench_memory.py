@@ -1,0 +1,134 @@
+"""Measured QLoRA training memory of 7B-, 13B- and 70B-shaped Llama models on a CUDA GPU (lesson 9).
+
+    python -m qlora_ref.bench_memory [--out bench/results] [--models Llama-2-7B Llama-2-13B Llama-2-70B]
+
+Each model is built directly in NF4 + double quantization, one linear at a time: its architecture on the
+`meta` device (no memory), then every linear of every layer made on the GPU in bf16 with random weights
+(N(0, 0.02^2), as Hugging Face initialises), quantized into a QLoRALinear and the bf16 copy freed. The
+embeddings, norms and lm_head are bf16. The whole bf16 model is never held (a 70B one would not fit).
+Then training steps with LoRA on all seven linears of every layer (alpha = 2r, float32 adapters as PEFT
+keeps them), gradient checkpointing, paged 8-bit AdamW (states of >= 1e5 values in managed memory), batch 1
+and random token ids, and for each (model, sequence length, rank):
+
+    peak_allocated, peak_reserved   torch.cuda.max_memory_allocated / max_memory_reserved over the run,
+                                    model included (paged states in managed memory count in neither)
+    context_bytes                   what the device reports in use beyond the reserved memory
+    tokens_per_second               of the steps after the first (the first compiles and allocates)
+
+Writes <out>/memory-<gpu-name>.json in the format qlora_ref.vram.load_measurements reads.
+"""
+
+import argparse
+import datetime
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .bench import slug, versions
+from .llama import LlamaConfig, LlamaForCausalLM
+from .lora import QLoRALinear
+from .paging import PagedAdamW8bit
+from .vram import PRESETS
+
+DEVICE = "cuda"
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def config_of(name: str, seq_len: int) -> LlamaConfig:
+    shape = PRESETS[name]
+    return LlamaConfig(vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
+                       intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_hidden_layers,
+                       num_attention_heads=shape.num_attention_heads, num_key_value_heads=shape.num_key_value_heads,
+                       max_position_embeddings=max(seq_len, 4096), tie_word_embeddings=False)
+
+
+def build(config: LlamaConfig, r: int, generator: torch.Generator) -> LlamaForCausalLM:
+    """The model with QLoRALinear layers on the GPU, built one linear at a time (see the module docstring)."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, meta in list(parent.named_children()):
+                if name not in TARGETS:
+                    continue
+                linear = nn.Linear(meta.in_features, meta.out_features, bias=False, device=DEVICE, dtype=torch.bfloat16)
+                with torch.no_grad():
+                    linear.weight.normal_(0.0, config.initializer_range, generator=generator)
+                setattr(parent, name, QLoRALinear(linear, r=r, alpha=2 * r, compute_dtype=torch.bfloat16))
+                del linear
+    for module in model.modules():  # embeddings, norms, lm_head: still on meta
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.is_meta:
+                value = torch.empty(param.shape, device=DEVICE, dtype=torch.bfloat16)
+                with torch.no_grad():
+                    value.fill_(1.0) if param.dim() == 1 else value.normal_(0.0, config.initializer_range, generator=generator)
+                setattr(module, name, nn.Parameter(value, requires_grad=False))
+    return model
+
+
+def run(name: str, seq_len: int, r: int, steps: int = 4) -> dict:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    config = config_of(name, seq_len)
+    model = build(config, r, generator)
+    model.gradient_checkpointing_enable()
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = PagedAdamW8bit(trainable, lr=1e-4, paging="managed")
+    model_bytes = torch.cuda.memory_allocated()
+    ids = torch.randint(0, config.vocab_size, (1, seq_len), device=DEVICE, generator=generator)
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    free, total = torch.cuda.mem_get_info()
+    row = {"model": name, "method": "qlora_nf4_dq", "optimizer": "paged_adamw8bit", "batch": 1, "seq_len": seq_len,
+           "r": r, "gradient_checkpointing": True, "adapter_dtype": "float32",
+           "peak_allocated": torch.cuda.max_memory_allocated(), "peak_reserved": torch.cuda.max_memory_reserved(),
+           "model_allocated": model_bytes, "context_bytes": total - free - torch.cuda.memory_reserved(),
+           "trainable_parameters": sum(p.numel() for p in trainable), "loss": loss.item(),
+           "step_seconds": times, "tokens_per_second": seq_len * (steps - 1) / sum(times[1:])}
+    del model, optimizer, trainable, loss
+    torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--models", nargs="+", default=["Llama-2-7B", "Llama-2-13B", "Llama-2-70B"])
+    parser.add_argument("--settings", nargs="+", default=["512:16", "512:64", "2048:16", "2048:64"],
+                        help="seq_len:rank pairs")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("qlora_ref.bench_memory needs a CUDA GPU")
+    device = torch.cuda.get_device_name()
+    results = {"device": device, **versions(),
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "total_bytes": torch.cuda.mem_get_info()[1], "runs": []}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"memory-{slug(device)}.json"
+    for name in args.models:
+        for setting in args.settings:
+            seq_len, r = (int(v) for v in setting.split(":"))
+            row = run(name, seq_len, r)
+            results["runs"].append(row)
+            print(f"{name} seq {seq_len} r {r}: peak allocated {row['peak_allocated'] / 2**30:.2f} GiB, reserved "
+                  f"{row['peak_reserved'] / 2**30:.2f} GiB, model {row['model_allocated'] / 2**30:.2f} GiB, "
+                  f"{row['tokens_per_second']:.0f} tokens/s", flush=True)
+            path.write_text(json.dumps(results, indent=1) + "\n")  # after every run: a timeout keeps the rest
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
