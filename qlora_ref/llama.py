@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .adapters import _atomic_write
+from .adapters import LORA_LAYERS, _atomic_write
 
 BASE_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "base"
 IGNORE_INDEX = -100  # labels with this value are not predicted (the prompt, the padding)
@@ -46,7 +46,7 @@ class LlamaConfig:
     vocab_size: int = 259
     hidden_size: int = 128
     intermediate_size: int = 384
-    num_hidden_layers: int = 2
+    num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: Optional[int] = None  # None: as many as num_attention_heads (no grouping)
     max_position_embeddings: int = 256
@@ -230,7 +230,8 @@ class LlamaForCausalLM(nn.Module):
 
     def _check_ids(self, ids, name: str) -> None:
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
-            found = f"{ids.dtype} tensor of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+            found = (f"{ids.dtype} tensor of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor)
+                     else type(ids).__name__)
             raise TypeError(f"{name} must be a [batch, seq] tensor of dtype torch.long, got a {found}")
         if ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"{name} has {ids.shape[1]} positions but the model was built for at most "
@@ -256,9 +257,10 @@ class LlamaForCausalLM(nn.Module):
     def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of logits[:, i] against labels[:, i+1] (float32), averaged over labels != -100."""
         if not isinstance(labels, torch.Tensor) or labels.shape != logits.shape[:2] or labels.dtype != torch.long:
+            found = (f"{labels.dtype} tensor of shape {tuple(labels.shape)}" if isinstance(labels, torch.Tensor)
+                     else type(labels).__name__)
             raise ValueError(f"labels must be a torch.long tensor of shape {tuple(logits.shape[:2])} (that of "
-                             f"input_ids), got {labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__} "
-                             f"{tuple(getattr(labels, 'shape', ()))}")
+                             f"input_ids), got a {found}")
         targets = labels[:, 1:]
         if not bool((targets != IGNORE_INDEX).any()):
             raise ValueError("labels[:, 1:] is all -100: there is no position to compute a loss on")
@@ -273,6 +275,7 @@ class LlamaForCausalLM(nn.Module):
         temperature 0: greedy (argmax). temperature > 0: sample from softmax(logits / temperature).
         A row that has produced eos_token_id gets pad_token_id (else eos) from then on; generation stops
         when every row has. No KV cache: each step reruns the whole sequence (short sequences here).
+        Dropout (LoRA's) is active in training mode: call model.eval() first for repeatable answers.
         """
         self._check_ids(input_ids, "input_ids")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -300,6 +303,9 @@ class LlamaForCausalLM(nn.Module):
 
     def save_pretrained(self, directory) -> Path:
         """Write config.json and model.safetensors (HF names; a tied lm_head.weight is left out, as HF does)."""
+        if any(isinstance(m, LORA_LAYERS) for m in self.modules()):
+            raise ValueError("the model has LoRA layers, which a Llama checkpoint cannot hold: merge_adapters(model) "
+                             "first, or save the adapters alone with save_adapters")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {n: t.detach().to("cpu").contiguous() for n, t in self.state_dict().items()}

@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 # Awkward on purpose: vocab and intermediate sizes are no powers of two, GQA with 3 query heads per K/V head.
 CONFIGS = {
     "tied-gqa": dict(vocab_size=261, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
-                     num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=64),
+                     num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True,
+                     max_position_embeddings=64),
     "untied-mha": dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
                        max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=500.0),
@@ -219,7 +220,7 @@ def test_sampling_follows_softmax_of_logits_over_temperature():
     assert (freq - probs).abs().max() < 4 * (probs * (1 - probs) / n).sqrt().max()  # within 4 standard errors
 
 
-def test_prepare_model_puts_qlora_into_every_projection_and_leaves_the_head():
+def test_prepare_model_puts_qlora_into_every_projection_and_leaves_the_head(tmp_path):
     from qlora_ref import QLoRALinear
 
     model = ours("untied-mha").train()
@@ -231,3 +232,5 @@ def test_prepare_model_puts_qlora_into_every_projection_and_leaves_the_head():
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(("lora_A" in n or "lora_B" in n) for n in trainable)
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
+    with pytest.raises(ValueError, match="merge_adapters"):
+        model.save_pretrained(tmp_path)
