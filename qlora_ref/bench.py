@@ -292,6 +292,25 @@ def host_overheads():
     return out
 
 
+def gpu_run(tool: str) -> dict:
+    """The start of a benchmark on a CUDA GPU: exits with a message if there is none, else prints and returns
+    what every results file begins with: the device, the versions and the date (UTC)."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{tool} needs a CUDA GPU")
+    device = torch.cuda.get_device_name()
+    print(f"{device}; " + ", ".join(f"{k} {v}" for k, v in versions().items()), flush=True)
+    return {"device": device, **versions(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_results(out_dir: Path, stem: str, results: dict) -> Path:
+    """Write results (a dict from gpu_run, filled in) to <out_dir>/<stem>-<gpu>.json and return the path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{stem}-{slug(results['device'])}.json"
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    return path
+
+
 def versions():
     import bitsandbytes
     import triton
@@ -513,9 +532,7 @@ def kernels(out_dir: Path, quick=False, only=None):
         "llama": llama, "challenge": challenge, "sweep": sweep,
     }
     results.update(quantize_results(roofline_cache, quick))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"kernels-{slug(device)}.json"
-    path.write_text(json.dumps(results, indent=1) + "\n")
+    path = write_results(out_dir, "kernels", results)
     print(f"wrote {path}")
     try:
         print(f"wrote {plot(results, path.with_suffix('.png'))}")

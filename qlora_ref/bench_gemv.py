@@ -15,13 +15,11 @@ Writes <out>/gemv-<gpu-name>.json and prints a table.
 """
 
 import argparse
-import datetime
-import json
 from pathlib import Path
 
 import torch
 
-from .bench import LLAMA_SHAPES, median_ms, slug, state_from_bitsandbytes, versions
+from .bench import LLAMA_SHAPES, gpu_run, median_ms, state_from_bitsandbytes, write_results
 
 DEVICE = "cuda"
 # Settings of gemv_4bit_triton; "default" is what a call without options runs (scaled sums, prefetch).
@@ -129,15 +127,10 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--quick", action="store_true", help="the default setting only")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("qlora_ref.bench_gemv needs a CUDA GPU")
-    device = torch.cuda.get_device_name()
+    results = gpu_run("qlora_ref.bench_gemv")
     configs = {"default": {}} if args.quick else CONFIGS
-    results = {"device": device, **versions(),
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "timing": "triton.testing.do_bench median, L2 flushed before each call, host launch included",
-               "GBps": "packed weight bytes (N*K/2) / time", "configs": configs, "llama": [], "rows": []}
-    print(f"{device}; " + ", ".join(f"{k} {v}" for k, v in versions().items()), flush=True)
+    results.update({"timing": "triton.testing.do_bench median, L2 flushed before each call, host launch included",
+               "GBps": "packed weight bytes (N*K/2) / time", "configs": configs, "llama": [], "rows": []})
     for N, K in LLAMA_SHAPES:
         for nested in (False, True):
             row, tensors = case(N, K, nested, configs)
@@ -149,10 +142,7 @@ def main(argv=None):
                 results["rows"] += rows_case(N, K, tensors)
             del tensors
             torch.cuda.empty_cache()
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"gemv-{slug(device)}.json"
-    path.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {write_results(args.out, 'gemv', results)}")
     print(table(results))
 
 

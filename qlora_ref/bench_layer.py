@@ -15,14 +15,12 @@ Writes <out>/layer-<gpu-name>.json and prints a table.
 """
 
 import argparse
-import datetime
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .bench import LLAMA_SHAPES, median_ms, slug, versions
+from .bench import LLAMA_SHAPES, gpu_run, host_us, median_ms, write_results
 
 DEVICE = "cuda"
 DTYPE = torch.bfloat16
@@ -86,27 +84,13 @@ def peak_bytes(layer, x, g) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
-def host_us(layer, x, g, steps=200) -> float:
-    """Host time of one step in microseconds, on a weight so small that the GPU waits for Python."""
-    import time
-
-    for _ in range(10):
-        step(layer, x, g)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step(layer, x, g)
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps * 1e6
-
-
 def overhead(tokens=16, size=512, r=16):
     """Microseconds per forward + backward of a 512x512 layer on 16 tokens: Python and launches, no GPU work."""
     modules = layers(size, size, r, 2 * r)
     gen = torch.Generator(device=DEVICE).manual_seed(1)
     x = torch.randn(tokens, size, device=DEVICE, dtype=DTYPE, generator=gen).requires_grad_(True)
     g = torch.randn(tokens, size, device=DEVICE, dtype=DTYPE, generator=gen)
-    return {name: host_us(layer, x, g) for name, layer in modules.items()}
+    return {name: host_us(lambda: step(layer, x, g), calls=200) for name, layer in modules.items()}
 
 
 def case(N, K, tokens, r, alpha):
@@ -154,14 +138,9 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--rank", type=int, default=16)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("qlora_ref.bench_layer needs a CUDA GPU")
-    device = torch.cuda.get_device_name()
-    results = {"device": device, **versions(),
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "timing": "triton.testing.do_bench median of y = layer(x); y.backward(g), L2 flushed",
-               "tokens": args.tokens, "rank": args.rank, "alpha": 2 * args.rank, "layers": []}
-    print(f"{device}; " + ", ".join(f"{k} {v}" for k, v in versions().items()), flush=True)
+    results = gpu_run("qlora_ref.bench_layer")
+    results.update({"timing": "triton.testing.do_bench median of y = layer(x); y.backward(g), L2 flushed",
+                    "tokens": args.tokens, "rank": args.rank, "alpha": 2 * args.rank, "layers": []})
     for N, K in LLAMA_SHAPES:
         row = case(N, K, args.tokens, args.rank, 2 * args.rank)
         results["layers"].append(row)
@@ -170,10 +149,7 @@ def main(argv=None):
     results["host_us_512x512_16_tokens"] = overhead()
     print("host time per step, 512x512, 16 tokens: "
           + ", ".join(f"{k} {v:.0f} us" for k, v in results["host_us_512x512_16_tokens"].items()), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"layer-{slug(device)}.json"
-    path.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {write_results(args.out, 'layer', results)}")
     print(table(results))
 
 

@@ -19,15 +19,13 @@ Writes <out>/memory-<gpu-name>.json in the format qlora_ref.vram.load_measuremen
 """
 
 import argparse
-import datetime
-import json
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .bench import slug, versions
+from .bench import gpu_run, write_results
 from .llama import LlamaConfig, LlamaForCausalLM
 from .lora import QLoRALinear
 from .paging import PagedAdamW8bit
@@ -110,14 +108,8 @@ def main(argv=None):
     parser.add_argument("--settings", nargs="+", default=["512:16", "512:64", "2048:16", "2048:64"],
                         help="seq_len:rank pairs")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("qlora_ref.bench_memory needs a CUDA GPU")
-    device = torch.cuda.get_device_name()
-    results = {"device": device, **versions(),
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "total_bytes": torch.cuda.mem_get_info()[1], "runs": []}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"memory-{slug(device)}.json"
+    results = gpu_run("qlora_ref.bench_memory")
+    results.update({"total_bytes": torch.cuda.mem_get_info()[1], "runs": []})
     for name in args.models:
         for setting in args.settings:
             seq_len, r = (int(v) for v in setting.split(":"))
@@ -126,7 +118,7 @@ def main(argv=None):
             print(f"{name} seq {seq_len} r {r}: peak allocated {row['peak_allocated'] / 2**30:.2f} GiB, reserved "
                   f"{row['peak_reserved'] / 2**30:.2f} GiB, model {row['model_allocated'] / 2**30:.2f} GiB, "
                   f"{row['tokens_per_second']:.0f} tokens/s", flush=True)
-            path.write_text(json.dumps(results, indent=1) + "\n")  # after every run: a timeout keeps the rest
+            path = write_results(args.out, "memory", results)  # after every run: a timeout keeps the rest
     print(f"wrote {path}")
 
 

@@ -77,14 +77,17 @@ class _Fail(Exception):
 
 
 class _NotImplemented(Exception):
-    pass
+    """A learner's stub raised NotImplementedError: its message, or which function still has a TODO."""
+
+    def __init__(self, err: NotImplementedError, name: str):
+        super().__init__(str(err).strip() or f"fill in the TODO in {name}")
 
 
 def _call(fn, *args):
     try:
         return fn(*args)
     except NotImplementedError as err:
-        raise _NotImplemented(str(err).strip() or f"fill in the TODO in {getattr(fn, '__name__', 'your function')}")
+        raise _NotImplemented(err, getattr(fn, "__name__", "your function"))
 
 
 def _run(name, body):
@@ -726,7 +729,7 @@ def _launch_guarded(kernel, packed, absmax, code, n, blocksize, dtype, tile):
         cause = err.__cause__
         if isinstance(cause, NotImplementedError):
             name = getattr(getattr(kernel, "fn", kernel), "__name__", "your kernel")
-            raise _NotImplemented(str(cause).strip() or f"fill in the TODO in {name}")
+            raise _NotImplemented(cause, name)
         if isinstance(cause, RuntimeError) and "outside of the scope of a kernel" in str(cause):
             raise _Fail("your kernel calls another @triton.jit function, which this checker cannot interpret",
                         "write the steps inline in the kernel (or define everything after setting TRITON_INTERPRET=1, as lesson 5 does)")

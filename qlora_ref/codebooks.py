@@ -93,3 +93,25 @@ def codebook_4bit(quant_type: str) -> torch.Tensor:
     if quant_type not in CODEBOOKS:
         raise ValueError(f"quant_type must be one of {sorted(CODEBOOKS)}, got {quant_type!r}")
     return CODEBOOKS[quant_type]()
+
+
+_DERIVED_TABLES = {}
+
+
+def derived_table(code: torch.Tensor, device, build) -> torch.Tensor:
+    """build(code, device): a lookup table derived from a codebook, kept for the last 16 uses.
+
+    Such tables (the 8-bit rounding table of dynamic8bit, the GEMV's pair table) cost more to build than
+    the work they serve, and callers pass the same code tensor every step. Keyed by the tensor (its id
+    and version), the device and the builder; an entry holds its tensor, so the id cannot be reused
+    while it is cached, and at most 16 are kept, so fresh code tensors do not pile up tables.
+    """
+    key = (id(code), code._version, str(device), build)
+    hit = _DERIVED_TABLES.get(key)
+    if hit is not None and hit[0] is code:
+        return hit[1]
+    table = build(code, device)
+    if len(_DERIVED_TABLES) >= 16:
+        _DERIVED_TABLES.pop(next(iter(_DERIVED_TABLES)))
+    _DERIVED_TABLES[key] = (code, table)
+    return table

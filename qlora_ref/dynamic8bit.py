@@ -17,7 +17,7 @@ import functools
 import torch
 
 from .blockwise import block_absmax, dequantize_codes, nearest_code, scale_to_unit
-from .codebooks import dynamic_map
+from .codebooks import derived_table, dynamic_map
 from .state import QuantState
 from .validation import check_blocksize, check_float_tensor
 
@@ -51,25 +51,16 @@ def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-_LUT_TABLES = {}
-
-
 def lut_table(code: torch.Tensor, device) -> torch.Tensor:
-    """The 65536-entry table: for each grid point -1 + 2i/65535 the index of the nearest level of `code`.
+    """The 65536-entry table: for each grid point -1 + 2i/65535 the index of the nearest level of `code`
+    (cached per code tensor and device: an 8-bit optimizer re-encodes with the same two codes every step)."""
+    return derived_table(code, device, _build_lut_table)
 
-    Kept for the last 8 (code tensor, device) pairs (an entry holds its tensor, so the id cannot be
-    reused): an 8-bit optimizer re-encodes its moments with the same two codes every step."""
-    key = (id(code), code._version, str(device))
-    hit = _LUT_TABLES.get(key)
-    if hit is not None and hit[0] is code:
-        return hit[1]
+
+def _build_lut_table(code: torch.Tensor, device) -> torch.Tensor:
     midpoints = 0.5 * (code[:-1] + code[1:])
     grid = -1.0 + (2.0 * torch.arange(LUT_SIZE, dtype=torch.float32, device=device)) / (LUT_SIZE - 1)
-    table = torch.searchsorted(midpoints.to(device), grid)  # how many midpoints lie strictly below each point
-    if len(_LUT_TABLES) >= 8:  # fresh code tensors (code=None) must not pile up 512 KB tables
-        _LUT_TABLES.pop(next(iter(_LUT_TABLES)))
-    _LUT_TABLES[key] = (code, table)
-    return table
+    return torch.searchsorted(midpoints.to(device), grid)  # how many midpoints lie strictly below each point
 
 
 def lut_code_index(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int, code: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dynamic8bit import _triton_available
+from .dynamic8bit import resolve_backend
 from .fourbit import dequantize_4bit, quantize_4bit
 from .state import QuantState
 from .validation import FLOAT_DTYPES, check_blocksize
@@ -228,16 +228,13 @@ def _base_product(x: torch.Tensor, base, bias) -> torch.Tensor:
     """x W0^T + b. One token of a 4-bit W0 on a GPU (decoding) takes the fused GEMV, which reads the codes
     once and never writes W0^ (qlora_ref.kernels.gemv_4bit: 3x faster than dequantize + GEMV on 8192x28672,
     and more accurate than bitsandbytes'); everything else dequantizes W0^ and calls F.linear."""
-    if not isinstance(base, torch.Tensor) and x.is_cuda and x.numel() == x.shape[-1] and _gemv_fits(*base):
+    if (not isinstance(base, torch.Tensor) and x.numel() == x.shape[-1] and resolve_backend("auto", x) == "triton"
+            and base[1].shape[-1] % base[1].blocksize == 0):  # the GEMV needs whole blocks in a row
         from .kernels.gemv_4bit import gemv_4bit_triton
 
         y = gemv_4bit_triton(x, *base)
         return y if bias is None else y.add_(bias)
     return F.linear(x, _base_weight(base, x.dtype), bias)
-
-
-def _gemv_fits(packed, state) -> bool:
-    return state.shape[-1] % state.blocksize == 0 and _triton_available()
 
 
 def _base_weight(base, dtype: torch.dtype) -> torch.Tensor:

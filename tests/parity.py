@@ -44,3 +44,24 @@ def assert_8bit_matches_bitsandbytes(x, blocksize, code=None):
     assert_equal("8-bit codes", q, bnb_q)
     assert_equal("absmax", state.absmax, bnb_state.absmax)
     assert_equal("dequantized", Q.dequantize_blockwise(q, state), bnb.dequantize_blockwise(bnb_q, bnb_state))
+
+
+def make_optimizer_pair(shapes, seed=0, device="cpu", dtype=torch.float32, **options):
+    """The same random parameters twice, one copy under qlora_ref's AdamW8bit and one under bitsandbytes'."""
+    import bitsandbytes
+
+    from qlora_ref.optim8bit import AdamW8bit
+
+    torch.manual_seed(seed)
+    init = [torch.randn(shape, device=device).to(dtype) for shape in shapes]
+    ours = [torch.nn.Parameter(x.clone()) for x in init]
+    theirs = [torch.nn.Parameter(x.clone()) for x in init]
+    return ours, AdamW8bit(ours, **options), theirs, bitsandbytes.optim.AdamW8bit(theirs, **options)
+
+
+def step_both(ours, opt_ours, theirs, opt_theirs, grads):
+    """One step of both optimizers on the same gradients."""
+    for p, q, g in zip(ours, theirs, grads):
+        p.grad, q.grad = g.clone(), g.clone()
+    opt_ours.step()
+    opt_theirs.step()

@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 
 bnb = pytest.importorskip("bitsandbytes")
 
+from parity import make_optimizer_pair, step_both  # noqa: E402
 from qlora_ref.optim8bit import (  # noqa: E402
     AdamW8bit,
     adamw_update_,
@@ -54,21 +55,6 @@ def rounding_tolerance(steps, lr=LR):
     return dict(rtol=steps * ULP, atol=steps * 6 * ULP * R * lr)
 
 
-def make_pair(shapes, seed=0, **options):
-    torch.manual_seed(seed)
-    init = [torch.randn(shape) for shape in shapes]
-    ours = [torch.nn.Parameter(x.clone()) for x in init]
-    theirs = [torch.nn.Parameter(x.clone()) for x in init]
-    return ours, AdamW8bit(ours, **options), theirs, bnb.optim.AdamW8bit(theirs, **options)
-
-
-def step_both(ours, opt_ours, theirs, opt_theirs, grads):
-    for p, q, g in zip(ours, theirs, grads):
-        p.grad, q.grad = g.clone(), g.clone()
-    opt_ours.step()
-    opt_theirs.step()
-
-
 def moments_equal(opt_ours, ours, opt_theirs, theirs):
     for p, q in zip(ours, theirs):
         mine, ref = opt_ours.state[p], opt_theirs.state[q]
@@ -83,7 +69,7 @@ def moments_equal(opt_ours, ours, opt_theirs, theirs):
 @pytest.fixture(scope="module")
 def hundred_steps():
     """Both optimizers after 100 steps on the same gradients (weight_decay=0), run once for several tests."""
-    ours, opt_ours, theirs, opt_theirs = make_pair(SHAPES, weight_decay=0.0)
+    ours, opt_ours, theirs, opt_theirs = make_optimizer_pair(SHAPES, weight_decay=0.0)
     for _ in range(STEPS):
         step_both(ours, opt_ours, theirs, opt_theirs, [torch.randn(p.shape) * 0.01 for p in ours])
     return ours, opt_ours, theirs, opt_theirs
@@ -117,7 +103,7 @@ def nonfinite_gradients(shape, step, seed):
 
 
 def test_nonfinite_gradients_8bit_follow_the_kernel():
-    ours, opt_ours, theirs, opt_theirs = make_pair([(4097,), (5000, 3)], seed=1, weight_decay=0.0)
+    ours, opt_ours, theirs, opt_theirs = make_optimizer_pair([(4097,), (5000, 3)], seed=1, weight_decay=0.0)
     zero_code = {"state1": int((bnb.functional.create_dynamic_map(signed=True) == 0).nonzero()), "state2": 0}
     for t in range(1, 16):
         grads = [nonfinite_gradients(p.shape, t, i) for i, p in enumerate(ours)]
@@ -141,7 +127,7 @@ def test_nonfinite_gradients_8bit_follow_the_kernel():
 
 
 def test_nonfinite_gradients_32bit_propagate_as_in_bitsandbytes():
-    ours, opt_ours, theirs, opt_theirs = make_pair([(300,)], seed=2, weight_decay=0.0)
+    ours, opt_ours, theirs, opt_theirs = make_optimizer_pair([(300,)], seed=2, weight_decay=0.0)
     for t in range(1, 8):
         step_both(ours, opt_ours, theirs, opt_theirs, [nonfinite_gradients((300,), t, 0)])
     assert ours[0].isnan().any()
@@ -151,7 +137,7 @@ def test_nonfinite_gradients_32bit_propagate_as_in_bitsandbytes():
 
 def test_weight_decay_after_the_step():
     weight_decay, steps = 1e-2, 40
-    ours, opt_ours, theirs, opt_theirs = make_pair([(4097,), (100,)], seed=3, weight_decay=weight_decay)
+    ours, opt_ours, theirs, opt_theirs = make_optimizer_pair([(4097,), (100,)], seed=3, weight_decay=weight_decay)
     for _ in range(steps):
         step_both(ours, opt_ours, theirs, opt_theirs, [torch.randn(p.shape) * 0.01 for p in ours])
     moments_equal(opt_ours, ours, opt_theirs, theirs)  # the moments never see p
@@ -166,7 +152,7 @@ def test_weight_decay_after_the_step():
 @given(log_scale=st.floats(-6, 3), n=st.sampled_from([4096, 4097, 4353, 6000]), seed=st.integers(0, 2**16))
 def test_random_gradient_scales(log_scale, n, seed):
     """Adam is scale-free: whatever the gradients' magnitude, the moments stay byte-equal."""
-    ours, opt_ours, theirs, opt_theirs = make_pair([(n,)], seed=seed, weight_decay=0.0)
+    ours, opt_ours, theirs, opt_theirs = make_optimizer_pair([(n,)], seed=seed, weight_decay=0.0)
     scale = 10.0**log_scale
     for _ in range(4):
         step_both(ours, opt_ours, theirs, opt_theirs, [torch.randn(n) * scale])

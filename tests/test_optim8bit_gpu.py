@@ -31,7 +31,7 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from qlora_ref.optim8bit import AdamW8bit  # noqa: E402
+from parity import make_optimizer_pair, step_both  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -40,21 +40,6 @@ LR = 1e-3
 R = 4
 DRIFT = 2e-4
 SHAPES = [(4097,), (5000, 3), (70000,), (100,), (33, 7)]
-
-
-def make_pair(shapes, seed=0, dtype=torch.float32, **options):
-    torch.manual_seed(seed)
-    init = [torch.randn(shape, device="cuda").to(dtype) for shape in shapes]
-    ours = [torch.nn.Parameter(x.clone()) for x in init]
-    theirs = [torch.nn.Parameter(x.clone()) for x in init]
-    return ours, AdamW8bit(ours, **options), theirs, bnb.optim.AdamW8bit(theirs, **options)
-
-
-def step_both(ours, opt_ours, theirs, opt_theirs, grads):
-    for p, q, g in zip(ours, theirs, grads):
-        p.grad, q.grad = g.clone(), g.clone()
-    opt_ours.step()
-    opt_theirs.step()
 
 
 def check_moments(opt_ours, ours, opt_theirs, theirs, steps):
@@ -89,7 +74,7 @@ def check_parameters(ours, theirs, steps, lr=LR):
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
 def test_matches_bitsandbytes_cuda_over_100_steps(weight_decay):
     """Same decay order as the kernel (after the step), so the same tolerances with and without it."""
-    ours, opt_ours, theirs, opt_theirs = make_pair(SHAPES, weight_decay=weight_decay)
+    ours, opt_ours, theirs, opt_theirs = make_optimizer_pair(SHAPES, device="cuda", weight_decay=weight_decay)
     for _ in range(100):
         step_both(ours, opt_ours, theirs, opt_theirs, [torch.randn_like(p) * 0.01 for p in ours])
     check_moments(opt_ours, ours, opt_theirs, theirs, 100)
@@ -98,7 +83,7 @@ def test_matches_bitsandbytes_cuda_over_100_steps(weight_decay):
 
 def test_nonfinite_gradients_cuda():
     """The 8-bit kernel sets m = v = 0 and leaves p where g is NaN/Inf; the 32-bit one lets NaN in."""
-    ours, opt_ours, theirs, opt_theirs = make_pair(SHAPES, seed=1, weight_decay=1e-2)
+    ours, opt_ours, theirs, opt_theirs = make_optimizer_pair(SHAPES, device="cuda", seed=1, weight_decay=1e-2)
     for t in range(1, 31):
         grads = [torch.randn_like(p) * 0.01 for p in ours]
         if t % 3 == 0:
@@ -122,7 +107,8 @@ def test_nonfinite_gradients_cuda():
 
 @pytest.mark.parametrize("scale", [1e-5, 1e-2, 1e3])
 def test_gradient_scales_cuda(scale):
-    ours, opt_ours, theirs, opt_theirs = make_pair([(4353,), (6000,)], seed=2, weight_decay=0.0)
+    ours, opt_ours, theirs, opt_theirs = make_optimizer_pair([(4353,), (6000,)], device="cuda", seed=2,
+                                                             weight_decay=0.0)
     for _ in range(10):
         step_both(ours, opt_ours, theirs, opt_theirs, [torch.randn_like(p) * scale for p in ours])
     check_moments(opt_ours, ours, opt_theirs, theirs, 10)
@@ -132,7 +118,8 @@ def test_gradient_scales_cuda(scale):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_parameters_cuda(dtype):
     """p is updated in float32 and rounded once to bf16/fp16 (see the module docstring)."""
-    ours, opt_ours, theirs, opt_theirs = make_pair([(5000,)], seed=3, dtype=dtype, weight_decay=0.0)
+    ours, opt_ours, theirs, opt_theirs = make_optimizer_pair([(5000,)], device="cuda", seed=3, dtype=dtype,
+                                                             weight_decay=0.0)
     for _ in range(20):
         step_both(ours, opt_ours, theirs, opt_theirs, [(torch.randn(5000, device="cuda") * 0.01).to(dtype)])
     check_moments(opt_ours, ours, opt_theirs, theirs, 20)

@@ -58,6 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..codebooks import derived_table
 from ..state import QuantState
 from .dequantize_4bit import _on
 from .twins import twin
@@ -303,23 +304,18 @@ def gemv_config(K: int, blocksize: int, block_n=None, chunk_bytes=None, num_warp
 _W_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-_PAIR_TABLES = {}
-
-
 def _pair_table(code: torch.Tensor, device) -> torch.Tensor:
     """int64 [256]: entry b holds the float32 pair (code[b >> 4], code[b & 15]), the first in the low word.
 
-    Kept per codebook tensor (the cache holds the tensor, so its id cannot be reused): building it costs
-    a few torch calls, as long as the whole GEMV of a small weight."""
-    key = (id(code), code._version, str(device))
-    hit = _PAIR_TABLES.get(key)
-    if hit is not None and hit[0] is code:
-        return hit[1]
+    Cached per codebook tensor (qlora_ref.codebooks.derived_table): building it costs a few torch calls,
+    as long as the whole GEMV of a small weight."""
+    return derived_table(code, device, _build_pair_table)
+
+
+def _build_pair_table(code: torch.Tensor, device) -> torch.Tensor:
     c = code.to(device=device, dtype=torch.float32).reshape(16)
     b = torch.arange(256, device=device)
-    table = torch.stack([c[b >> 4], c[b & 15]], dim=1).contiguous().view(torch.int64).reshape(256)
-    _PAIR_TABLES[key] = (code, table)
-    return table
+    return torch.stack([c[b >> 4], c[b & 15]], dim=1).contiguous().view(torch.int64).reshape(256)
 
 
 def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState, *, block_n=None, chunk_bytes=None,
