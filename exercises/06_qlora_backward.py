@@ -46,6 +46,7 @@ from qlora_ref import QLoRALinear, dequantize_4bit, quantize_4bit
 from qlora_ref.checks import check_qlora_backward
 from qlora_ref.lora import LoRAMatmul
 
+# Lesson 0's device and compute dtype (float16 on a T4), for your own experiments; the checks run on the CPU.
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 compute_dtype = torch.float16 if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0) else torch.bfloat16
 _ = torch.manual_seed(0)

@@ -48,9 +48,17 @@ The contracts (what the learner's functions take and return):
 - check_adamw_update(update)
       update(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay) -> None, p, m, v updated in place
   one AdamW step on float32 tensors in bitsandbytes' CUDA kernel order (qlora_ref.optim8bit.adamw_update_).
+- check_pager(pager_class)
+      pager = pager_class(budget_bytes)
+      pager.add(name, nbytes)      a page of nbytes (0 allowed) in host memory; ValueError if nbytes > budget_bytes
+      pager.fetch(name)            the page to the device, most recently used, evicting least recently used
+                                   pages while resident bytes + nbytes > budget_bytes (a hit moves nothing)
+      pager.events                 a list, one tuple ("in" | "out", name, resident bytes after the move) per move
+  the bookkeeping of qlora_ref.paging.Pager (which also moves the tensors), compared event for event.
 """
 
 import math
+import random
 
 import torch
 
@@ -64,6 +72,7 @@ __all__ = [
     "launch_dequantize_kernel",
     "check_qlora_backward",
     "check_adamw_update",
+    "check_pager",
 ]
 
 
@@ -1082,3 +1091,180 @@ def check_adamw_update(update) -> bool:
                 f"{exact:,} of {total:,} values of p equal bit for bit)")
 
     return _run("check_adamw_update", body)
+
+
+# ---------------------------------------------------------------------------------------------- lesson 7: the pager
+
+
+def _pager_cases():
+    """(case, budget, {page: bytes}, [pages fetched, in order]): one by hand, then four seeded ones. Each has a
+    page of 0 bytes and one of the whole budget, and fetches pages that are already on the device."""
+    cases = [(
+        "by hand, budget 100", 100, {"a": 40, "b": 30, "c": 30, "d": 50, "zero": 0, "whole": 100},
+        ["a", "b", "c", "a", "d", "zero", "whole", "zero", "a", "a", "c", "b", "zero", "d", "b"],
+    )]
+    for seed, budget in enumerate((1000, 777, 4099, 64)):
+        rng = random.Random(seed)
+        sizes = {f"p{i}": rng.randint(1, budget // 2) for i in range(rng.randint(5, 8))}
+        sizes.update(zero=0, whole=budget, almost=budget - 1)
+        names = list(sizes)
+        weights = [1.0] * (len(names) - 2) + [0.2, 0.2]  # the two large pages, rarely: each empties the device
+        fetches = []
+        for _ in range(60):
+            recent = fetches[-3:]  # some locality, so that pages are fetched again while on the device
+            fetches.append(rng.choice(recent) if recent and rng.random() < 0.3 else rng.choices(names, weights)[0])
+        for name in ("whole", "zero"):  # each at least once, somewhere after the first ten fetches
+            fetches.insert(rng.randrange(10, len(fetches)), name)
+        cases.append((f"seed {seed}, budget {budget}, {len(sizes)} pages", budget, sizes, fetches))
+    return cases
+
+
+_EVENT_HINT = ('record each move as a tuple (direction, name, resident_bytes after it): self.events.append(("out", '
+               'victim, self.resident_bytes)) after an eviction, ("in", name, self.resident_bytes) after a fetch')
+
+
+def _learner_events(pager):
+    """pager.events as a list of (str, name, int) tuples, or _Fail naming what is wrong with it."""
+    events = getattr(pager, "events", None)
+    if not isinstance(events, list):
+        raise _Fail(f"the pager's `events` should be a list, got {type(events).__name__}", _EVENT_HINT)
+    normalised = []
+    for event in events:
+        if not isinstance(event, (tuple, list)) or len(event) != 3 or event[0] not in ("in", "out"):
+            raise _Fail(f"an event should be a tuple (\"in\" or \"out\", name, resident bytes), got {event!r}",
+                        _EVENT_HINT)
+        try:
+            normalised.append((event[0], event[1], int(event[2])))
+        except (TypeError, ValueError):
+            raise _Fail(f"an event's third field should be the resident bytes (an int), got {event!r}", _EVENT_HINT)
+    return normalised
+
+
+def _pager_hint(name, expected, got, budget, sizes, last_used, loaded):
+    """The likeliest mistake behind one fetch's wrong events. `last_used` and `loaded` (when each page was last
+    fetched, and last brought in) hold the pages on the device before this fetch."""
+    over = [event for event in got if event[2] > budget]
+    if over:
+        return (f"the device would hold {over[0][2]:,} bytes, more than the budget of {budget:,}: keep evicting "
+                "while resident_bytes + nbytes > budget_bytes (a while loop: one eviction may not make room)")
+    if not expected:
+        return (f"{name!r} is already on the device (a hit): no bytes move and nothing is recorded; only make it "
+                "the most recently used (self.resident.move_to_end(name))")
+    if not got:
+        return f"{name!r} is not on the device: bring it in (evicting first if it does not fit) and record (\"in\", ...)"
+    expected_out = [event[1] for event in expected if event[0] == "out"]
+    got_out = [event[1] for event in got if event[0] == "out"]
+    if got_out != expected_out:
+        least_recent_first = sorted(last_used, key=last_used.get)
+        n = len(got_out)
+        if got_out == least_recent_first[:n] and n > len(expected_out):
+            return ("you evicted more pages than needed: stop as soon as resident_bytes + nbytes <= budget_bytes "
+                    "(a page that fills the budget exactly fits)")
+        if got_out == least_recent_first[:n]:
+            return "too few pages evicted: keep evicting while resident_bytes + nbytes > budget_bytes"
+        if name in got_out:
+            return f"you evicted {name!r}, the page being fetched: evict among the other pages on the device"
+        stranger = next((page for page in got_out if page not in last_used), None)
+        if stranger is not None:
+            return f"{stranger!r} is not on the device: evict only pages that are"
+        if got_out == sorted(last_used, key=loaded.get)[:n]:
+            return ("you evicted the pages that came in longest ago (first in, first out); LRU evicts the page "
+                    f"*used* longest ago, {expected_out[0]!r} first: a fetch of a page already on the device must "
+                    "make it the most recently used (move_to_end)")
+        if got_out == least_recent_first[::-1][:n]:
+            return ("you evicted the most recently used page first: evict from the least recently used end "
+                    "(self.resident.popitem(last=False) when the most recent is kept at the end)")
+        if got_out == [page for page in least_recent_first if sizes[page]][:n]:
+            return ("a page of 0 bytes is evicted like any other when it is the least recently used (though it "
+                    "frees nothing): LRU order alone decides")
+        return "evict the least recently used page first: the resident page whose last fetch is the oldest"
+    if [event[:2] for event in got] != [event[:2] for event in expected]:
+        return "evict first, then bring the page in: its (\"in\", ...) event comes after the (\"out\", ...) ones"
+    return ("the third field is the bytes on the device after the move: subtract the page's bytes when it goes out, "
+            "add them when it comes in")
+
+
+def _device_state(sizes, last_used, budget):
+    """The pages on the device (the keys of last_used), least recently used first, and their bytes."""
+    if not last_used:
+        return "the device empty"
+    pages = ", ".join(f"{page} ({sizes[page]:,})" for page in sorted(last_used, key=last_used.get))
+    used = sum(sizes[page] for page in last_used)
+    return f"the device holding {pages} (least recently used first; {used:,} of {budget:,} bytes)"
+
+
+def _add_page(pager, name, nbytes, budget):
+    try:
+        _call(pager.add, name, nbytes)
+    except ValueError as err:
+        raise _Fail(f"add({name!r}, {nbytes:,}) with a budget of {budget:,} bytes raised ValueError: {err}",
+                    "refuse only a page larger than the whole budget (nbytes > budget_bytes): a page of 0 bytes, "
+                    "or of exactly the budget, fits once the other pages are evicted")
+
+
+def _refuses_a_page_larger_than_the_budget(pager_class):
+    budget = 100
+    pager = _call(pager_class, budget)
+    hint = ("a page larger than the whole budget could never be on the device (evicting every other page does not "
+            "make room): in add, if nbytes > self.budget_bytes: raise ValueError(...) saying so")
+    try:
+        _call(pager.add, "huge", budget + 1)
+    except _NotImplemented:
+        raise
+    except ValueError:
+        return
+    except Exception as err:
+        raise _Fail(f"add('huge', {budget + 1}) with a budget of {budget} bytes raised {type(err).__name__} ({err}), "
+                    "expected a ValueError", hint)
+    raise _Fail(f"add('huge', {budget + 1}) with a budget of {budget} bytes was accepted", hint)
+
+
+def check_pager(pager_class) -> bool:
+    """Check an LRU pager (lesson 7) against the bookkeeping of qlora_ref.paging.Pager, event for event.
+
+    pager_class(budget_bytes) has add(name, nbytes), fetch(name) and a list `events`; fetching a page that is
+    not on the device evicts the least recently used pages while resident + nbytes > budget, recording
+    ("out", page, resident bytes after) for each, then brings it in: ("in", name, resident bytes after). A
+    fetch of a page on the device records nothing and makes it the most recently used. Five sequences of
+    fetches (one by hand, four seeded: budgets 1000, 777, 4099 and 64 bytes), with pages of 0 bytes and of
+    the whole budget; then add must refuse (ValueError) a page larger than the budget. Prints one line (the
+    first fetch whose events differ, the device before it, expected vs got events, and a hint); True on success.
+    """
+    from .paging import Pager
+
+    def body():
+        fetches = hits = evictions = 0
+        cases = _pager_cases()
+        for case, budget, sizes, sequence in cases:
+            reference, pager = Pager(budget), _call(pager_class, budget)
+            for name, nbytes in sizes.items():
+                reference.add(name, {"bytes": torch.empty(nbytes, dtype=torch.uint8)})
+                _add_page(pager, name, nbytes, budget)
+            last_used, loaded = {}, {}  # of the pages on the device: when each was last fetched, last brought in
+            for i, name in enumerate(sequence):
+                seen_reference, seen = len(reference.events), len(_learner_events(pager))
+                reference.fetch(name)
+                _call(pager.fetch, name)
+                expected = [(e.direction, e.page, e.resident_after) for e in reference.events[seen_reference:]]
+                got = _learner_events(pager)[seen:]
+                if got != expected:
+                    raise _Fail(
+                        f"MISMATCH at fetch {i + 1} of {len(sequence)} ({case}): fetch({name!r}) with "
+                        f"{_device_state(sizes, last_used, budget)}: expected events {expected}, got {got}",
+                        _pager_hint(name, expected, got, budget, sizes, last_used, loaded),
+                    )
+                for direction, page, _ in expected:
+                    if direction == "out":
+                        del last_used[page], loaded[page]
+                    else:
+                        loaded[page] = i
+                last_used[name] = i
+                fetches += 1
+                hits += not expected
+                evictions += sum(event[0] == "out" for event in expected)
+        _refuses_a_page_larger_than_the_budget(pager_class)
+        return (f"events equal qlora_ref.paging.Pager's in {len(cases)} sequences ({fetches} fetches: {hits} hits, "
+                f"{evictions} evictions; pages of 0 bytes and of the whole budget), and a page larger than the "
+                "budget is refused")
+
+    return _run("check_pager", body)

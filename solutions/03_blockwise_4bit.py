@@ -1,6 +1,8 @@
 # %% [markdown]
 # # Exercises 3 — Blockwise NF4 quantization and 4-bit packing
 #
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/qlora-course/blob/main/solutions/03_blockwise_4bit.ipynb)
+#
 # **What you will write**
 # - `block_absmax`: one absmax per block of `blocksize` consecutive values;
 # - `nearest_code`: the index of the nearest of the 16 levels;
@@ -17,14 +19,35 @@
 
 # %%
 import os
+import sys
 
-os.environ["TORCH_COMPILE_DISABLE"] = "1"  # before importing torch (see lesson 0)
+# Before importing torch: bitsandbytes would otherwise torch.compile its CPU code paths, which is slow.
+os.environ["TORCH_COMPILE_DISABLE"] = "1"
+
+IN_COLAB = "google.colab" in sys.modules
+if IN_COLAB:  # clone the course and install it next to Colab's own torch (lesson 0, "Troubleshooting")
+    import importlib
+    import subprocess
+    from importlib.metadata import version
+
+    COURSE = "/content/qlora-course"
+    if not os.path.isdir(COURSE):
+        url = "https://github.com/OWNER/qlora-course"
+        subprocess.run(["git", "clone", "--depth", "1", "--branch", "main", url, COURSE], check=True)
+    # torch pinned to the version installed: pip keeps Colab's CUDA build instead of replacing it
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", COURSE, "bitsandbytes==0.50.2", f"torch=={version('torch')}"],
+                   check=True)
+    importlib.invalidate_caches()  # so that this running kernel finds the packages just installed
+    os.chdir(f"{COURSE}/notebooks")  # the lessons run from notebooks/ (lesson 5 reads ../bench/results)
 
 import torch
 
 from qlora_ref import nf4_codebook
 from qlora_ref.checks import check_blockwise_4bit
 
+# Lesson 0's device and compute dtype (float16 on a T4), for your own experiments; the checks run on the CPU.
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+compute_dtype = torch.float16 if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0) else torch.bfloat16
 _ = torch.manual_seed(0)
 code = nf4_codebook()  # the 16 NF4 levels, ascending (lesson 2)
 

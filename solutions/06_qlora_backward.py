@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Exercises 6 — The backward of the QLoRA layer
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/qlora-course/blob/main/exercises/06_qlora_backward.ipynb)
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/qlora-course/blob/main/solutions/06_qlora_backward.ipynb)
 #
 # **What you will write**
 # - `qlora_backward`: given dL/dy, the frozen base weight as NF4 codes and its `QuantState`, the input x, the
@@ -46,6 +46,7 @@ from qlora_ref import QLoRALinear, dequantize_4bit, quantize_4bit
 from qlora_ref.checks import check_qlora_backward
 from qlora_ref.lora import LoRAMatmul
 
+# Lesson 0's device and compute dtype (float16 on a T4), for your own experiments; the checks run on the CPU.
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 compute_dtype = torch.float16 if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0) else torch.bfloat16
 _ = torch.manual_seed(0)

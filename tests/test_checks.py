@@ -2,6 +2,8 @@
 message that names the first mismatch (where, expected vs got) and the right hint; an unfinished exercise
 gives one "not implemented yet" line, never a traceback."""
 
+import contextlib
+import io
 import math
 import re
 
@@ -19,12 +21,14 @@ from qlora_ref.checks import (
     _blockwise_cases,
     _double_quant_cases,
     _linear_cases,
+    _pager_cases,
     check_absmax_quantizer,
     check_adamw_update,
     check_blockwise_4bit,
     check_dequantize_kernel,
     check_double_quant,
     check_nf4_codebook,
+    check_pager,
     check_qlora_backward,
     check_zeropoint_quantizer,
     launch_dequantize_kernel,
@@ -33,6 +37,7 @@ from qlora_ref.double_quant import compress_absmax
 from qlora_ref.lora import LoRAMatmul
 from qlora_ref.linear import quantize_absmax, quantize_zeropoint
 from qlora_ref.optim8bit import adamw_update_
+from qlora_ref.paging import Pager
 
 # ------------------------------------------------------------------------------------- "learner" functions
 
@@ -864,3 +869,229 @@ def test_adamw_update_first_mismatch_names_expected_and_got(capsys):
     _adamw_with(decay_first=True)(wrong, g, torch.zeros_like(p), torch.zeros_like(p), 1, **hyper)
     ok, out = run(capsys, check_adamw_update, _adamw_with(decay_first=True))
     assert not ok and f"first at index 0: expected {float(expected[0]):.9g}, got {float(wrong[0]):.9g}" in out
+
+
+# ------------------------------------------------------------------------------------- lesson 7: the pager
+
+
+class ReferencePager:
+    """qlora_ref.paging.Pager itself behind the exercise's interface (pages of real tensors)."""
+
+    def __init__(self, budget_bytes):
+        self.pager = Pager(budget_bytes)
+
+    def add(self, name, nbytes):
+        self.pager.add(name, {"state": torch.empty(nbytes, dtype=torch.uint8)})
+
+    def fetch(self, name):
+        self.pager.fetch(name)
+
+    @property
+    def events(self):
+        return [(e.direction, e.page, e.resident_after) for e in self.pager.events]
+
+
+def list_pager(mistake=None):
+    """An LRU pager written differently from the notebook's (a list, most recent last), or with one `mistake`."""
+
+    class ListPager:
+        def __init__(self, budget_bytes):
+            self.budget, self.sizes, self.order, self.events = budget_bytes, {}, [], []
+
+        def used(self):
+            return sum(self.sizes[page] for page in self.order)
+
+        def add(self, name, nbytes):
+            too_big = nbytes >= self.budget if mistake == "refuse_equal" else nbytes > self.budget
+            if too_big and mistake != "no_refusal":
+                raise ValueError(f"page {name!r} ({nbytes} bytes) is larger than the budget ({self.budget})")
+            self.sizes[name] = nbytes
+
+        def record(self, direction, name):
+            after = self.used()
+            if mistake == "resident_before":
+                after += -self.sizes[name] if direction == "in" else self.sizes[name]
+            self.events.append((name, direction, after) if mistake == "fields_swapped" else (direction, name, after))
+
+        def fetch(self, name):
+            if name in self.order:
+                if mistake == "hit_recorded":
+                    self.record("in", name)
+                if mistake != "fifo":
+                    self.order.remove(name)
+                    self.order.append(name)
+                return
+            need = self.sizes[name]
+            if mistake == "in_first":
+                self.order.append(name)
+                self.record("in", name)
+                need = 0
+            evicted = 0
+            while self.used() + need > self.budget or (mistake == "ge" and self.order and self.used() + need == self.budget):
+                if mistake == "if_not_while" and evicted:
+                    break
+                candidates = [page for page in self.order if page != name]
+                if mistake == "skip_zero":
+                    candidates = [page for page in candidates if self.sizes[page]]
+                victim = candidates[-1] if mistake == "mru" else candidates[0]
+                self.order.remove(victim)
+                self.record("out", victim)
+                evicted += 1
+            if mistake != "in_first":
+                self.order.append(name)
+                self.record("in", name)
+
+    return ListPager
+
+
+def pager_stub(budget_bytes):
+    raise NotImplementedError("fill in the TODO in my_function")
+
+
+def test_pager_reference_and_an_independent_lru_pass(capsys):
+    for pager_class in (ReferencePager, list_pager()):
+        ok, out = run(capsys, check_pager, pager_class)
+        assert ok is True and out.count("\n") == 1 and out.startswith("check_pager: OK — "), out
+
+
+def test_pager_success_line_counts_fetches_hits_and_evictions(capsys):
+    fetches = hits = evictions = 0
+    for _, budget, sizes, sequence in _pager_cases():
+        pager = list_pager()(budget)
+        for name, nbytes in sizes.items():
+            pager.add(name, nbytes)
+        for name in sequence:
+            hits += name in pager.order
+            pager.fetch(name)
+        fetches += len(sequence)
+        evictions += sum(event[0] == "out" for event in pager.events)
+    _, out = run(capsys, check_pager, list_pager())
+    assert f"({fetches} fetches: {hits} hits, {evictions} evictions;" in out
+    assert hits > 0 and evictions > 0
+
+
+def test_pager_cases_have_the_awkward_pages():
+    cases = _pager_cases()
+    assert len(cases) == 5
+    for case, budget, sizes, sequence in cases:
+        for awkward in (0, budget):  # a page of 0 bytes and one of the whole budget, each fetched
+            assert any(sizes[name] == awkward for name in sequence), f"{case}: no page of {awkward} bytes is fetched"
+        pager = list_pager()(budget)
+        for name, nbytes in sizes.items():
+            pager.add(name, nbytes)
+        hits = 0
+        for name in sequence:
+            hits += name in pager.order
+            pager.fetch(name)
+        evictions = sum(event[0] == "out" for event in pager.events)
+        assert hits and evictions, f"{case}: {hits} hits, {evictions} evictions"
+
+
+@pytest.mark.parametrize("stub_class", [pager_stub, type("HalfDone", (list_pager(),), {"fetch": lambda self, name: stub()})])
+def test_pager_stub(capsys, stub_class):
+    ok, out = run(capsys, check_pager, stub_class)
+    assert ok is False and out == "check_pager: not implemented yet: fill in the TODO in my_function\n"
+
+
+def test_pager_other_errors_in_learner_code_propagate():
+    class Broken(list_pager()):
+        def fetch(self, name):
+            return self.no_such_attribute
+
+    with pytest.raises(AttributeError):
+        check_pager(Broken)
+
+
+# The case by hand: budget 100, pages a 40, b 30, c 30, d 50. Fetches a, b, c fill the device (100); fetching a
+# again makes the order b, c, a (least recent first). Fetch 5, d (50 bytes), needs 50 free: LRU evicts b (70
+# left) and c (40), then d comes in (90). FIFO evicts in arrival order, a (60) and b (30), then d (80).
+FETCH_5 = "MISMATCH at fetch 5 of 15 (by hand, budget 100): fetch('d') with the device holding a"
+FETCH_5_EXPECTED = "expected events [('out', 'b', 70), ('out', 'c', 40), ('in', 'd', 90)]"
+
+
+@pytest.mark.parametrize(
+    "mistake, messages, hint",
+    [
+        ("fifo", [FETCH_5.replace("holding a", "holding b (30), c (30), a (40) (least recently used first; 100 of 100"),
+                  f"{FETCH_5_EXPECTED}, got [('out', 'a', 60), ('out', 'b', 30), ('in', 'd', 80)]"],
+         "first in, first out"),
+        # one eviction: b out (70), then d in: 120 bytes on a device of 100
+        ("if_not_while", [f"{FETCH_5_EXPECTED}, got [('out', 'b', 70), ('in', 'd', 120)]"],
+         "the device would hold 120 bytes, more than the budget of 100: keep evicting"),
+        # fetch 3, c (30) fits exactly beside a and b (70): nothing must go; ">=" evicts a
+        ("ge", ["MISMATCH at fetch 3 of 15 (by hand, budget 100): fetch('c')",
+                "expected events [('in', 'c', 100)], got [('out', 'a', 30), ('in', 'c', 60)]"],
+         "you evicted more pages than needed"),
+        # the most recent of b, c, a is a (refetched), then c: a (60), c (30), then d (80)
+        ("mru", [f"{FETCH_5_EXPECTED}, got [('out', 'a', 60), ('out', 'c', 30), ('in', 'd', 80)]"],
+         "you evicted the most recently used page first"),
+        ("hit_recorded", ["MISMATCH at fetch 4 of 15 (by hand, budget 100): fetch('a')",
+                          "expected events [], got [('in', 'a', 100)]"], "(a hit): no bytes move and nothing is recorded"),
+        ("in_first", [f"{FETCH_5_EXPECTED}, got [('in', 'd', 150)"], "the device would hold 150 bytes"),
+        ("resident_before", ["MISMATCH at fetch 1 of 15 (by hand, budget 100): fetch('a') with the device empty",
+                             "expected events [('in', 'a', 40)], got [('in', 'a', 0)]"],
+         "the third field is the bytes on the device after the move"),
+        ("skip_zero", ["MISMATCH at fetch"], "a page of 0 bytes is evicted like any other"),
+        ("fields_swapped", ["an event should be a tuple (\"in\" or \"out\", name, resident bytes), got ('a', 'in', 40)"],
+         "record each move as a tuple (direction, name, resident_bytes after it)"),
+        ("no_refusal", ["add('huge', 101) with a budget of 100 bytes was accepted"], "raise ValueError"),
+        ("refuse_equal", ["add('whole', 100) with a budget of 100 bytes raised ValueError"],
+         "refuse only a page larger than the whole budget"),
+    ],
+)
+def test_pager_mistakes(capsys, mistake, messages, hint):
+    ok, out = run(capsys, check_pager, list_pager(mistake))
+    assert ok is False
+    assert out.startswith("check_pager: ") and out.count("\n") == 2 and "\n  hint: " in out, out
+    for message in messages:
+        assert message in out, out
+    assert hint in out, out
+
+
+def test_pager_events_in_the_wrong_order(capsys):
+    class InAfterOut(list_pager()):
+        def fetch(self, name):
+            seen = len(self.events)
+            super().fetch(name)
+            if len(self.events) > seen:  # a miss: the "in" first, then the evictions
+                self.events[seen:] = self.events[-1:] + self.events[seen:-1]
+
+    ok, out = run(capsys, check_pager, InAfterOut)
+    assert not ok and f"{FETCH_5_EXPECTED}, got [('in', 'd', 90), ('out', 'b', 70), ('out', 'c', 40)]" in out
+    assert "evict first, then bring the page in" in out
+
+
+def test_pager_events_must_be_a_list(capsys):
+    class NoEvents(list_pager()):
+        def __init__(self, budget_bytes):
+            super().__init__(budget_bytes)
+            del self.events
+
+        def record(self, direction, name):
+            pass
+
+    ok, out = run(capsys, check_pager, NoEvents)
+    assert not ok and "the pager's `events` should be a list, got NoneType" in out
+
+
+FETCHES = [(case, i, len(sequence)) for case, _, _, sequence in _pager_cases() for i in range(len(sequence))]
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, len(FETCHES) - 1))
+def test_pager_every_fetch_is_compared(k):
+    """A pager right everywhere but at one fetch is caught exactly there."""
+    calls = []
+
+    class WrongOnce(list_pager()):
+        def fetch(self, name):
+            super().fetch(name)
+            calls.append(name)
+            if len(calls) == k + 1:
+                self.events.append(("out", name, 0))
+
+    case, i, n = FETCHES[k]
+    with contextlib.redirect_stdout(io.StringIO()) as buffer:  # capsys is per test, not per hypothesis example
+        ok = check_pager(WrongOnce)
+    output = buffer.getvalue()
+    assert not ok and f"MISMATCH at fetch {i + 1} of {n} ({case}): " in output, output

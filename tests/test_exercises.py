@@ -83,6 +83,16 @@ def test_every_solution_has_solution_regions_and_exercises_none(solution_py):
     assert exercise.count("raise NotImplementedError(\"fill in the TODO in ") == text.count("### BEGIN SOLUTION")
 
 
+@solution_params
+def test_the_exercise_badge_opens_the_exercise(solution_py):
+    stem = solution_py.stem
+    solution_badge = make_exercises.colab.badge(stem, "solutions")
+    exercise_badge = make_exercises.colab.badge(stem, "exercises")
+    assert solution_badge in solution_py.read_text(encoding="utf-8"), "run `python tools/colab.py --write`"
+    exercise = make_exercises.exercise_files(solution_py)[f"{stem}.py"]
+    assert exercise_badge in exercise and solution_badge not in exercise
+
+
 # ----------------------------------------------------------------------------------------- the generator
 
 

@@ -6,7 +6,8 @@
 - no tqdm in cells whose output nbval compares (progress bars never compare equal);
 - no checked cell ends in `;`: nbval runs cells with store_history=False, where IPython's trailing-`;`
   output suppression does not work, so `plt.plot(...);` stores no repr but shows one under nbval;
-- `make notebooks` and `make test` give the kernel the same environment.
+- `make notebooks` and `make test` give the kernel the same environment;
+- every lesson, solution and exercise carries the current Colab badge and first cell (tools/colab.py).
 """
 
 import difflib
@@ -137,9 +138,61 @@ def test_make_test_and_make_notebooks_use_the_same_kernel_env():
         assert name in unexported, f"tools/run_notebooks.py unsets {name} for the kernel: add `unexport {name}` to the Makefile"
 
 
-def test_lessons_carry_the_current_colab_setup():
-    """The Colab badge and first cell of each lesson are written by tools/colab.py from one address."""
+def load_colab():
     spec = importlib.util.spec_from_file_location("colab", ROOT / "tools" / "colab.py")
     colab = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(colab)
-    assert not colab.problems(), "\n".join(colab.problems()) + "\nrun `python tools/colab.py --write`"
+    return colab
+
+
+colab = load_colab()
+
+
+def test_lessons_solutions_and_exercises_carry_the_current_colab_setup():
+    """The Colab badge and first cell of each lesson, solution and exercise are written by tools/colab.py from one
+    address (the exercises through tools/make_exercises.py)."""
+    assert not colab.problems(), (
+        "\n".join(colab.problems()) + "\nrun `python tools/colab.py --write`, then `python tools/make_exercises.py --execute`"
+    )
+
+
+def test_colab_covers_every_solution_and_exercise():
+    covered = set(colab.notebooks())
+    solutions = {p.stem for p in (ROOT / "solutions").glob("[0-9]*.py")}
+    assert solutions and {("solutions", stem) for stem in solutions} <= covered
+    assert {("exercises", stem) for stem in solutions} <= covered
+    assert {folder for folder, _ in covered} == {"notebooks", "solutions", "exercises"}
+
+
+def test_colab_check_sees_a_badge_pointing_at_the_wrong_folder_and_a_missing_block():
+    stem = sorted(p.stem for p in (ROOT / "solutions").glob("[0-9]*.py"))[0]
+    text = (ROOT / "exercises" / f"{stem}.py").read_text(encoding="utf-8")
+    assert colab.text_problems(text, stem, "exercises") == []
+    solutions_badge = text.replace(colab.badge(stem, "exercises"), colab.badge(stem, "solutions"))
+    assert colab.text_problems(solutions_badge, stem, "exercises") == [
+        f"exercises/{stem}.py: the first markdown cell lacks the badge {colab.badge(stem, 'exercises')}"
+    ]
+    no_block = text.replace(colab.colab_block(), colab.BLOCK_START)
+    assert [line.split(": ", 1)[1] for line in colab.text_problems(no_block, stem, "exercises")] == [
+        "the first code cell lacks the current Colab block (tools/colab.py)"
+    ]
+    no_device = text.replace(colab.DEVICE_LINES, "")
+    assert "lacks lesson 0's two lines" in " ".join(colab.text_problems(no_device, stem, "exercises"))
+
+
+def test_colab_setup_fills_in_a_new_notebook_and_leaves_current_ones_alone():
+    new = (
+        "# %% [markdown]\n# # Exercises 8 — Something new\n#\n# **What you will write**\n\n"
+        f"# %%\nimport os\nimport sys\n\n{colab.BLOCK_START}\n\nimport torch\n\n{colab.DEVICE_LINES}\n\n"
+        "# %% [markdown]\n# ## 1. Next\n"
+    )
+    written = colab.with_setup(new, "08_new", "solutions")
+    assert colab.text_problems(written, "08_new", "solutions") == []
+    assert written.startswith(f"# %% [markdown]\n# # Exercises 8 — Something new\n#\n{colab.badge('08_new', 'solutions')}\n#\n")
+    assert colab.with_setup(written, "08_new", "solutions") == written
+    with pytest.raises(ValueError, match="has no line 'IN_COLAB"):
+        colab.with_setup(new.replace(colab.BLOCK_START, ""), "08_new", "solutions")
+    for folder, stem in colab.notebooks():
+        if folder != "exercises":
+            text = (ROOT / folder / f"{stem}.py").read_text(encoding="utf-8")
+            assert colab.with_setup(text, stem, folder) == text, f"{folder}/{stem}.py: run `python tools/colab.py --write`"

@@ -10,7 +10,9 @@ exercises/NN_name.ipynb where:
       raise NotImplementedError("fill in the TODO in <function>")
 
   at the indentation of the BEGIN marker, <function> being the `def` that encloses it;
-- the lines between `### BEGIN HIDDEN` and `### END HIDDEN` (markers included) are removed.
+- the lines between `### BEGIN HIDDEN` and `### END HIDDEN` (markers included) are removed;
+- the "Open in Colab" badge is pointed at exercises/NN_name.ipynb (tools/colab.py's with_badge); the rest of
+  the Colab set-up is the solution's.
 
 The exercise notebooks are NOT executed (learners run them): no outputs, no execution counts, deterministic
 cell ids. tests/test_exercises.py regenerates them in memory and fails when the committed files drift.
@@ -46,6 +48,17 @@ DEF = re.compile(r"^(\s*)(?:async\s+)?def\s+(\w+)")
 
 class MarkerError(ValueError):
     pass
+
+
+def _load_tool(name):
+    """A module of tools/ (not a package): tools/<name>.py, loaded from its path."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+colab = _load_tool("colab")
 
 
 def _indent(line):
@@ -104,7 +117,7 @@ def deterministic_ids(nb, stem):
 def exercise_files(solution_py):
     """{file name: text} of the exercise pair generated from one solutions/NN_name.py."""
     text = solution_py.read_text(encoding="utf-8")
-    exercise_py = strip_solutions(text, solution_py.name)
+    exercise_py = colab.with_badge(strip_solutions(text, solution_py.name), solution_py.stem, "exercises")
     nb = jupytext.reads(exercise_py, fmt="py:percent")
     nb.metadata = nbformat.from_dict({"kernelspec": dict(KERNELSPEC), "language_info": {"name": "python"}})
     for cell in nb.cells:
@@ -135,9 +148,7 @@ def generate():
 
 def execute_solutions(names):
     """Re-execute solutions/*.ipynb with tools/run_notebooks.py, pointed at solutions/ instead of notebooks/."""
-    spec = importlib.util.spec_from_file_location("run_notebooks", ROOT / "tools" / "run_notebooks.py")
-    run_notebooks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_notebooks)
+    run_notebooks = _load_tool("run_notebooks")
     run_notebooks.NOTEBOOKS = SOLUTIONS  # its functions read the folder from this module global
     run_notebooks.main(names)
 
