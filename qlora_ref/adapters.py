@@ -174,9 +174,12 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write data to a temporary file beside path, fsync it, then os.replace: readers see the old file or
+    the new one, never half of one (a run killed mid-save leaves its last checkpoint intact)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600 files; saved models are for others to read too
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -227,8 +230,8 @@ def save_adapters(model: nn.Module, directory, base_model_name_or_path: Optional
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, save(adapter_state_dict(model), metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(directory / WEIGHTS_NAME, save(adapter_state_dict(model), metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     return directory
 
 

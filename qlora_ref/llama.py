@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .adapters import LORA_LAYERS, _atomic_write
+from .adapters import LORA_LAYERS, atomic_write
 
 BASE_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "base"
 IGNORE_INDEX = -100  # labels with this value are not predicted (the prompt, the padding)
@@ -312,9 +312,9 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             del tensors["lm_head.weight"]
         dtype = self.model.embed_tokens.weight.dtype
-        _atomic_write(directory / "model.safetensors", save(tensors, metadata={"format": "pt"}))
+        atomic_write(directory / "model.safetensors", save(tensors, metadata={"format": "pt"}))
         config = json.dumps(self.config.to_hf_dict(dtype), indent=2, sort_keys=True) + "\n"
-        _atomic_write(directory / "config.json", config.encode())
+        atomic_write(directory / "config.json", config.encode())
         return directory
 
     @classmethod
