@@ -18,7 +18,12 @@ repeats from 1900-01-01..2099-12-31 (seeded), so the eval dates are never traine
 
 Training sequences are [BOS] prompt answer [EOS]; the labels copy the ids on the answer and its EOS
 and are -100 elsewhere, so the loss is -log p(answer | prompt) per answer token. Score: exact match
-of the greedy continuation (up to the first EOS) with the answer.
+of the greedy continuation (up to the first EOS) with the answer, which one teacher-forced forward pass
+decides (greedy_correct).
+
+The functions that turn examples into ids take a `tokenizer`: BYTES (the byte tokenizer above) for the
+course's model, or HFTokenizer(AutoTokenizer.from_pretrained(...)) for a Hugging Face model, whose
+prompt and answer are tokenized separately and joined the same way.
 """
 
 import gzip
@@ -53,6 +58,54 @@ def decode(ids) -> str:
     if EOS_ID in ids:
         ids = ids[:ids.index(EOS_ID)]
     return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class ByteTokenizer:
+    """The course model's tokenizer as an object (encode/decode above), for code that takes any tokenizer."""
+
+    pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list:
+        return encode(text, bos, eos)
+
+    def decode(self, ids) -> str:
+        return decode(ids)
+
+    def generate_kwargs(self, ids: torch.Tensor) -> dict:
+        return {"eos_token_id": EOS_ID}
+
+
+BYTES = ByteTokenizer()
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer behind ByteTokenizer's interface.
+
+    encode(text, bos, eos) = [bos_token_id if it has one] + tokenizer(text, add_special_tokens=False)
+    + [eos_token_id]; the pad id is the tokenizer's, else its EOS (many causal LMs define no pad token).
+    """
+
+    def __init__(self, tokenizer):
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"the tokenizer {type(tokenizer).__name__} has no eos_token: answers could not end")
+        self.tokenizer = tokenizer
+        self.bos_id, self.eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return [self.bos_id] * (bos and self.bos_id is not None) + list(ids) + [self.eos_id] * eos
+
+    def decode(self, ids) -> str:
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        if self.eos_id in ids:
+            ids = ids[:ids.index(self.eos_id)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def generate_kwargs(self, ids: torch.Tensor) -> dict:
+        # transformers' generate: greedy, with an explicit mask and pad id (the rows are never padded)
+        return {"eos_token_id": self.eos_id, "pad_token_id": self.pad_id, "do_sample": False,
+                "attention_mask": torch.ones_like(ids)}
 
 
 def load_corpus(split: str, data_dir=DATA_DIR) -> str:
@@ -123,7 +176,7 @@ def date_task(n_train: int = 4000, n_eval: int = 200, seed: int = 0):
     return examples[:n_train], examples[n_train:]
 
 
-def collate(examples: Sequence[Example]) -> dict:
+def collate(examples: Sequence[Example], tokenizer=BYTES) -> dict:
     """{"input_ids", "labels"} [batch, longest]: [BOS] prompt answer [EOS], padded on the right with PAD.
 
     labels = input_ids on the answer and its EOS, -100 on BOS, the prompt and the padding (the model
@@ -131,9 +184,9 @@ def collate(examples: Sequence[Example]) -> dict:
     """
     if not examples:
         raise ValueError("collate needs at least one example")
-    rows = [(encode(e.prompt), encode(e.answer, bos=False, eos=True)) for e in examples]
+    rows = [(tokenizer.encode(e.prompt), tokenizer.encode(e.answer, bos=False, eos=True)) for e in examples]
     length = max(len(p) + len(a) for p, a in rows)
-    input_ids = torch.full((len(rows), length), PAD_ID, dtype=torch.long)
+    input_ids = torch.full((len(rows), length), tokenizer.pad_id, dtype=torch.long)
     labels = torch.full((len(rows), length), -100, dtype=torch.long)
     for i, (prompt, answer) in enumerate(rows):
         input_ids[i, :len(prompt) + len(answer)] = torch.tensor(prompt + answer)
@@ -142,30 +195,54 @@ def collate(examples: Sequence[Example]) -> dict:
 
 
 @torch.no_grad()
-def generate_answers(model: nn.Module, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 256) -> list:
+def generate_answers(model: nn.Module, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 256,
+                     tokenizer=BYTES) -> list:
     """Greedy continuations of the prompts, decoded up to the first EOS (prompts of one length share a batch)."""
     device = next(model.parameters()).device
+    encoded = [tokenizer.encode(prompt) for prompt in prompts]
     by_length = {}
-    for index, prompt in enumerate(prompts):
-        by_length.setdefault(len(encode(prompt)), []).append(index)
+    for index, ids in enumerate(encoded):
+        by_length.setdefault(len(ids), []).append(index)
     answers = [None] * len(prompts)
     was_training = model.training
     model.eval()
     for length, indices in by_length.items():
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
-            ids = torch.tensor([encode(prompts[i]) for i in chunk], device=device)
-            out = model.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=EOS_ID)
+            ids = torch.tensor([encoded[i] for i in chunk], device=device)
+            out = model.generate(ids, max_new_tokens=max_new_tokens, **tokenizer.generate_kwargs(ids))
             for i, row in zip(chunk, out[:, length:]):
-                answers[i] = decode(row)
+                answers[i] = tokenizer.decode(row)
     model.train(was_training)
     return answers
 
 
-def exact_match(model: nn.Module, examples: Sequence[Example], batch_size: int = 256) -> float:
-    """Fraction of examples whose greedy answer is exactly right (room for one token past the longest answer)."""
+@torch.no_grad()
+def greedy_correct(model: nn.Module, examples: Sequence[Example], batch_size: int = 256, tokenizer=BYTES) -> list:
+    """For each example, whether greedy decoding from its prompt gives exactly answer + [EOS].
+
+    One forward pass over [BOS] prompt answer [EOS] instead of generating token by token: greedy decoding
+    reproduces the answer and stops iff at every answer position (and the EOS) the argmax of the logits,
+    given the correct tokens before it, is the correct next token. By induction on the answer's tokens, the
+    generated prefix is then always the correct one, so the two tests agree (tests/test_train.py checks it).
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = []
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start:start + batch_size], tokenizer)
+        logits = model(batch["input_ids"].to(device)).logits[:, :-1]
+        targets = batch["labels"][:, 1:].to(device)
+        hits = (logits.argmax(-1) == targets) | (targets == -100)
+        correct += hits.all(dim=1).tolist()
+    model.train(was_training)
+    return correct
+
+
+def exact_match(model: nn.Module, examples: Sequence[Example], batch_size: int = 256, tokenizer=BYTES) -> float:
+    """Fraction of examples whose greedy answer is exactly right (greedy_correct)."""
     if not examples:
         raise ValueError("exact_match needs at least one example")
-    longest = max(len(encode(e.answer, bos=False)) for e in examples)
-    answers = generate_answers(model, [e.prompt for e in examples], longest + 1, batch_size)
-    return sum(a == e.answer for a, e in zip(answers, examples)) / len(examples)
+    correct = greedy_correct(model, examples, batch_size, tokenizer)
+    return sum(correct) / len(correct)

@@ -2,6 +2,7 @@
 
 import math
 from datetime import date
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from torch import nn
 
 from qlora_ref.llama import LlamaConfig, LlamaForCausalLM
 from qlora_ref.tasks import (BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, Example, collate, corpus_ids, date_example,
-                             date_task, decode, encode, exact_match, generate_answers, load_corpus, perplexity)
+                             date_task, decode, encode, exact_match, generate_answers, greedy_correct, load_corpus,
+                             perplexity)
 
 
 def tiny_model(seed=0, **overrides) -> LlamaForCausalLM:
@@ -122,7 +124,13 @@ def test_generate_answers_in_batches_equals_one_prompt_at_a_time():
 
 
 class Oracle(nn.Module):
-    """Answers from a table (wrong for the prompts in `wrong`); stands in for a model that learned the task."""
+    """A next-token rule over the prefix, standing in for a model that learned the task.
+
+    The next token after prompt + partial answer is the answer's next byte, then EOS; for prompts in
+    `wrong` the answer ends in "?", for prompts in `endless` the answer runs on in "x" instead of ending.
+    forward() gives logits whose argmax is that token at every position; generate() applies the rule
+    token by token. Both score with the same rule, so greedy decoding and teacher forcing must agree.
+    """
 
     def __init__(self, examples, wrong=(), endless=()):
         super().__init__()
@@ -130,16 +138,30 @@ class Oracle(nn.Module):
         self.table = {e.prompt: e.answer for e in examples}
         self.wrong, self.endless = set(wrong), set(endless)
 
+    def next_token(self, prefix: list) -> int:
+        text = bytes(i for i in prefix if i < 256).decode("utf-8", errors="replace")
+        for prompt, answer in self.table.items():
+            if text.startswith(prompt):
+                answer = answer + ("?" if prompt in self.wrong else "")
+                written = text[len(prompt):]
+                if prompt in self.endless and len(written) >= len(answer):
+                    return ord("x")
+                return ord(answer[len(written)]) if len(written) < len(answer) else EOS_ID
+        return ord("?")
+
+    def forward(self, input_ids):
+        logits = torch.zeros(*input_ids.shape, VOCAB_SIZE)
+        for b, row in enumerate(input_ids.tolist()):
+            for i in range(len(row)):
+                logits[b, i, self.next_token(row[:i + 1])] = 1.0
+        return SimpleNamespace(logits=logits)
+
     def generate(self, input_ids, max_new_tokens, eos_token_id):
         rows = []
         for row in input_ids.tolist():
-            prompt = decode(row)
-            answer = self.table[prompt] + ("?" if prompt in self.wrong else "")
-            if prompt in self.endless:  # the right answer, then more bytes instead of EOS
-                tail = encode(answer + "x" * max_new_tokens, bos=False)
-            else:
-                tail = encode(answer, bos=False, eos=True) + [PAD_ID] * max_new_tokens
-            rows.append(row + tail[:max_new_tokens])
+            for _ in range(max_new_tokens):
+                row.append(PAD_ID if eos_token_id in row[1:] else self.next_token(row))
+            rows.append(row)
         return torch.tensor(rows)
 
 
@@ -151,3 +173,13 @@ def test_exact_match_counts_answers_that_are_exactly_right():
     assert exact_match(Oracle(examples, endless=[examples[3].prompt]), examples) == pytest.approx(19 / 20)
     with pytest.raises(ValueError, match="at least one example"):
         exact_match(Oracle(examples), [])
+
+
+def test_teacher_forced_score_agrees_with_greedy_generation():
+    """greedy_correct (one forward pass) against generate_answers (token by token), example by example."""
+    examples = date_task(n_train=0, n_eval=12, seed=2)[1] + [Example("q", ""), Example("a longer prompt", "!")]
+    oracle = Oracle(examples, wrong=[examples[1].prompt, examples[12].prompt], endless=[examples[4].prompt])
+    generated = generate_answers(oracle, [e.prompt for e in examples], max_new_tokens=14, batch_size=5)
+    expected = [g == e.answer for g, e in zip(generated, examples)]
+    assert greedy_correct(oracle, examples, batch_size=5) == expected
+    assert expected.count(False) == 3
