@@ -1,0 +1,545 @@
+"""Lesson 8: QLoRA fine-tuning end to end, as a library function and a command.
+
+    python -m qlora_ref.train --config configs/date_qlora.json [--set steps=20 output_dir=runs/try]
+
+    result = train(TrainConfig(method="qlora", steps=150))   # the course's model on the date task, on a CPU
+    result.evals[-1]                                          # {"step": 150, "eval_loss": ..., "exact_match": ...}
+
+What one optimizer step does (`train_step`), for micro-batches b_1..b_k (k = grad_accum) of the training set:
+
+    lr(s)  = lr * (s + 1) / warmup_steps                                         for s < warmup_steps
+           = lr * (m + (1 - m) * (1 + cos(pi * (s - warmup) / (steps - warmup))) / 2)   after (m = min_lr_ratio)
+    g      = sum_j grad( loss(b_j) / k )            loss: mean -log p(answer token | everything before it)
+    g      = g * min(1, max_grad_norm / ||g||)      gradient clipping over all trainable parameters
+    theta  = AdamW(theta, g, lr(s))                 the paged 8-bit AdamW of lesson 7 by default
+
+method "qlora": the base's linear layers become QLoRALinear (NF4 + double quantization, frozen) with LoRA
+adapters A, B (float32) on every linear layer but the output head; "lora": the same adapters over the
+unquantized base; "full": every parameter trains (float32 master weights, autocast in a 16-bit dtype).
+Activations are recomputed in the backward pass (gradient checkpointing) unless it is turned off.
+
+Batches are a pure function of (seed, step): batch i is the i-th slice of a permutation of the training set
+drawn for its epoch from torch.Generator().manual_seed(seed + epoch). So a checkpoint needs only the step,
+the trainable weights, the optimizer's state and the RNG state (dropout) to resume exactly: a run stopped
+and resumed computes the same losses, bit for bit, as one that never stopped. Checkpoints are directories
+`checkpoint-<step>` written whole to a temporary name and renamed; the adapters inside are PEFT's layout.
+Every file is safetensors or JSON; nothing is pickled.
+
+model "base" is the course's pretrained model (models/base, byte tokenizer). Any other value is a Hugging Face
+model id or local directory, loaded with transformers' AutoModelForCausalLM and AutoTokenizer (an optional
+extra): the same code fine-tunes it (on a Colab T4: dtype "auto" picks float16 and a gradient scaler).
+"""
+
+import argparse
+import difflib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from safetensors.torch import load_file, save
+from torch import nn
+from tqdm import tqdm
+
+from .adapters import (ALL_LINEAR, atomic_write, load_adapters, merge_adapters, prepare_model,
+                       save_adapters)
+from .llama import BASE_MODEL_DIR, LlamaForCausalLM
+from .lora import check_lora_hyperparameters
+from .optim8bit import AdamW8bit, load_optimizer_state_tensors, optimizer_state_tensors, predicted_state_bytes
+from .paging import PagedAdamW8bit
+from .tasks import BYTES, Example, HFTokenizer, collate, date_task, exact_match, generate_answers
+from .validation import check_blocksize
+
+METHODS = ("qlora", "lora", "full")
+OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Settings a resumed run may change; any other difference from the checkpoint's config is an error.
+# Names other trainers (transformers, PEFT) use for these settings: suggested when a config uses them.
+OTHER_NAMES = {"learning_rate": "lr", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_r": "r", "rank": "r",
+               "max_steps": "steps", "gradient_accumulation_steps": "grad_accum", "warmup": "warmup_steps",
+               "per_device_train_batch_size": "batch_size", "gradient_checkpointing_enable": "gradient_checkpointing"}
+RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "output_dir", "resume", "progress", "samples")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on (a JSON file of these keys configures the command)."""
+
+    model: str = "base"                 # "base" (models/base) or a Hugging Face model id / local directory
+    method: str = "qlora"               # "qlora", "lora" or "full"
+    train_file: Optional[str] = None    # JSON lines {"prompt": ..., "answer": ...}; None: the date task
+    eval_file: Optional[str] = None     # the same; None: the date task's held-out dates
+    n_train: int = 4000                 # date task sizes (when the files are None)
+    n_eval: int = 200
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.0
+    target_modules: Union[str, list] = ALL_LINEAR
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    blocksize: int = 64
+    steps: int = 150
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 3e-3
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0          # 0: no clipping
+    optimizer: str = "paged_adamw_8bit"
+    gradient_checkpointing: bool = True
+    dtype: str = "auto"                 # compute dtype: "auto" = bfloat16 on Ampere+, float16 before, float32 on a CPU
+    device: str = "auto"
+    seed: int = 0
+    eval_every: int = 50                # 0: evaluate at the end only
+    save_every: int = 0                 # 0: a checkpoint at the end only (when output_dir is set)
+    output_dir: Optional[str] = None    # None: write nothing
+    resume: bool = False                # continue from output_dir's latest checkpoint
+    progress: bool = True               # a progress bar on stderr
+    samples: int = 3                    # eval prompts answered at the end
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        names = [f.name for f in fields(cls)]
+        for key in values:
+            if key not in names:
+                close = difflib.get_close_matches(key, names + list(OTHER_NAMES), n=1)
+                close = [OTHER_NAMES.get(c, c) for c in close]
+                hint = f"; did you mean {close[0]!r}?" if close else f"; the settings are {names}"
+                raise ValueError(f"unknown setting {key!r}{hint}")
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"config file {path} is not valid JSON: {error}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path} must hold a JSON object of settings, got {type(values).__name__}")
+        return cls.from_dict(values)
+
+
+def _check_int(config, name: str, low: int) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def check_config(config: TrainConfig) -> None:
+    """Raise with what to change for any setting that cannot work (those that need the model: see setup)."""
+    for name, allowed in (("method", METHODS), ("optimizer", OPTIMIZERS), ("dtype", ("auto", *DTYPES))):
+        if getattr(config, name) not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {getattr(config, name)!r}")
+    if config.method != "full":
+        check_lora_hyperparameters(config.r, config.alpha, config.dropout)
+    check_blocksize(config.blocksize)
+    for name, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup_steps", 0), ("n_train", 1),
+                      ("n_eval", 1), ("eval_every", 0), ("save_every", 0), ("seed", 0), ("samples", 0)):
+        _check_int(config, name, low)
+    if config.warmup_steps >= config.steps:
+        raise ValueError(f"warmup_steps ({config.warmup_steps}) must be less than steps ({config.steps})")
+    for name in ("lr", "weight_decay", "max_grad_norm", "min_lr_ratio"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if config.lr == 0 or config.min_lr_ratio > 1:
+        raise ValueError(f"lr must be > 0 and min_lr_ratio in [0, 1], got lr={config.lr}, "
+                         f"min_lr_ratio={config.min_lr_ratio}")
+    for name in ("train_file", "eval_file"):
+        path = getattr(config, name)
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{name} {str(path)!r} does not exist; give the path of a JSON-lines file "
+                                    "of {\"prompt\": ..., \"answer\": ...}, or leave it out for the date task")
+    if config.resume and config.output_dir is None:
+        raise ValueError("resume needs output_dir: the directory whose latest checkpoint to continue from")
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warm-up over warmup_steps, then cosine decay to lr * min_lr_ratio at the last step."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - 1 - config.warmup_steps)
+    floor = config.min_lr_ratio
+    return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def batch_indices(n: int, batch_size: int, seed: int, index: int) -> list:
+    """The index-th batch: slice index of the epoch's permutation (an epoch drops its last partial batch)."""
+    per_epoch = n // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch_size ({batch_size}) is larger than the training set ({n} examples)")
+    epoch, position = divmod(index, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    return order[position * batch_size:(position + 1) * batch_size].tolist()
+
+
+def load_examples(path) -> list:
+    """Examples from a JSON-lines file, one {"prompt": str, "answer": str} object a line."""
+    examples = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not JSON ({error})") from None
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("prompt", "answer")):
+            raise ValueError(f"{path}, line {number}: expected {{\"prompt\": str, \"answer\": str}}, got {line[:80]!r}")
+        examples.append(Example(item["prompt"], item["answer"]))
+    if not examples:
+        raise ValueError(f"{path} holds no examples")
+    return examples
+
+
+def resolve_device_and_dtype(config: TrainConfig) -> tuple:
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {config.device!r} asks for CUDA but torch sees no GPU; use device 'auto' or 'cpu'")
+    if config.dtype == "auto":
+        if device.type != "cuda":
+            return device, torch.float32
+        return device, torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    dtype = DTYPES[config.dtype]
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ValueError(f"{torch.cuda.get_device_name(device)} has no bfloat16 (a T4 is sm_75): set dtype "
+                         "'float16' or 'auto'")
+    return device, dtype
+
+
+def load_model(config: TrainConfig, device, dtype):
+    """(model, tokenizer): the course's base with the byte tokenizer, or a transformers model and its tokenizer."""
+    weights_dtype = torch.float32 if config.method == "full" else dtype
+    if config.model == "base":
+        return LlamaForCausalLM.from_pretrained(BASE_MODEL_DIR).to(device, weights_dtype), BYTES
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise ImportError(f"model {config.model!r} is a Hugging Face model, which needs transformers: "
+                          "pip install transformers (or set model 'base')") from None
+    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=weights_dtype).to(device)
+    model.config.use_cache = False  # no KV cache in training; generate() turns it on by itself
+    return model, HFTokenizer(AutoTokenizer.from_pretrained(config.model))
+
+
+def context_length(model) -> Optional[int]:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+@dataclass
+class Run:
+    """A set-up run: what train_step needs, and where the run stands."""
+
+    config: TrainConfig
+    model: nn.Module
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    train_examples: list
+    eval_examples: list
+    device: torch.device
+    dtype: torch.dtype
+    scaler: Optional[torch.amp.GradScaler] = None
+    step: int = 0
+    losses: list = field(default_factory=list)
+    evals: list = field(default_factory=list)
+
+    @property
+    def trainable(self) -> list:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def autocast(self):
+        """Full fine-tuning keeps float32 weights and computes in the 16-bit dtype; LoRA layers need nothing."""
+        if self.config.method == "full" and self.dtype != torch.float32:
+            return torch.autocast(self.device.type, dtype=self.dtype)
+        return nullcontext()
+
+
+def make_optimizer(config: TrainConfig, named_params: list, device) -> torch.optim.Optimizer:
+    kwargs = dict(lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW([p for _, p in named_params], **kwargs)
+    if config.optimizer == "adamw_8bit":
+        return AdamW8bit(named_params, **kwargs)
+    if device.type == "cuda":
+        return PagedAdamW8bit(named_params, paging="managed", **kwargs)
+    # A CPU has no unified memory: the pager pages the states through a simulated device that holds them all.
+    budget = predicted_state_bytes([p for _, p in named_params])
+    return PagedAdamW8bit(named_params, paging="pager", budget_bytes=budget, **kwargs)
+
+
+def setup(config: TrainConfig) -> Run:
+    """Check the config, load the model, put LoRA (or QLoRA) in, build the data and the optimizer."""
+    check_config(config)
+    device, dtype = resolve_device_and_dtype(config)
+    if config.train_file is None or config.eval_file is None:
+        date_train, date_eval = date_task(config.n_train, config.n_eval, seed=0)  # one fixed split of the dates
+    train_examples = date_train if config.train_file is None else load_examples(config.train_file)
+    eval_examples = date_eval if config.eval_file is None else load_examples(config.eval_file)
+    torch.manual_seed(config.seed)  # LoRA's A initialisation, then dropout
+    model, tokenizer = load_model(config, device, dtype)
+    longest = max(len(tokenizer.encode(e.prompt)) + len(tokenizer.encode(e.answer, bos=False, eos=True)) + 1
+                  for e in train_examples + eval_examples)
+    context = context_length(model)
+    if context is not None and longest > context:
+        raise ValueError(f"the longest example needs {longest} positions (prompt + answer + end) but the model's "
+                         f"context is {context} (max_position_embeddings): shorten the examples or use a model "
+                         "with a longer context")
+    if config.method == "full":
+        model.requires_grad_(True)
+    else:
+        prepare_model(model, config.r, config.alpha, config.dropout, config.target_modules,
+                      quantize=config.method == "qlora", compute_dtype=dtype, blocksize=config.blocksize,
+                      quant_type=config.quant_type, double_quant=config.double_quant)
+    if config.gradient_checkpointing:
+        if isinstance(model, LlamaForCausalLM):
+            model.gradient_checkpointing_enable()
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = make_optimizer(config, named, device)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    return Run(config, model, tokenizer, optimizer, train_examples, eval_examples, device, dtype, scaler)
+
+
+def train_step(run: Run) -> float:
+    """One optimizer step (see the module docstring); returns the mean loss of its micro-batches."""
+    config = run.config
+    lr = learning_rate(config, run.step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    total = 0.0
+    for micro in range(config.grad_accum):
+        index = run.step * config.grad_accum + micro
+        batch = collate([run.train_examples[i] for i in
+                         batch_indices(len(run.train_examples), config.batch_size, config.seed, index)], run.tokenizer)
+        with run.autocast():
+            loss = run.model(input_ids=batch["input_ids"].to(run.device), labels=batch["labels"].to(run.device)).loss
+        scaled = loss / config.grad_accum
+        (run.scaler.scale(scaled) if run.scaler else scaled).backward()
+        total += loss.item()
+    if run.scaler:
+        run.scaler.unscale_(run.optimizer)
+    if config.max_grad_norm > 0:
+        nn.utils.clip_grad_norm_(run.trainable, config.max_grad_norm)
+    if run.scaler:
+        run.scaler.step(run.optimizer)  # skipped when the fp16 gradients overflowed; the scale then shrinks
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    run.losses.append(total / config.grad_accum)
+    return run.losses[-1]
+
+
+@torch.no_grad()
+def evaluate(run: Run, batch_size: int = 64) -> dict:
+    """Loss per answer token on the eval set, and exact match of the greedy answers."""
+    model, was_training = run.model, run.model.training
+    model.eval()
+    loss_sum, tokens = 0.0, 0
+    for start in range(0, len(run.eval_examples), batch_size):
+        batch = collate(run.eval_examples[start:start + batch_size], run.tokenizer)
+        count = int((batch["labels"][:, 1:] != -100).sum())
+        with run.autocast():
+            loss = model(input_ids=batch["input_ids"].to(run.device), labels=batch["labels"].to(run.device)).loss
+        loss_sum += loss.item() * count
+        tokens += count
+    model.train(was_training)
+    with run.autocast():
+        score = exact_match(model, run.eval_examples, tokenizer=run.tokenizer)
+    return {"step": run.step, "eval_loss": loss_sum / tokens, "exact_match": score}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def _rng_tensors(device) -> dict:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        tensors["torch_cuda"] = torch.cuda.get_rng_state(device)
+    return tensors
+
+
+def save_checkpoint(run: Run, directory) -> Path:
+    """directory/checkpoint-<step>/: adapters (PEFT layout) or weights, optimizer state, RNG state, trainer state.
+
+    Written into a temporary directory and renamed when complete, so a run killed while saving leaves the
+    previous checkpoint as the latest."""
+    directory = Path(directory)
+    final = directory / f"{CHECKPOINT_PREFIX}{run.step:06d}"
+    partial = directory / f".{final.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    if run.config.method == "full":
+        weights = {n: p.detach().cpu().contiguous() for n, p in run.model.named_parameters() if p.requires_grad}
+        atomic_write(partial / "model.safetensors", save(weights))
+    else:
+        save_adapters(run.model, partial, base_model_name_or_path=run.config.model)
+    state = {k: v.detach().cpu().contiguous() for k, v in optimizer_state_tensors(run.optimizer).items()}
+    atomic_write(partial / "optimizer.safetensors", save(state))
+    atomic_write(partial / "rng.safetensors", save(_rng_tensors(run.device)))
+    trainer_state = {"step": run.step, "losses": run.losses, "evals": run.evals, "config": asdict(run.config),
+                     "scaler": run.scaler.state_dict() if run.scaler else None}
+    atomic_write(partial / "trainer_state.json", (json.dumps(trainer_state, indent=1) + "\n").encode())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+    return final
+
+
+def latest_checkpoint(directory) -> Optional[Path]:
+    found = sorted(Path(directory).glob(f"{CHECKPOINT_PREFIX}[0-9]*"))
+    return found[-1] if found else None
+
+
+def load_checkpoint(run: Run, checkpoint) -> None:
+    """Restore a checkpoint written by save_checkpoint into a freshly set-up run of the same config."""
+    checkpoint = Path(checkpoint)
+    trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())
+    saved, current = trainer_state["config"], asdict(run.config)
+    changed = [k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != current.get(k)]
+    if changed:
+        raise ValueError(f"{checkpoint} was trained with different settings: "
+                         + ", ".join(f"{k} {saved[k]!r} (now {current.get(k)!r})" for k in changed)
+                         + "; resume with the same settings or start a new output_dir")
+    if trainer_state["step"] > run.config.steps:
+        raise ValueError(f"{checkpoint} is at step {trainer_state['step']}, past steps={run.config.steps}")
+    if run.config.method == "full":
+        weights = load_file(str(checkpoint / "model.safetensors"))
+        with torch.no_grad():
+            for name, param in run.model.named_parameters():
+                if param.requires_grad:
+                    param.copy_(weights[name])
+    else:
+        load_adapters(run.model, checkpoint)
+    state = {k: v.to(run.device) if k.startswith("state.") else v
+             for k, v in load_file(str(checkpoint / "optimizer.safetensors")).items()}
+    load_optimizer_state_tensors(run.optimizer, state)
+    rng = load_file(str(checkpoint / "rng.safetensors"))
+    torch.set_rng_state(rng["torch_cpu"])
+    if "torch_cuda" in rng and run.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["torch_cuda"], run.device)
+    if run.scaler and trainer_state["scaler"]:
+        run.scaler.load_state_dict(trainer_state["scaler"])
+    run.step, run.losses, run.evals = trainer_state["step"], trainer_state["losses"], trainer_state["evals"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """A finished (or stopped) run: the model with its adapters, and what was measured on the way."""
+
+    run: Run
+    seconds: float
+    samples: list  # (prompt, model's answer, expected answer)
+    checkpoint: Optional[Path]
+
+    @property
+    def model(self) -> nn.Module:
+        return self.run.model
+
+    @property
+    def losses(self) -> list:
+        return self.run.losses
+
+    @property
+    def evals(self) -> list:
+        return self.run.evals
+
+
+def train(config: TrainConfig, stop_after: Optional[int] = None) -> TrainResult:
+    """Fine-tune as the config says; stop_after=k ends the run after step k (as if it were interrupted there)."""
+    run = setup(config)
+    if config.resume and latest_checkpoint(config.output_dir) is not None:
+        load_checkpoint(run, latest_checkpoint(config.output_dir))
+    last = config.steps if stop_after is None else min(stop_after, config.steps)
+    checkpoint = None
+    start = time.perf_counter()
+    with tqdm(total=config.steps, initial=run.step, disable=not config.progress, desc=config.method,
+              file=sys.stderr, dynamic_ncols=True) as bar:
+        while run.step < last:
+            loss = train_step(run)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate(config, run.step - 1):.2e}")
+            if run.step == config.steps or (config.eval_every and run.step % config.eval_every == 0):
+                run.evals.append(evaluate(run))
+                if config.progress:
+                    bar.write(f"step {run.step}: eval loss {run.evals[-1]['eval_loss']:.4f}, "
+                              f"exact match {run.evals[-1]['exact_match']:.3f}")
+            if config.output_dir and (run.step == last or (config.save_every and run.step % config.save_every == 0)):
+                checkpoint = save_checkpoint(run, config.output_dir)
+    seconds = time.perf_counter() - start
+    shown = run.eval_examples[:config.samples]
+    with run.autocast():
+        answers = generate_answers(run.model, [e.prompt for e in shown], 32, tokenizer=run.tokenizer) if shown else []
+    samples = [(e.prompt, a, e.answer) for e, a in zip(shown, answers)]
+    return TrainResult(run, seconds, samples, checkpoint)
+
+
+def parse_overrides(pairs: list) -> dict:
+    """["steps=20", "method=lora"] -> {"steps": 20, "method": "lora"} (values read as JSON, else as text)."""
+    values = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set takes key=value, got {pair!r}")
+        try:
+            values[key] = json.loads(text)
+        except json.JSONDecodeError:
+            values[key] = text
+    return values
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qlora_ref.train", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="a JSON file of TrainConfig settings (defaults for the rest)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="settings that override the file")
+    parser.add_argument("--merge", action="store_true",
+                        help="after training, merge the adapters into the weights and save the model to output_dir/merged")
+    args = parser.parse_args(argv)
+    try:
+        values = asdict(TrainConfig.from_file(args.config)) if args.config else {}
+        config = TrainConfig.from_dict({**values, **parse_overrides(args.set)})
+        result = train(config)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    final = result.evals[-1]
+    print(f"{config.method}: {result.run.step} steps in {result.seconds:.1f} s, loss {result.losses[-1]:.4f}, "
+          f"eval loss {final['eval_loss']:.4f}, exact match {final['exact_match']:.3f}")
+    for prompt, answer, expected in result.samples:
+        print(f"  {prompt!r} -> {answer!r} (expected {expected!r})")
+    if result.checkpoint:
+        print(f"checkpoint: {result.checkpoint}")
+    if args.merge and config.method != "full":
+        merge_adapters(result.model)
+        score = exact_match(result.model, result.run.eval_examples, tokenizer=result.run.tokenizer)
+        print(f"merged: exact match {score:.3f}")
+        if config.output_dir:
+            result.model.save_pretrained(Path(config.output_dir) / "merged")
+            print(f"merged model: {Path(config.output_dir) / 'merged'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
