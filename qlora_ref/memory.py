@@ -15,6 +15,7 @@ the allocator's rounding and caching (`memory_reserved`) and kernels' private sc
 """
 
 import weakref
+from typing import Optional
 
 import torch
 from torch import nn
@@ -29,7 +30,8 @@ def _storage_key(t: torch.Tensor) -> tuple:
 
 def tensor_bytes(*objects) -> int:
     """Bytes of the distinct storages of the tensors in objects: tensors, modules (parameters, buffers and
-    gradients), optimizers (their state), or lists/tuples/dicts of them. A shared storage counts once."""
+    gradients), or lists/tuples/dicts of them. A shared storage counts once. (An optimizer's state:
+    qlora_ref.optim8bit.optimizer_state_bytes.)"""
     seen = {}
 
     def visit(obj):
@@ -39,8 +41,6 @@ def tensor_bytes(*objects) -> int:
                 seen[key] = key[2]
         elif isinstance(obj, nn.Module):
             visit([(t, t.grad) for t in obj.parameters()] + list(obj.buffers()))
-        elif isinstance(obj, torch.optim.Optimizer):
-            visit(list(obj.state.values()))
         elif isinstance(obj, dict):
             visit(list(obj.values()))
         elif isinstance(obj, (list, tuple)):
@@ -55,16 +55,17 @@ def tensor_bytes(*objects) -> int:
 class PeakMemory(TorchDispatchMode):
     """Peak bytes of the tensors created inside a `with` block, on one device type.
 
-        with PeakMemory("cpu", baseline=tensor_bytes(model, optimizer)) as memory:
+        with PeakMemory("cpu", baseline=tensor_bytes(model) + optimizer_state_bytes(optimizer)) as memory:
             loss = model(ids, labels=labels).loss; loss.backward(); optimizer.step()
         memory.peak      # baseline + the most bytes the block's new tensors held at one moment
         memory.current   # baseline + what they hold at the end
 
+    device_type: count tensors on this kind of device only ("cpu", "cuda"); None counts them all.
     baseline: bytes that exist before and stay through the block (see tensor_bytes). A storage created
     in the block is counted from the operator that creates it until it is freed.
     """
 
-    def __init__(self, device_type: str = "cpu", baseline: int = 0):
+    def __init__(self, device_type: Optional[str] = None, baseline: int = 0):
         super().__init__()
         if isinstance(baseline, bool) or not isinstance(baseline, int) or baseline < 0:
             raise ValueError(f"baseline must be a number of bytes >= 0, got {baseline!r}")
@@ -77,7 +78,7 @@ class PeakMemory(TorchDispatchMode):
         self.current -= self.live.pop(key)
 
     def _track(self, t: torch.Tensor) -> None:
-        if t.device.type != self.device_type:
+        if self.device_type is not None and t.device.type != self.device_type:
             return
         key = _storage_key(t)
         if key in self.live or key[2] == 0:

@@ -50,16 +50,14 @@ dropout. On a CPU `measure_saved_bytes` (what autograd saves) equals the predict
 
 import json
 import math
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from .double_quant import NESTED_BLOCKSIZE
+from .memory import PeakMemory
 from .optim8bit import predicted_state_bytes
 from .paging import MANAGED_MIN_NUMEL
 from .validation import check_blocksize
@@ -499,39 +497,6 @@ def measure_saved_bytes(model: torch.nn.Module, input_ids: torch.Tensor, labels:
     return sum(nbytes for _, nbytes in seen)
 
 
-class _LiveBytes(TorchDispatchMode):
-    """Counts the bytes of every storage an operator creates while they are alive, and their peak.
-
-    Each new storage (an output that is not a view of an input) is added when made and subtracted by a
-    weakref finalizer when PyTorch frees it, so `live` follows what a device allocator would hold.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self._alive = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for tensor in tree_leaves(out):
-            if not isinstance(tensor, torch.Tensor):
-                continue
-            storage = tensor.untyped_storage()
-            ptr, nbytes = storage.data_ptr(), storage.nbytes()
-            if nbytes == 0 or ptr in inputs or ptr in self._alive:
-                continue
-            self._alive.add(ptr)
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._freed, ptr, nbytes)
-        return out
-
-    def _freed(self, ptr: int, nbytes: int) -> None:
-        self._alive.discard(ptr)
-        self.live -= nbytes
-
-
 def measure_peak_bytes(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> int:
     """Peak bytes of the tensors made in one forward and backward pass, `model(input_ids, labels=labels)
     .loss.backward()`: activations, temporaries, and the parameters' gradients as they appear.
@@ -540,7 +505,7 @@ def measure_peak_bytes(model: torch.nn.Module, input_ids: torch.Tensor, labels: 
     by following every tensor PyTorch creates (a TorchDispatchMode) and when it is freed. The
     returned output is dropped only after the backward, as in a training loop that keeps `out`.
     """
-    with _LiveBytes() as tracker:
+    with PeakMemory() as tracker:
         out = model(input_ids, labels=labels)
         out.loss.backward()
         del out
