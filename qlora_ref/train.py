@@ -52,7 +52,9 @@ from .adapters import (ALL_LINEAR, atomic_write, load_adapters, merge_adapters, 
                        save_adapters)
 from .llama import BASE_MODEL_DIR, LlamaForCausalLM
 from .lora import check_lora_hyperparameters
-from .optim8bit import AdamW8bit, load_optimizer_state_tensors, optimizer_state_tensors, predicted_state_bytes
+from .memory import PeakMemory, tensor_bytes
+from .optim8bit import (AdamW8bit, load_optimizer_state_tensors, optimizer_state_bytes, optimizer_state_tensors,
+                        predicted_state_bytes)
 from .paging import PagedAdamW8bit
 from .tasks import BYTES, Example, HFTokenizer, collate, date_task, exact_match, generate_answers
 from .validation import check_blocksize
@@ -493,6 +495,32 @@ def train(config: TrainConfig, stop_after: Optional[int] = None) -> TrainResult:
         answers = generate_answers(run.model, [e.prompt for e in shown], 32, tokenizer=run.tokenizer) if shown else []
     samples = [(e.prompt, a, e.answer) for e, a in zip(shown, answers)]
     return TrainResult(run, seconds, samples, checkpoint)
+
+
+def step_memory(config: TrainConfig, steps: int = 2) -> dict:
+    """Measured bytes of a run: the model before training, and the peak over `steps` training steps.
+
+        weights          every parameter and buffer of the set-up model (packed 4-bit codes for QLoRA)
+        trainable        the parameters the optimizer updates
+        optimizer_state  the optimizer's state after the steps
+        peak             the most bytes alive at once during the steps, the model included
+    On a GPU, peak is torch.cuda.max_memory_allocated; on a CPU, qlora_ref.memory.PeakMemory measures it.
+    """
+    run = setup(config)
+    weights = tensor_bytes(run.model)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+        torch.cuda.reset_peak_memory_stats(run.device)
+        for _ in range(steps):
+            train_step(run)
+        peak = torch.cuda.max_memory_allocated(run.device)
+    else:
+        with PeakMemory(run.device.type, baseline=weights) as memory:
+            for _ in range(steps):
+                train_step(run)
+        peak = memory.peak
+    return {"weights": weights, "trainable": tensor_bytes(run.trainable) - tensor_bytes([p.grad for p in run.trainable]),
+            "optimizer_state": optimizer_state_bytes(run.optimizer), "peak": peak}
 
 
 def parse_overrides(pairs: list) -> dict:

@@ -16,7 +16,7 @@ from qlora_ref.optim8bit import optimizer_state_tensors
 from qlora_ref.paging import PagedAdamW8bit
 from qlora_ref.tasks import date_task
 from qlora_ref.train import (TrainConfig, batch_indices, evaluate, latest_checkpoint, learning_rate, main, setup,
-                             train, train_step)
+                             step_memory, train, train_step)
 
 # Small and fast: a few steps of batches of 8 on the shipped base (886k parameters).
 TINY = TrainConfig(n_train=64, n_eval=16, batch_size=8, steps=6, warmup_steps=2, eval_every=3, progress=False,
@@ -185,3 +185,20 @@ def test_a_hugging_face_model_directory_fine_tunes_with_the_same_code_and_peft_l
     with torch.no_grad():
         theirs = reference(input_ids=ids).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_step_memory_measures_the_model_the_optimizer_and_the_peak():
+    qlora = step_memory(replace(TINY, optimizer="adamw_8bit", gradient_checkpointing=False), steps=1)
+    lora = step_memory(replace(TINY, method="lora", optimizer="adamw_8bit", gradient_checkpointing=False), steps=1)
+    checkpointed = step_memory(replace(TINY, optimizer="adamw_8bit"), steps=1)
+    base = LlamaForCausalLM.from_pretrained()
+    dense_linears = sum(m.weight.nbytes for n, m in base.named_modules()
+                        if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    # LoRA keeps the float32 linears; QLoRA keeps about 4.5 bits of them (codes, absmax codes, constants)
+    assert lora["weights"] - qlora["weights"] > 0.8 * dense_linears
+    adapters = 4 * 4 * sum(m.in_features + m.out_features for n, m in base.named_modules()
+                           if isinstance(m, torch.nn.Linear) and n != "lm_head")  # r = 4, float32
+    assert qlora["trainable"] == lora["trainable"] == adapters
+    assert qlora["optimizer_state"] == lora["optimizer_state"] > 0
+    assert qlora["peak"] > qlora["weights"] + qlora["optimizer_state"]
+    assert checkpointed["peak"] < qlora["peak"]  # only each layer's input is kept for the backward
