@@ -470,9 +470,13 @@ class TrainResult:
 
 def train(config: TrainConfig, stop_after: Optional[int] = None) -> TrainResult:
     """Fine-tune as the config says; stop_after=k ends the run after step k (as if it were interrupted there)."""
+    existing = latest_checkpoint(config.output_dir) if config.output_dir else None
+    if existing is not None and not config.resume:
+        raise ValueError(f"output_dir {config.output_dir!r} already holds {existing.name}: set resume=true to "
+                         "continue that run, or choose a new output_dir")
     run = setup(config)
-    if config.resume and latest_checkpoint(config.output_dir) is not None:
-        load_checkpoint(run, latest_checkpoint(config.output_dir))
+    if existing is not None:
+        load_checkpoint(run, existing)
     last = config.steps if stop_after is None else min(stop_after, config.steps)
     checkpoint = None
     start = time.perf_counter()

@@ -138,6 +138,8 @@ def test_training_files_are_read_and_checked(tmp_path):
 
 def test_resuming_with_other_settings_is_refused(tmp_path):
     train(replace(TINY, steps=2, warmup_steps=1, output_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="already holds checkpoint-000002: set resume=true"):
+        train(replace(TINY, steps=2, warmup_steps=1, output_dir=str(tmp_path)))
     with pytest.raises(ValueError, match=r"different settings: r 4 \(now 8\)"):
         train(replace(TINY, steps=4, warmup_steps=1, r=8, output_dir=str(tmp_path), resume=True))
 
