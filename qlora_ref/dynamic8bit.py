@@ -83,6 +83,16 @@ def check_code_8bit(code) -> None:
         raise ValueError("code must be sorted in ascending order")
 
 
+@functools.lru_cache(maxsize=None)
+def shared_dynamic_map(signed: bool, device: torch.device) -> torch.Tensor:
+    """One dynamic_map(signed) tensor per device, for every caller that does not bring its own code.
+
+    Tables derived from a code are cached per code tensor (codebooks.derived_table), so sharing one
+    tensor builds the 65536-entry rounding table once per process instead of once per call.
+    """
+    return dynamic_map(signed=signed).to(device)
+
+
 def quantize_blockwise(x: torch.Tensor, code=None, blocksize: int = 256, rounding: str = "lut", backend: str = "auto"):
     """8-bit codes of `x` (uint8, x's shape) and their QuantState (absmax per block, code, dtype).
 
@@ -98,7 +108,7 @@ def quantize_blockwise(x: torch.Tensor, code=None, blocksize: int = 256, roundin
         return quantize_blockwise_triton(x, code, blocksize)
     check_float_tensor(x)
     check_blocksize(blocksize)
-    code = dynamic_map() if code is None else code
+    code = shared_dynamic_map(True, x.device) if code is None else code
     check_code_8bit(code)
     code = code.to(x.device)
     flat = x.contiguous().reshape(-1).float()
