@@ -17,27 +17,34 @@ from scipy.stats import norm
 from qlora_ref import dequantize_4bit, dynamic_map, nf4_codebook, quantize_4bit
 from qlora_ref.blockwise import unpack_4bit
 from qlora_ref.checks import (
+    _STEP_CASES,
+    _STEP_CONFIG,
     _adamw_cases,
     _blockwise_cases,
     _double_quant_cases,
     _linear_cases,
     _pager_cases,
+    _schedule_cases,
     check_absmax_quantizer,
     check_adamw_update,
     check_blockwise_4bit,
     check_dequantize_kernel,
     check_double_quant,
+    check_learning_rate,
     check_nf4_codebook,
     check_pager,
     check_qlora_backward,
+    check_training_step,
     check_zeropoint_quantizer,
     launch_dequantize_kernel,
 )
 from qlora_ref.double_quant import compress_absmax
 from qlora_ref.lora import LoRAMatmul
 from qlora_ref.linear import quantize_absmax, quantize_zeropoint
-from qlora_ref.optim8bit import adamw_update_
+from qlora_ref.optim8bit import AdamW8bit, adamw_update_
 from qlora_ref.paging import Pager
+from qlora_ref.tasks import collate
+from qlora_ref.train import TrainConfig, batch_indices, learning_rate, setup, train_step
 
 # ------------------------------------------------------------------------------------- "learner" functions
 
@@ -1095,3 +1102,340 @@ def test_pager_every_fetch_is_compared(k):
         ok = check_pager(WrongOnce)
     output = buffer.getvalue()
     assert not ok and f"MISMATCH at fetch {i + 1} of {n} ({case}): " in output, output
+
+
+# ------------------------------------------------------------------------------------- lesson 8: the schedule
+
+
+def formula_learning_rate(config, step):
+    """The schedule written from its formula (not qlora_ref's code), in the order the exercise gives."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - 1 - config.warmup_steps)
+    m = config.min_lr_ratio
+    return config.lr * (m + (1 - m) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def rearranged_learning_rate(config, step):
+    """The same schedule with its operations regrouped: equal up to float64 rounding."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps * config.lr
+    progress = (step - config.warmup_steps) / max(1, config.steps - 1 - config.warmup_steps)
+    m = config.min_lr_ratio
+    return config.lr * m + config.lr * (1 - m) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def schedule_with(warm_from=1, span_less=1, floor=True, offset=True, mixed=True, decay=True, guard=True):
+    """The schedule with one piece changed (each default is the right one)."""
+
+    def schedule(config, step):
+        w, m = config.warmup_steps, (config.min_lr_ratio if floor else 0.0)
+        if step < w:
+            return config.lr * (step + warm_from) / w
+        if not decay:
+            return config.lr
+        span = config.steps - span_less - (w if offset else 0)
+        progress = (step - (w if offset else 0)) / (max(1, span) if guard else span)
+        half = 0.5 * (1 + math.cos(math.pi * progress))
+        return config.lr * (m + (1 - m) * half) if mixed else config.lr * (m + half)
+
+    return schedule
+
+
+SCHEDULE_STEPS = sum(config.steps for _, config in _schedule_cases())
+LESSON_SCHEDULE = "lr 3e-3, steps 150, warmup_steps 10, min_lr_ratio 0.1 (lesson 8's run)"
+
+
+def test_learning_rate_reference_and_formula_pass_bit_for_bit(capsys):
+    for schedule in (learning_rate, formula_learning_rate, schedule_with()):
+        ok, out = run(capsys, check_learning_rate, schedule)
+        assert ok and out == ("check_learning_rate: OK — equal to qlora_ref.train.learning_rate at every step of 4 "
+                              f"schedules ({SCHEDULE_STEPS} steps, all bit for bit)\n"), out
+
+
+def test_learning_rate_rearranged_passes_and_counts_the_bits(capsys):
+    exact = sum(rearranged_learning_rate(config, step) == learning_rate(config, step)
+                for _, config in _schedule_cases() for step in range(config.steps))
+    assert 0 < exact < SCHEDULE_STEPS  # the regrouping does move some last bits
+    ok, out = run(capsys, check_learning_rate, rearranged_learning_rate)
+    assert ok and f"({SCHEDULE_STEPS} steps; {exact} bit for bit, the rest within 1e-9" in out
+
+
+def test_learning_rate_cases_cover_no_warmup_and_a_one_step_cosine():
+    configs = [config for _, config in _schedule_cases()]
+    assert any(c.warmup_steps == 0 and c.min_lr_ratio == 0 for c in configs)
+    assert any(c.steps - 1 - c.warmup_steps == 0 for c in configs)
+
+
+@pytest.mark.parametrize(
+    "schedule, message, hint",
+    [
+        (schedule_with(warm_from=0), f"MISMATCH ({LESSON_SCHEDULE}): 10 of 150 steps differ, first at step 0: "
+                                     "expected 0.0003, got 0", "step 0 already trains with lr / warmup_steps"),
+        (schedule_with(span_less=0), "139 of 150 steps differ, first at step 11", "the cosine ends at the last step"),
+        (schedule_with(floor=False), "139 of 150 steps differ, first at step 11", "decays to lr · min_lr_ratio, not to 0"),
+        # every cosine step differs but the last, where both reach the floor
+        (schedule_with(offset=False), "139 of 150 steps differ, first at step 10: expected 0.003,",
+         "the cosine starts where the warm-up ends"),
+        (schedule_with(mixed=False), "first at step 10: expected 0.003, got 0.0033", "mix the floor in"),
+        (schedule_with(decay=False), "first at step 11", "follows a cosine down to lr · min_lr_ratio"),
+        (lambda config, step: formula_learning_rate(config, step) * (1 + 1e-8) if step == 77 else
+         formula_learning_rate(config, step), "1 of 150 steps differ, first at step 77", "after the warm-up"),
+        (lambda config, step: formula_learning_rate(config, step) * 2 if step == 3 else
+         formula_learning_rate(config, step), "1 of 150 steps differ, first at step 3", "during the warm-up"),
+    ],
+)
+def test_learning_rate_mistakes(capsys, schedule, message, hint):
+    ok, out = run(capsys, check_learning_rate, schedule)
+    assert not ok and out.startswith("check_learning_rate: ") and out.count("\n") == 2, out
+    assert message in out and hint in out, out
+
+
+def warmup_first(config, step):
+    """Right, but it divides by warmup_steps before asking whether there is a warm-up."""
+    warm = (step + 1) / config.warmup_steps
+    return config.lr * warm if warm < 1 else formula_learning_rate(config, step)
+
+
+@pytest.mark.parametrize(
+    "schedule, message, hint",
+    [
+        (warmup_first, "learning_rate(config, 0) divided by zero (lr 2e-4, steps 40, no warm-up", "divide by warmup_steps only when"),
+        (schedule_with(guard=False), "learning_rate(config, 10) divided by zero (lr 5e-3, steps 11, warmup_steps 10",
+         "max(1, steps - 1 - warmup_steps)"),
+    ],
+)
+def test_learning_rate_division_by_zero_is_explained(capsys, schedule, message, hint):
+    ok, out = run(capsys, check_learning_rate, schedule)
+    assert not ok and message in out and hint in out, out
+
+
+def test_learning_rate_stub_and_wrong_types(capsys):
+    ok, out = run(capsys, check_learning_rate, stub)
+    assert not ok and out == "check_learning_rate: not implemented yet: fill in the TODO in my_function\n"
+    ok, out = run(capsys, check_learning_rate, lambda config, step: "fast")
+    assert not ok and "learning_rate(config, 0) should be a number or a one-element tensor, got str" in out
+    def as_tensor(config, step):
+        return torch.tensor([formula_learning_rate(config, step)], dtype=torch.float64)
+
+    ok, out = run(capsys, check_learning_rate, as_tensor)
+    assert ok, out  # a one-element tensor is a number
+
+
+# ------------------------------------------------------------------------------------- lesson 8: the step
+
+
+def step_with(mistake=None, schedule=learning_rate):
+    """One training step written from the exercise's description (not from train_step), with one mistake."""
+
+    def training_step(run):
+        config = run.config
+        if mistake == "zero_at_start":
+            run.optimizer.zero_grad(set_to_none=False)
+        if mistake != "no_lr":
+            for group in run.optimizer.param_groups:
+                group["lr"] = schedule(config, run.step + (mistake == "lr_ahead"))
+        total = 0.0
+        for micro in range(config.grad_accum):
+            index = {"same_batch": run.step * config.grad_accum, "step_index": run.step + micro}.get(
+                mistake, run.step * config.grad_accum + micro)
+            examples = [run.train_examples[i] for i in
+                        batch_indices(len(run.train_examples), config.batch_size, config.seed, index)]
+            batch = collate(examples, run.tokenizer)
+            if mistake == "no_labels":  # every position scored, the prompt's included
+                logits = run.model(input_ids=batch["input_ids"]).logits[:, :-1]
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                         batch["input_ids"][:, 1:].reshape(-1))
+            else:
+                loss = run.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+            scaled = loss if mistake == "no_divide" else loss / config.grad_accum
+            scaled.backward()
+            total += (scaled if mistake == "scaled_loss" else loss).item()
+            if mistake == "clip_inside":
+                torch.nn.utils.clip_grad_norm_(run.trainable, config.max_grad_norm)
+            if mistake == "step_inside":
+                run.optimizer.step()
+        if mistake == "clip_always" or (config.max_grad_norm > 0 and mistake not in ("no_clip", "clip_inside")):
+            torch.nn.utils.clip_grad_norm_(run.trainable, config.max_grad_norm)
+        if mistake in ("zero_before_step", "zero_none_before_step"):
+            run.optimizer.zero_grad(set_to_none=mistake == "zero_none_before_step")
+        if mistake not in ("step_inside", "no_step"):
+            run.optimizer.step()
+        if mistake not in ("no_zero", "zero_at_start"):
+            run.optimizer.zero_grad(set_to_none=True)
+        if mistake != "no_advance":
+            run.step += 1
+        mean = {"sum_loss": total, "last_loss": loss.item(), "tensor_loss": loss}.get(mistake, total / config.grad_accum)
+        if mistake != "no_append":
+            run.losses.append(mean)
+        return None if mistake == "no_return" else mean
+
+    return training_step
+
+
+def equivalent_step(run):
+    """The same step written differently, each difference legitimate: zero_grad(set_to_none=False) at the start,
+    the losses kept and one backward over their mean, clipping over model.parameters() (the frozen ones have no
+    gradient), the mean loss formed in float32."""
+    config = run.config
+    run.optimizer.zero_grad(set_to_none=False)
+    lr = learning_rate(config, run.step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    losses = []
+    for micro in range(config.grad_accum):
+        indices = batch_indices(len(run.train_examples), config.batch_size, config.seed,
+                                config.grad_accum * run.step + micro)
+        batch = collate([run.train_examples[i] for i in indices], run.tokenizer)
+        losses.append(run.model(batch["input_ids"], batch["labels"]).loss)
+    (sum(losses) / config.grad_accum).backward()
+    if config.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm=config.max_grad_norm)
+    run.optimizer.step()
+    run.step += 1
+    run.losses.append(float(torch.stack([loss.detach() for loss in losses]).mean()))
+    return run.losses[-1]
+
+
+CLIPPED, UNCLIPPED = (case for case, _, _ in _STEP_CASES)
+STEP_OK = ("check_training_step: OK — batches, losses, learning rates, gradients, adapters and optimizer state equal "
+           f"train_step's, bit for bit ({sum(steps for _, _, steps in _STEP_CASES)} steps of two runs")
+
+
+def test_training_step_written_from_the_description_passes(capsys):
+    ok, out = run(capsys, check_training_step, step_with())
+    assert ok and out.startswith(STEP_OK) and out.count("\n") == 1, out
+
+
+def test_training_step_equivalent_forms_pass(capsys):
+    ok, out = run(capsys, check_training_step, equivalent_step)
+    assert ok and out.startswith(STEP_OK), out
+
+
+def test_training_step_cases_clip_early_enough_and_also_not_at_all():
+    clipped, unclipped = (dict(changes) for _, changes, _ in _STEP_CASES)
+    assert clipped["max_grad_norm"] > 0 and clipped["dropout"] > 0 and unclipped["max_grad_norm"] == 0
+    # the clipping case must clip a single micro-batch's share of the gradient, or clipping too early would not show
+    config = TrainConfig(**_STEP_CONFIG, **clipped)
+    state = torch.get_rng_state()
+    trial = setup(config)
+    indices = batch_indices(len(trial.train_examples), config.batch_size, config.seed, 0)
+    batch = collate([trial.train_examples[i] for i in indices], trial.tokenizer)
+    (trial.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss / config.grad_accum).backward()
+    norm = torch.cat([p.grad.reshape(-1) for p in trial.trainable]).norm()
+    torch.set_rng_state(state)
+    assert norm > config.max_grad_norm
+
+
+def test_training_step_stubs_and_errors(capsys):
+    ok, out = run(capsys, check_training_step, stub)
+    assert not ok and out == "check_training_step: not implemented yet: fill in the TODO in my_function\n"
+
+    def uses_a_stubbed_schedule(run_):
+        raise NotImplementedError("fill in the TODO in learning_rate")
+
+    ok, out = run(capsys, check_training_step, uses_a_stubbed_schedule)
+    assert not ok and out == "check_training_step: not implemented yet: fill in the TODO in learning_rate\n"
+    with pytest.raises(AttributeError):
+        check_training_step(lambda run_: run_.no_such_field)
+
+
+def test_training_step_leaves_the_callers_random_state_alone(capsys):
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    run(capsys, check_training_step, step_with("no_lr"))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_training_step_counts_optimizer_steps_when_torch_hooks_them_twice(capsys):
+    # Building an AdamW8bit wraps AdamW8bit.step for hooks; PagedAdamW8bit.step calls it, so from then on a
+    # step's pre-hooks run twice per optimizer.step() of the runs' PagedAdamW8bit.
+    AdamW8bit([torch.nn.Parameter(torch.zeros(4))])
+    assert getattr(AdamW8bit.step, "hooked", False)
+    ok, out = run(capsys, check_training_step, step_with("step_inside"))
+    assert not ok and f"at step 1 ({CLIPPED}) run.optimizer.step() was called 2 times, expected once" in out
+    ok, out = run(capsys, check_training_step, train_step)
+    assert ok, out
+
+
+GRADIENT = "MISMATCH in the gradient of model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize(
+    "mistake, messages, hint",
+    [
+        ("no_divide", [f"{GRADIENT}.lora_B.weight at optimizer.step() (step 1, {CLIPPED})"],
+         "each micro-batch's gradient is grad_accum = 2 times too large"),
+        ("clip_inside", [f"{GRADIENT}.lora_B.weight at optimizer.step() (step 1, {CLIPPED})"],
+         "the gradients changed between two micro-batches' backward passes"),
+        # lora_A's gradient is zero at step 1 (B starts at 0), so the first nonzero one left over is at step 2
+        ("no_zero", [f"{GRADIENT}.lora_A.weight at optimizer.step() (step 2, {CLIPPED})"],
+         "the previous step left its gradients in .grad"),
+        ("no_clip", [f"{GRADIENT}.lora_B.weight at optimizer.step() (step 1, {CLIPPED})"], "was not clipped"),
+        ("clip_always", [f"(step 1, {UNCLIPPED}): 512 of 512 differ", "got -0.0"], "max_grad_norm = 0 means no clipping"),
+        ("zero_before_step", [f"{GRADIENT}.lora_B.weight at optimizer.step() (step 1, {CLIPPED})", "got 0.0"],
+         "the gradient is zero at optimizer.step()"),
+        ("zero_none_before_step", [f"MISMATCH at step 1 ({CLIPPED}): the gradient of model.layers.0.self_attn.q_proj"
+                                   ".lora_A.weight is None at optimizer.step()"], "zero the gradients after the step"),
+        ("same_batch", [f"MISMATCH at step 1 ({CLIPPED}): micro-batch 2 of 2 should be batch index 1 (run.step * "
+                        "grad_accum + micro = 0 * 2 + 1), got the examples of batch index 0"],
+         "every micro-batch used the same examples"),
+        ("step_index", [f"MISMATCH at step 2 ({CLIPPED}): micro-batch 1 of 2 should be batch index 2", "batch index 1"],
+         "index = run.step * config.grad_accum + micro"),
+        # warmup_steps 3: step 1 trains at lr / 3 = 0.001; never set, the optimizer keeps lr = 0.003
+        ("no_lr", [f"MISMATCH at step 1 ({CLIPPED}) in the learning rate at optimizer.step(): expected 0.001 "
+                   "(learning_rate(config, 0)), got 0.003"], "the learning rate was never set"),
+        ("lr_ahead", ["expected 0.001 (learning_rate(config, 0)), got 0.002"], "that is the next step's rate"),
+        ("no_advance", [f"after step 1 ({CLIPPED}) run.step is 0, expected 1"], "advance run.step by one"),
+        ("step_inside", [f"at step 1 ({CLIPPED}) run.optimizer.step() was called 2 times, expected once"],
+         "not inside the loop"),
+        ("no_step", [f"at step 1 ({CLIPPED}) run.optimizer.step() was called 0 times"], "call run.optimizer.step() once"),
+        ("sum_loss", [f"MISMATCH at step 1 ({CLIPPED}) in run.losses[-1]"], "the mean, not the sum"),
+        ("scaled_loss", [f"MISMATCH at step 1 ({CLIPPED}) in run.losses[-1]"], "log the unscaled loss"),
+        ("last_loss", [f"MISMATCH at step 1 ({CLIPPED}) in run.losses[-1]"], "not one of them"),
+        ("tensor_loss", [f"run.losses[-1] is a tensor ({CLIPPED}), expected a Python float"], "use loss.item()"),
+        ("no_append", [f"after step 1 ({CLIPPED}) run.losses has 0 entries, expected 1"], "append the step's mean loss"),
+        ("no_return", [f"the value training_step returned is None ({CLIPPED})"], "return the mean loss"),
+        ("no_labels", [f"MISMATCH at step 1 ({CLIPPED}) in run.losses[-1]"], "labels=batch['labels']"),
+    ],
+)
+def test_training_step_mistakes(capsys, mistake, messages, hint):
+    ok, out = run(capsys, check_training_step, step_with(mistake))
+    assert ok is False
+    assert out.startswith("check_training_step: ") and out.count("\n") == 2 and "\n  hint: " in out, out
+    for message in messages:
+        assert message in out, out
+    assert hint in out, out
+
+
+def test_training_step_a_rearranged_schedule_is_told_apart_from_a_missing_one(capsys):
+    config = TrainConfig(**_STEP_CONFIG, **_STEP_CASES[0][1])
+    expected, got = learning_rate(config, 2), rearranged_learning_rate(config, 2)
+    assert expected != got and got == config.lr  # lr * 3 / 3 rounds up; (3 / 3) * lr is lr itself
+    ok, out = run(capsys, check_training_step, step_with(schedule=rearranged_learning_rate))
+    assert not ok and f"MISMATCH at step 3 ({CLIPPED}) in the learning rate at optimizer.step(): expected {expected!r}" in out
+    assert f"got {got!r}" in out and "equal up to the last bits" in out, out
+
+
+CALLS = [(case, step) for case, _, steps in _STEP_CASES for step in range(1, steps + 1)]
+
+
+@pytest.mark.parametrize("call", [0, len(CALLS) - 1])
+def test_training_step_one_bit_off_is_caught_at_its_step(capsys, call):
+    """A step right everywhere but in one adapter value, one float32 step away, at one call: caught there."""
+    names = []
+
+    def one_bit_off(run_):
+        loss = step_with()(run_)
+        if len(names) == call:
+            name, last = [(n, p) for n, p in run_.model.named_parameters() if p.requires_grad][-1]
+            with torch.no_grad():
+                flat = last.view(-1)
+                flat[7] = torch.nextafter(flat[7], torch.tensor(float("inf")))
+        names.append(name if len(names) == call else None)
+        return loss
+
+    case, step = CALLS[call]
+    ok, out = run(capsys, check_training_step, one_bit_off)
+    assert not ok and f"MISMATCH in {names[call]} after the step (step {step}, {case}): 1 of " in out, out
+    assert "differ, first at index 7" in out
