@@ -125,3 +125,10 @@ _ = check_absmax_quantizer(absmax_quantize_off_by_one)
 #   one-signed data.
 # - Asymmetric: the range [min(x, 0), max(x, 0)] on 2^b levels, with an integer zero-point so 0 stays exact.
 # - Lesson 3 uses the symmetric idea per block of 64 values, with a table of 16 levels instead of a uniform grid.
+#
+# ## Check your understanding
+#
+# 1. Your symmetric 4-bit quantizer maps [-1, 1] to the integers -7..7. Which integer is never used, and how
+#    much of the grid does one-signed data (all x >= 0) waste?
+# 2. For x = [0.1, 0.2, 0.3], which of your two quantizers gives the smaller maximum error at 4 bits, and why?
+# 3. Why must the zero-point be rounded to an integer? What goes wrong for a value of exactly 0 otherwise?

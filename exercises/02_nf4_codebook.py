@@ -95,3 +95,10 @@ _ = check_nf4_codebook(nf4_codebook_float64)
 # - NF4 = 8 positive and 7 negative normal quantiles, plus 0, normalised to [-1, 1].
 # - "Equal to bitsandbytes" is a statement about bytes: float32 probabilities, float64 quantiles, float32 division.
 # - Lesson 3 quantizes each block of 64 values to the nearest of these 16 levels.
+#
+# ## Check your understanding
+#
+# 1. Why does NF4 have 8 positive levels but only 7 negative ones, and why is 0 one of the 16?
+# 2. The same recipe in float64 throughout differs from bitsandbytes' table in some entries. Which step
+#    of the recipe decides the bytes, and by how many ulps do they differ?
+# 3. What does the offset 0.9677083 control, and what would happen to the extreme levels with offset 0.99?

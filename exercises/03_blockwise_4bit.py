@@ -133,3 +133,11 @@ _ = check_blockwise_4bit(quantize_nf4, dequantize_nf4)
 # - Blockwise absmax confines an outlier to its block, at 32 / blocksize bits per value for the scales.
 # - The code is an index into the table; dequantizing is a lookup then a multiplication, never `q * absmax`.
 # - Two codes per byte, the even element high: the same bytes as bitsandbytes, checked.
+#
+# ## Check your understanding
+#
+# 1. A tensor of 1,000,000 values is quantized with blocksize 64. How many bytes do the codes take, and the
+#    float32 absmax? How many bits per value is that in all?
+# 2. Why is `q * absmax` wrong as a dequantization, and what value would it give for the code 15 of NF4?
+# 3. An odd number of values leaves half a byte unused. What does bitsandbytes put there, and why does it
+#    matter for bit-exactness?

@@ -124,3 +124,11 @@ _ = check_double_quant(compress_without_offset, decompress_absmax)
 # - The constants cost 8/64 + 32/(64 · 256) = 0.127 bits per parameter instead of 32/64 = 0.5.
 # - Restoring is a lookup, a product and a sum, each rounded to float32, in bitsandbytes' order.
 # - Lesson 5 does the same restoring inside a Triton kernel, one absmax per row of the tile.
+#
+# ## Check your understanding
+#
+# 1. Why is the mean subtracted from the absmax values before quantizing them with the signed dynamic map?
+# 2. Recompute the constants' cost for blocksize 128 with nested blocks of 256. How much does double
+#    quantization save per parameter there?
+# 3. Your `decompress_absmax` must round each operation to float32 in bitsandbytes' order. Which reordering
+#    would change the bytes, and why?

@@ -137,3 +137,10 @@ _ = compare("swapped kernel vs dequantize_4bit", launch_dequantize_kernel(dequan
 #   block of byte j is 2j // BLOCKSIZE.
 # - Two stores, at 2·offs and 2·offs + 1, each with its own mask: an odd count has no last odd value.
 # - Lesson 5's library kernel adds double dequantization, 16-byte stores with `tl.join` and unmasked full tiles.
+#
+# ## Check your understanding
+#
+# 1. With TILE = 1024 bytes per program, how many programs does a 4096 x 4096 weight need?
+# 2. Why do the two stores need separate masks, and which one is partial for an odd number of values?
+# 3. The kernel reads the block's absmax once per byte. How would you make it read it once per block, and
+#    would that change the output bytes?
