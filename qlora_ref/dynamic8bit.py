@@ -71,7 +71,9 @@ def lut_code_index(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int, cod
     inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
     n = flat.numel()
     unit = flat * inverse.repeat_interleave(blocksize)[:n]
-    index = ((unit.clamp(-1, 1) + 1.0) * 0.5 * (LUT_SIZE - 1) + 0.5).to(torch.int32)
+    # A denormal absmax has 1/absmax = inf: its block's zeros become 0 * inf = NaN, which bitsandbytes'
+    # kernel stores as the table's first entry (code 0); its other values become +-inf, clamped to +-1.
+    index = torch.nan_to_num((unit.clamp(-1, 1) + 1.0) * 0.5 * (LUT_SIZE - 1) + 0.5, nan=0.0).to(torch.int32)
     codes = table[index]
     return torch.where((absmax == 0).repeat_interleave(blocksize)[:n], 0, codes)
 

@@ -32,6 +32,13 @@ def test_magnitudes_and_zero_blocks(magnitude):
     assert_8bit_matches_bitsandbytes(x, 256)
 
 
+@pytest.mark.parametrize("values", [[0.0, 1.401298464324817e-44], [1.401298464324817e-44, -1.4e-44, 0.0, 5e-45],
+                                    [1e-39, 0.0, -3e-40]])
+def test_a_denormal_absmax_whose_inverse_overflows(values):
+    """1/absmax is inf: zeros become NaN (code 0 in bitsandbytes), the rest +-inf (found by hypothesis)."""
+    assert_8bit_matches_bitsandbytes(torch.tensor(values), 32)
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     values=st.lists(st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False, width=32), min_size=1, max_size=1200),
