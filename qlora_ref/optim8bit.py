@@ -35,20 +35,30 @@ Where bitsandbytes 0.50.2's CPU path differs (read in backends/cpu/ops.py; our c
   * Re-encoding rounds through a 65536-point table, qlora_ref's rounding="lut" [the same on a CPU].
     The table's grid has no point at 0: a zero moment is stored as the level nearest 1/65535, i.e.
     2.1e-5 * absmax for m and 1.6e-5 * absmax for v (the kernel's search keeps it 0).
-On a GPU the kernel searches the sorted code (qlora_ref.kernels' Triton quantizer, which the `auto`
-backend picks for CUDA tensors) and then nudges a code of m whose level has the wrong sign one step
-towards the value's sign. Scalars such as 1 - beta2 are rounded as each path rounds them: float64 then
-float32 on the CPU (Python floats), float32 throughout in the kernel, whose fused multiply-adds for m
-and v we also reproduce (read in its sm_90 machine code). So the moments' bytes equal bitsandbytes' on
-either device; the parameters differ by float32 roundings (the kernel's beta^t, square root and
-division are fast approximations), measured at 2e-6 after 100 steps (tests/test_optim8bit_gpu.py).
+On a GPU the kernel searches the sorted code (a binary search, kernels/cuda_semantics.py) and then
+nudges a code of m whose level has the wrong sign one step towards the value's sign. Scalars such as
+1 - beta2 are rounded as each path rounds them: float64 then float32 on the CPU (Python floats), float32
+throughout in the kernel, whose fused multiply-adds for m and v we also reproduce (read in its sm_90
+machine code; p's update is one fma too). So the moments' bytes equal bitsandbytes' on either device;
+the parameters differ by float32 roundings (the kernel's beta^t, square root and division are fast
+approximations), measured at 2e-6 after 100 steps (tests/test_optim8bit_gpu.py).
+
+Two implementations of the 8-bit step (`backend`, qlora_ref's usual rule: "auto" is "triton" for CUDA
+parameters when triton is installed, "torch" otherwise):
+  * "torch": `adamw8bit_update_`, the readable one above in PyTorch: decode, `adamw_update_`, encode,
+    over a hundred small kernels per parameter on a GPU (launch-bound: about 1.4 s per step for 448
+    LoRA tensors on an H100). On a CPU it gives bitsandbytes' CPU bytes, on a GPU its CUDA bytes.
+  * "triton": qlora_ref.kernels.adamw_8bit, the same step in one kernel launch per parameter, as
+    bitsandbytes' own kernel does it (27 ms per step for those 448 tensors, bitsandbytes 24 ms): its
+    CUDA bytes. On CPU tensors it runs in Triton's interpreter, equal to `adamw8bit_update_(kernel=True)`
+    byte for byte; on a GPU its moments equal bitsandbytes' and so "torch"'s (tests/test_optim8bit_gpu.py).
 
 API for subclasses (qlora_ref.paging.PagedAdamW8bit)
 ----------------------------------------------------
     step(): for every parameter p with a gradient, in param_groups order:
         state = self._state_for(p)        # self.state[p]; made by self._new_state(p) on first use
         self._before_update(p, state)     # no-op here (a paged subclass prefetches the state)
-        ...the update of p and its state, in place...
+        ...the update of p and its state, in place (by `backend`; the tensors stay where they are)...
         self._after_update(p, state)      # no-op here
     _new_state(p) -> dict: {"step": 0, "state1": m, "state2": v}, plus "absmax1", "absmax2" for 8-bit
         moments (bitsandbytes' key names). Every tensor comes from self._allocate(shape, dtype, device),
@@ -62,21 +72,28 @@ API for subclasses (qlora_ref.paging.PagedAdamW8bit)
         place the states elsewhere (managed / paged memory).
 """
 
+import functools
 import math
+import struct
+from collections.abc import Mapping
 from itertools import chain
+from types import MappingProxyType
 
 import torch
 
 from .codebooks import dynamic_map
-from .dynamic8bit import dequantize_blockwise, quantize_blockwise
+from .dynamic8bit import dequantize_blockwise, quantize_blockwise, resolve_backend
+from .kernels import cuda_semantics
 from .state import QuantState
 from .validation import FLOAT_DTYPES, check_blocksize
 
 __all__ = [
     "AdamW8bit",
+    "adamw8bit_update_",
     "adamw_update_",
     "bytes_per_parameter",
     "load_optimizer_state_tensors",
+    "moment_code",
     "optimizer_state_bytes",
     "optimizer_state_tensors",
     "predicted_state_bytes",
@@ -85,12 +102,14 @@ __all__ = [
 
 
 def _float32(x: float) -> float:
-    return torch.tensor(x, dtype=torch.float32).item()
+    """x rounded to the nearest float32 (struct packs a C float; no tensor, as this runs every step)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
+@functools.lru_cache(maxsize=1024)  # every parameter of a step asks for the same ones
 def step_scalars(step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                 kernel: bool) -> dict:
-    """The per-step scalars of `adamw_update_`, rounded as bitsandbytes rounds them.
+                 kernel: bool) -> Mapping:
+    """The per-step scalars of `adamw_update_`, rounded as bitsandbytes rounds them (a read-only mapping).
 
     kernel=False: its CPU path, Python float64 (torch rounds each to float32 where it is applied).
     kernel=True: its CUDA kernel, float32 throughout (betas, lr and eps arrive as float32), e.g.
@@ -103,8 +122,9 @@ def step_scalars(step: int, lr: float, beta1: float, beta2: float, eps: float, w
     beta1, beta2, lr, eps, weight_decay = f(beta1), f(beta2), f(lr), f(eps), f(weight_decay)
     c1 = f(1.0 - f(beta1**step))
     c2 = f(math.sqrt(f(1.0 - f(beta2**step))))
-    return dict(beta1=beta1, beta2=beta2, one_minus_beta1=f(1.0 - beta1), one_minus_beta2=f(1.0 - beta2),
-                step_size=f(f(-lr * c2) / c1), eps_c2=f(c2 * eps), decay=f(1.0 - lr * weight_decay))
+    return MappingProxyType(dict(beta1=beta1, beta2=beta2, one_minus_beta1=f(1.0 - beta1),
+                                 one_minus_beta2=f(1.0 - beta2), step_size=f(f(-lr * c2) / c1), eps_c2=f(c2 * eps),
+                                 decay=f(1.0 - lr * weight_decay)))
 
 
 @torch.no_grad()
@@ -120,18 +140,34 @@ def adamw_update_(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, 
     m = v = 0 and p is left as it was (the 8-bit kernel's rule). Scalars are rounded as bitsandbytes'
     kernel does for CUDA tensors, as its CPU path does otherwise (step_scalars).
     """
-    s = step_scalars(step, lr, beta1, beta2, eps, weight_decay, kernel=param.is_cuda)
+    _adamw_update_(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, skip_nonfinite, param.is_cuda)
+
+
+def _adamw_update_(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, skip_nonfinite, kernel: bool):
+    """adamw_update_ rounded as bitsandbytes' CUDA kernel (kernel=True: its float32 scalars and fused
+    multiply-adds, IEEE square root and division) or as its CPU path (False), on any device."""
+    s = step_scalars(step, lr, beta1, beta2, eps, weight_decay, kernel=kernel)
     g = grad.float()
     finite = torch.isfinite(g) if skip_nonfinite else None
     if finite is not None:
         g = torch.where(finite, g, 0.0)
-    if param.is_cuda:
-        _second_moment_(v, g, s["beta2"], s["one_minus_beta2"], grad.dtype == torch.float32)
+    if kernel:  # the kernel's fmas, read in its sm_90 machine code (fl: one float32 rounding)
+        scaled = g * s["one_minus_beta2"]
+        if grad.dtype == torch.float32:
+            v.copy_(_fma(g, scaled, v * s["beta2"]))  # fma(g, fl((1 - beta2) g), fl(beta2 v))
+        else:
+            v.copy_(_fma(v, s["beta2"], g * scaled))  # fma(v, beta2, fl(g fl((1 - beta2) g)))
+        m.copy_(_fma(g, s["one_minus_beta1"], m * s["beta1"]))  # fma(g, 1 - beta1, fl(beta1 m))
     else:
         v.mul_(beta2).addcmul_(g, g, value=s["one_minus_beta2"])
-    m.mul_(beta1).add_(g, alpha=s["one_minus_beta1"])  # on CUDA the kernel's fma((1 - beta1), g, beta1 m)
+        m.mul_(beta1).add_(g, alpha=s["one_minus_beta1"])
     p = param.detach().to(torch.float32, copy=True)
-    p.add_(m / v.sqrt().add_(s["eps_c2"]), alpha=s["step_size"])
+    if kernel:  # IEEE float32 sqrt and division: through float64, which rounds them correctly once back in
+        # float32 (53 >= 2 * 24 + 2 bits); torch's own float32 sqrt on a CPU can be an ulp off
+        update = (m.double() / (v.double().sqrt().float() + s["eps_c2"]).double()).float()
+        p = _fma(update, s["step_size"], p)
+    else:
+        p.add_(m / v.sqrt().add_(s["eps_c2"]), alpha=s["step_size"])
     if weight_decay > 0:
         p.mul_(s["decay"])
     if finite is not None:
@@ -141,37 +177,102 @@ def adamw_update_(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, 
     param.copy_(p)
 
 
-def _second_moment_(v, g, beta2, one_minus_beta2, float32_grad: bool) -> None:
-    """v = beta2 v + (1 - beta2) g^2 rounded as bitsandbytes' CUDA kernel rounds it (its sm_90 machine code):
-        float32 gradients:   fma(g, fl((1 - beta2) g), fl(beta2 v))
-        fp16/bf16 gradients: fma(v, beta2, fl(g fl((1 - beta2) g)))
-    An fma rounds once; here the product of two float32 numbers is formed exactly in float64 and the sum
-    rounded to float32 (through float64 first: a double rounding that can differ only on an exact tie).
+def _fma(a: torch.Tensor, b, c: torch.Tensor) -> torch.Tensor:
+    """a * b + c in float32 rounded once, as a fused multiply-add instruction (b: a tensor or a float32 number).
+
+    The product of two float32 numbers is exact in float64. Their sum is not always: rounding it to
+    float64 and then to float32 would round twice, and differ from the fma where the float64 sum lands
+    exactly halfway between two float32 numbers. So the sum is rounded to odd instead: TwoSum gives the
+    float64 sum and its exact remainder; where the remainder is not 0 and the sum's last bit is 0, the
+    sum steps one float64 ulp towards the remainder. Rounding that to float32 is the correct rounding of
+    the exact a * b + c (24 + 2 <= 53 bits, Boldo and Melquiond, "Emulation of FMA and correctly rounded
+    sums: proved algorithms using rounding to odd", 2008).
     """
-    scaled = g * one_minus_beta2
-    if float32_grad:
-        fused = (v * beta2).double().addcmul_(g.double(), scaled.double())
-    else:
-        fused = v.double().mul_(beta2).add_((g * scaled).double())
-    v.copy_(fused)
+    product = a.double() * (b.double() if isinstance(b, torch.Tensor) else b)
+    addend = c.double()
+    total = product + addend
+    addend_part = total - product  # TwoSum (Knuth): remainder = product + addend - total, exactly
+    remainder = (product - (total - addend_part)) + (addend - addend_part)
+    even = (total.view(torch.int64) & 1) == 0
+    towards = torch.where(remainder > 0, math.inf, -math.inf).to(total.dtype)
+    total = torch.where((remainder != 0) & even, torch.nextafter(total, towards), total)
+    return total.float()
+
+
+@torch.no_grad()
+def adamw8bit_update_(param, grad, state: dict, step, lr, beta1, beta2, eps, weight_decay, blocksize: int = 256,
+                      kernel=None) -> None:
+    """One AdamW step of `param` with 8-bit moments, in PyTorch; param and state updated in place.
+
+    state holds m as codes state1 (uint8, param's shape) with absmax1 (float32, one per block of
+    `blocksize`), v likewise as state2 and absmax2 (AdamW8bit's state). The step:
+        m, v = code1[state1] * absmax1, code2[state2] * absmax2      decode (signed / unsigned dynamic map)
+        adamw_update_(param, grad, m, v, ..., skip_nonfinite=True)
+        absmax1, state1 = max |m| per block, the code of m / absmax1  (likewise v): encode
+    kernel=True: bitsandbytes' CUDA kernel's bytes, on any device: its binary search over the code and
+    its sign nudge (cuda_semantics; on a CPU the reciprocal is the correctly rounded model of the GPU's).
+    kernel=False: its CPU path's bytes (the 65536-point table). None: True for CUDA tensors.
+    """
+    kernel = param.is_cuda if kernel is None else kernel
+    m = _decode(state["state1"], state["absmax1"], True, blocksize, kernel)
+    v = _decode(state["state2"], state["absmax2"], False, blocksize, kernel)
+    _adamw_update_(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, True, kernel)
+    for name, values, signed in (("1", m, True), ("2", v, False)):
+        codes, absmax = _encode(values, signed, blocksize, kernel)
+        state["state" + name].copy_(codes)
+        state["absmax" + name].copy_(absmax)
+
+
+@functools.lru_cache(maxsize=None)
+def moment_code(signed: bool, device: torch.device) -> torch.Tensor:
+    """The dynamic map of a moment on `device`: signed for m, unsigned (all 256 levels on [0, 1]) for v."""
+    return dynamic_map(signed=signed).to(device)
+
+
+def _decode(codes, absmax, signed: bool, blocksize: int, kernel: bool) -> torch.Tensor:
+    state = QuantState(absmax=absmax, shape=codes.shape, code=moment_code(signed, codes.device),
+                       dtype=torch.float32, blocksize=blocksize)
+    if kernel:  # ftz(code[q] * absmax): the kernel flushes denormal products
+        return cuda_semantics.dequantize_blockwise(codes, state)
+    return dequantize_blockwise(codes, state, backend="torch")
+
+
+def _encode(values, signed: bool, blocksize: int, kernel: bool):
+    """Codes and absmax of a moment: bitsandbytes' CPU rounding (kernel=False) or its CUDA search.
+
+    The CUDA kernel then moves a code of m whose level has the other sign bit than m one step towards
+    m's sign: a small negative m that rounds to the level 0.0 gets the smallest negative level.
+    """
+    code = moment_code(signed, values.device)
+    if not kernel:
+        codes, qstate = quantize_blockwise(values, code, blocksize, backend="torch")
+        return codes, qstate.absmax
+    codes, absmax = cuda_semantics.quantize_blockwise_codes(values, code, blocksize)
+    if signed:
+        wrong_sign = torch.signbit(code[codes.long()]) != torch.signbit(values)
+        nudged = (codes.to(torch.int16) + torch.where(values > 0, 1, -1)) & 0xFF
+        codes = torch.where(wrong_sign, nudged, codes.to(torch.int16)).to(torch.uint8)
+    return codes, absmax
 
 
 class AdamW8bit(torch.optim.Optimizer):
     """AdamW with 8-bit blockwise moments, bitsandbytes' `bnb.optim.AdamW8bit` (see the module docstring).
 
     Same defaults as bitsandbytes; `blocksize` is fixed at 256 there, any of qlora_ref's block sizes here.
-    Parameters: float32, float16 or bfloat16; gradients dense.
+    Parameters: float32, float16 or bfloat16; gradients dense. backend: how the 8-bit step runs, "auto"
+    (the Triton kernel for CUDA parameters when triton is installed, else PyTorch), "torch" or "triton".
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, blocksize=256,
-                 min_8bit_size=4096):
+                 min_8bit_size=4096, backend="auto"):
         _check_hyperparameters(lr, betas, eps, weight_decay)
         check_blocksize(blocksize)
         if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
             raise ValueError(f"min_8bit_size must be a non-negative int, got {min_8bit_size!r}")
+        resolve_backend(backend, None)  # a ValueError for an unknown name, an ImportError for triton without it
         self.blocksize = blocksize
         self.min_8bit_size = min_8bit_size
-        self._codes = {}
+        self.backend = backend
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     def add_param_group(self, param_group: dict) -> None:
@@ -209,38 +310,12 @@ class AdamW8bit(torch.optim.Optimizer):
         return loss
 
     def _update_8bit(self, p, state, hyper) -> None:
-        m = self._decode(state["state1"], state["absmax1"], signed=True)
-        v = self._decode(state["state2"], state["absmax2"], signed=False)
-        adamw_update_(p, p.grad, m, v, *hyper, skip_nonfinite=True)
-        for name, values, signed in (("1", m, True), ("2", v, False)):
-            codes, absmax = self._encode(values, signed)
-            state["state" + name].copy_(codes)
-            state["absmax" + name].copy_(absmax)
+        if resolve_backend(self.backend, p) == "triton":
+            from .kernels.adamw_8bit import adamw8bit_update_triton
 
-    def _code(self, signed: bool, device) -> torch.Tensor:
-        key = (signed, device)
-        if key not in self._codes:
-            self._codes[key] = dynamic_map(signed=signed).to(device)
-        return self._codes[key]
-
-    def _decode(self, codes, absmax, signed: bool) -> torch.Tensor:
-        state = QuantState(absmax=absmax, shape=codes.shape, code=self._code(signed, codes.device),
-                           dtype=torch.float32, blocksize=self.blocksize)
-        return dequantize_blockwise(codes, state)
-
-    def _encode(self, values, signed: bool):
-        """Codes and absmax of a moment: bitsandbytes' CPU rounding on a CPU, its CUDA search on a GPU.
-
-        The CUDA kernel then moves a code of m whose level has the other sign bit than m one step towards
-        m's sign: a small negative m that rounds to the level 0.0 gets the smallest negative level.
-        """
-        code = self._code(signed, values.device)
-        codes, qstate = quantize_blockwise(values, code, self.blocksize)
-        if signed and values.is_cuda:
-            wrong_sign = torch.signbit(code[codes.long()]) != torch.signbit(values)
-            nudged = (codes.to(torch.int16) + torch.where(values > 0, 1, -1)) & 0xFF
-            codes = torch.where(wrong_sign, nudged, codes.to(torch.int16)).to(torch.uint8)
-        return codes, qstate.absmax
+            adamw8bit_update_triton(p, p.grad, state, *hyper, blocksize=self.blocksize)
+        else:
+            adamw8bit_update_(p, p.grad, state, *hyper, blocksize=self.blocksize)
 
     def _allocate(self, shape, dtype, device) -> torch.Tensor:
         """A zero-filled tensor for an optimizer state; override to place states in other memory."""

@@ -24,7 +24,9 @@ What is bit-exact and what is not, and why:
 """
 
 import math
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -35,6 +37,7 @@ bnb = pytest.importorskip("bitsandbytes")
 from parity import make_optimizer_pair, step_both  # noqa: E402
 from qlora_ref.optim8bit import (  # noqa: E402
     AdamW8bit,
+    _fma,
     adamw_update_,
     bytes_per_parameter,
     load_optimizer_state_tensors,
@@ -189,6 +192,31 @@ def test_32bit_path_is_torch_adamw():
         step_both([p], opt_ours, [q], opt_torch, [torch.randn(40, 50)])
     assert opt_ours.state[p]["state1"].dtype == torch.float32
     torch.testing.assert_close(p, q, **rounding_tolerance(20))
+
+
+def nearest_float32(x: Fraction) -> float:
+    """The float32 nearest to the rational x, ties to even, found exactly (not through float64)."""
+    guess = np.float32(float(x))
+    candidates = [np.nextafter(guess, np.float32(-np.inf)), guess, np.nextafter(guess, np.float32(np.inf))]
+    return float(min(candidates, key=lambda c: (abs(Fraction(float(c)) - x), int(c.view(np.int32)) & 1)))
+
+
+def test_fma_rounds_once():
+    """The kernel flavour's fused multiply-add rounds a * b + c once. Through float64 it would round twice:
+    1 + 2^-23 + 2^-24 - 2^-64 lies just below a midpoint of float32 but rounds onto it in float64."""
+    a, b, c = torch.tensor([1 + 2**-20]), torch.tensor([(1 - 2**-20) * 2**-24]), torch.tensor([1 + 2**-23])
+    exact = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
+    assert nearest_float32(exact) == 1 + 2**-23
+    assert float((a.double() * b.double() + c.double()).float()) == 1 + 2**-22  # rounded twice: the other neighbour
+    assert float(_fma(a, b, c)) == 1 + 2**-23
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2000, generator=generator), torch.randn(2000, generator=generator)
+    c = torch.randn(2000, generator=generator) * 10.0 ** torch.randint(-8, 8, (2000,), generator=generator)
+    for scalar in (None, 0.10000000149011612):  # b as a tensor, and as a float32 number (1 - beta1)
+        mine = _fma(a, b if scalar is None else scalar, c)
+        for i in range(2000):
+            y = float(b[i]) if scalar is None else scalar
+            assert float(mine[i]) == nearest_float32(Fraction(float(a[i])) * Fraction(y) + Fraction(float(c[i]))), i
 
 
 def test_adamw_update_first_step_by_hand():
