@@ -1576,8 +1576,7 @@ def _gradient_hint(config, ref_rec, rec, left_over, name):
 
 
 def _check_step_calls(ref_rec, rec, step, case):
-    # The reference calls optimizer.step() once; its pre-hooks may run twice a call (torch wraps the step of each
-    # optimizer class it has built, and PagedAdamW8bit.step calls AdamW8bit.step), so count in its unit.
+    # Counted in the reference's unit: its optimizer.step() runs the step pre-hooks once per call.
     calls = len(rec.steps) // len(ref_rec.steps)
     if calls != 1:
         hint = ("after the last micro-batch's backward (and the clipping), call run.optimizer.step() once" if not calls

@@ -290,6 +290,7 @@ class AdamW8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._before_step()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -307,7 +308,16 @@ class AdamW8bit(torch.optim.Optimizer):
                 else:
                     adamw_update_(p, p.grad, state["state1"], state["state2"], *hyper)
                 self._after_update(p, state)
+        self._after_step()
         return loss
+
+    # Subclasses hook in here, not by overriding step: torch wraps the step of every optimizer class for its
+    # step hooks, so a subclass's step calling this one would run each hook twice.
+    def _before_step(self) -> None:
+        pass
+
+    def _after_step(self) -> None:
+        pass
 
     def _update_8bit(self, p, state, hyper) -> None:
         if resolve_backend(self.backend, p) == "triton":

@@ -508,13 +508,12 @@ class PagedAdamW8bit(AdamW8bit):
             return managed_empty(shape, dtype, device).zero_()
         return torch.zeros(shape, dtype=dtype, device=device)
 
-    @torch.no_grad()
-    def step(self, closure=None):
+    def _before_step(self) -> None:
         if self.pager is not None:
             self.pager.step = self.steps_done
-        loss = super().step(closure)
+
+    def _after_step(self) -> None:
         self.steps_done += 1
-        return loss
 
     def _before_update(self, p, state) -> None:
         if self.pager is not None:

@@ -438,3 +438,18 @@ def test_spike_paged_weights_equal_unpaged_weights(spike):
 def test_spike_step_out_of_range():
     with pytest.raises(ValueError, match="spike_step"):
         simulate_spike(steps=3, spike_step=3)
+
+
+def test_step_hooks_run_once_per_step():
+    # torch wraps each optimizer class's step for its hooks; a subclass's step that called AdamW8bit.step would
+    # run them twice (PagedAdamW8bit hooks in through _before_step/_after_step instead)
+    AdamW8bit([torch.nn.Parameter(torch.zeros(4))])  # wrap AdamW8bit.step too
+    p = torch.nn.Parameter(torch.ones(5000))
+    optimizer = PagedAdamW8bit([p], paging="pager", budget_bytes=1 << 20)
+    calls = []
+    optimizer.register_step_pre_hook(lambda *args: calls.append("pre"))
+    optimizer.register_step_post_hook(lambda *args: calls.append("post"))
+    for _ in range(2):
+        p.grad = torch.ones_like(p)
+        optimizer.step()
+    assert calls == ["pre", "post", "pre", "post"] and optimizer.steps_done == 2 and optimizer.pager.step == 1
