@@ -52,22 +52,13 @@ from pathlib import Path
 import torch
 
 from .bench import gpu_run, write_results
+from .bench_memory import build, config_of, parse_settings
+from .paging import PagedAdamW8bit
 from .vram import LORA_TARGETS, PRESETS
 
 DEVICE = "cuda"
 RECIPES = ("standard", "no_upcast")  # transformers + peft + bitsandbytes
 OURS = ("qlora_ref", "qlora_ref_bnb_optimizer")  # our model, with our paged optimizer or bitsandbytes'
-
-
-def parse_settings(values) -> list:
-    """["512:64", ...] -> [(512, 64), ...]: sequence length and LoRA rank, both positive."""
-    settings = []
-    for value in values:
-        parts = value.split(":")
-        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ValueError(f"a setting is seq_len:rank with two positive integers, e.g. 512:64; got {value!r}")
-        settings.append((int(parts[0]), int(parts[1])))
-    return settings
 
 
 def hf_config(name: str = "Llama-2-7B"):
@@ -145,11 +136,8 @@ def setup(recipe: str, seq_len: int, r: int, folder: Path = None):
     import bitsandbytes as bnb
 
     if recipe in OURS:
-        from . import bench_memory
-        from .paging import PagedAdamW8bit
-
         generator = torch.Generator(device=DEVICE).manual_seed(0)
-        model = bench_memory.build(bench_memory.config_of("Llama-2-7B", seq_len), r, generator)
+        model = build(config_of("Llama-2-7B", seq_len), r, generator)
         model.gradient_checkpointing_enable()
         model.train()
     else:

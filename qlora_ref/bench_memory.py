@@ -35,6 +35,17 @@ DEVICE = "cuda"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def parse_settings(values) -> list:
+    """["512:64", ...] -> [(512, 64), ...]: sequence length and LoRA rank, both positive."""
+    settings = []
+    for value in values:
+        parts = value.split(":")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"a setting is seq_len:rank with two positive integers, e.g. 512:64; got {value!r}")
+        settings.append((int(parts[0]), int(parts[1])))
+    return settings
+
+
 def config_of(name: str, seq_len: int) -> LlamaConfig:
     shape = PRESETS[name]
     return LlamaConfig(vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
@@ -108,11 +119,11 @@ def main(argv=None):
     parser.add_argument("--settings", nargs="+", default=["512:16", "512:64", "2048:16", "2048:64"],
                         help="seq_len:rank pairs")
     args = parser.parse_args(argv)
+    settings = parse_settings(args.settings)
     results = gpu_run("qlora_ref.bench_memory")
     results.update({"total_bytes": torch.cuda.mem_get_info()[1], "runs": []})
     for name in args.models:
-        for setting in args.settings:
-            seq_len, r = (int(v) for v in setting.split(":"))
+        for seq_len, r in settings:
             row = run(name, seq_len, r)
             results["runs"].append(row)
             print(f"{name} seq {seq_len} r {r}: peak allocated {row['peak_allocated'] / 2**30:.2f} GiB, reserved "

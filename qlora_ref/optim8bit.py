@@ -81,8 +81,7 @@ from types import MappingProxyType
 
 import torch
 
-from .codebooks import dynamic_map
-from .dynamic8bit import dequantize_blockwise, quantize_blockwise, resolve_backend
+from .dynamic8bit import dequantize_blockwise, quantize_blockwise, resolve_backend, shared_dynamic_map
 from .kernels import cuda_semantics
 from .state import QuantState
 from .validation import FLOAT_DTYPES, check_blocksize
@@ -93,7 +92,6 @@ __all__ = [
     "adamw_update_",
     "bytes_per_parameter",
     "load_optimizer_state_tensors",
-    "moment_code",
     "optimizer_state_bytes",
     "optimizer_state_tensors",
     "predicted_state_bytes",
@@ -223,14 +221,8 @@ def adamw8bit_update_(param, grad, state: dict, step, lr, beta1, beta2, eps, wei
         state["absmax" + name].copy_(absmax)
 
 
-@functools.lru_cache(maxsize=None)
-def moment_code(signed: bool, device: torch.device) -> torch.Tensor:
-    """The dynamic map of a moment on `device`: signed for m, unsigned (all 256 levels on [0, 1]) for v."""
-    return dynamic_map(signed=signed).to(device)
-
-
 def _decode(codes, absmax, signed: bool, blocksize: int, kernel: bool) -> torch.Tensor:
-    state = QuantState(absmax=absmax, shape=codes.shape, code=moment_code(signed, codes.device),
+    state = QuantState(absmax=absmax, shape=codes.shape, code=shared_dynamic_map(signed, codes.device),
                        dtype=torch.float32, blocksize=blocksize)
     if kernel:  # ftz(code[q] * absmax): the kernel flushes denormal products
         return cuda_semantics.dequantize_blockwise(codes, state)
@@ -243,7 +235,7 @@ def _encode(values, signed: bool, blocksize: int, kernel: bool):
     The CUDA kernel then moves a code of m whose level has the other sign bit than m one step towards
     m's sign: a small negative m that rounds to the level 0.0 gets the smallest negative level.
     """
-    code = moment_code(signed, values.device)
+    code = shared_dynamic_map(signed, values.device)
     if not kernel:
         codes, qstate = quantize_blockwise(values, code, blocksize, backend="torch")
         return codes, qstate.absmax

@@ -523,7 +523,7 @@ def step_memory(config: TrainConfig, steps: int = 2) -> dict:
             for _ in range(steps):
                 train_step(run)
         peak = memory.peak
-    return {"weights": weights, "trainable": tensor_bytes(run.trainable) - tensor_bytes([p.grad for p in run.trainable]),
+    return {"weights": weights, "trainable": tensor_bytes(run.trainable),
             "optimizer_state": optimizer_state_bytes(run.optimizer), "peak": peak}
 
 

@@ -46,7 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..optim8bit import moment_code, step_scalars
+from ..dynamic8bit import shared_dynamic_map
+from ..optim8bit import step_scalars
 from ..validation import FLOAT_DTYPES, check_blocksize
 from . import blockwise_8bit
 from .quantize_4bit import launch_config
@@ -182,7 +183,7 @@ def adamw8bit_update_triton(param, grad, state: dict, step, lr, beta1, beta2, ep
     nb, num_warps = launch_config(blocksize, tile_values or DEFAULT_TILE_VALUES, num_warps)
     hw_rcp = not INTERPRETED if hw_rcp is None else bool(hw_rcp)
     args = (flat, grad.contiguous(), state["state1"], state["state2"], state["absmax1"], state["absmax2"],
-            moment_code(True, param.device), moment_code(False, param.device), n, s["beta1"], s["beta2"],
+            shared_dynamic_map(True, param.device), shared_dynamic_map(False, param.device), n, s["beta1"], s["beta2"],
             s["one_minus_beta1"], s["one_minus_beta2"], s["step_size"], s["eps_c2"], s["decay"])
     options = dict(BLOCKSIZE=blocksize, NB=nb, FLOAT32_GRAD=grad.dtype == torch.float32, HW_RCP=hw_rcp,
                    SOFT_BF16=INTERPRETED and param.dtype == torch.bfloat16, num_warps=num_warps, enable_fp_fusion=False)
