@@ -193,6 +193,15 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+def _check_labels(labels, shape) -> None:
+    if not isinstance(labels, torch.Tensor) or labels.shape != shape or labels.dtype != torch.long:
+        found = (f"{labels.dtype} tensor of shape {tuple(labels.shape)}" if isinstance(labels, torch.Tensor)
+                 else type(labels).__name__)
+        raise ValueError(f"labels must be a torch.long tensor of shape {tuple(shape)} (that of input_ids), got a {found}")
+    if not bool((labels[:, 1:] != IGNORE_INDEX).any()):
+        raise ValueError("labels[:, 1:] is all -100: there is no position to compute a loss on")
+
+
 class CausalLMOutput(NamedTuple):
     logits: torch.Tensor  # [batch, seq, vocab]
     loss: Optional[torch.Tensor]  # None without labels
@@ -237,17 +246,29 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"{name} has {ids.shape[1]} positions but the model was built for at most "
                              f"max_position_embeddings={self.config.max_position_embeddings}: shorten the sequence")
 
-    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> CausalLMOutput:
-        """Logits [batch, seq, vocab]; with labels (same shape, -100 = ignore), also the shifted mean loss."""
+    def check_inputs(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> None:
+        """Raise unless input_ids is a [batch, seq] long tensor of token ids below vocab_size that fits the
+        context, and labels (if given) has its shape with at least one position to predict. Reads values back
+        from the GPU, so a CUDA graph being captured skips it (qlora_ref.cuda_graph checks each batch instead)."""
         self._check_ids(input_ids, "input_ids")
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
             raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values "
                              f"from {int(input_ids.min())} to {int(input_ids.max())}")
+        if labels is not None:
+            _check_labels(labels, input_ids.shape[:2])
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> CausalLMOutput:
+        """Logits [batch, seq, vocab]; with labels (same shape, -100 = ignore), also the shifted mean loss."""
+        self._check_ids(input_ids, "input_ids")
+        capturing = input_ids.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not capturing:
+            self.check_inputs(input_ids)  # the labels are checked by loss
         h = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(input_ids.shape[1], self.config.head_dim, self.config.rope_theta, h.device, h.dtype)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
+                # A graph being captured cannot read the RNG state; CapturedStep refuses models that draw numbers.
+                h = checkpoint(layer, h, cos, sin, use_reentrant=False, preserve_rng_state=not capturing)
             else:
                 h = layer(h, cos, sin)
         logits = self.lm_head(self.model.norm(h))
@@ -256,14 +277,9 @@ class LlamaForCausalLM(nn.Module):
     @staticmethod
     def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of logits[:, i] against labels[:, i+1] (float32), averaged over labels != -100."""
-        if not isinstance(labels, torch.Tensor) or labels.shape != logits.shape[:2] or labels.dtype != torch.long:
-            found = (f"{labels.dtype} tensor of shape {tuple(labels.shape)}" if isinstance(labels, torch.Tensor)
-                     else type(labels).__name__)
-            raise ValueError(f"labels must be a torch.long tensor of shape {tuple(logits.shape[:2])} (that of "
-                             f"input_ids), got a {found}")
+        if not (isinstance(labels, torch.Tensor) and labels.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _check_labels(labels, logits.shape[:2])
         targets = labels[:, 1:]
-        if not bool((targets != IGNORE_INDEX).any()):
-            raise ValueError("labels[:, 1:] is all -100: there is no position to compute a loss on")
         return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                ignore_index=IGNORE_INDEX)
 

@@ -75,6 +75,7 @@ API for subclasses (qlora_ref.paging.PagedAdamW8bit)
 import functools
 import math
 import struct
+import weakref
 from collections.abc import Mapping
 from itertools import chain
 from types import MappingProxyType
@@ -265,6 +266,8 @@ class AdamW8bit(torch.optim.Optimizer):
         self.blocksize = blocksize
         self.min_8bit_size = min_8bit_size
         self.backend = backend
+        self._step_open = False  # between the first update of a step and the end of step()
+        self._graph_scalars = None  # the per-step numbers of a captured CUDA graph (prepare_capture)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     def add_param_group(self, param_group: dict) -> None:
@@ -282,26 +285,75 @@ class AdamW8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._before_step()
+        self._open_step()
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise TypeError("AdamW8bit does not support sparse gradients (e.g. nn.Embedding(sparse=True)); "
-                                    "use dense gradients")
-                state = self._state_for(p)
-                self._before_update(p, state)
-                state["step"] += 1
-                beta1, beta2 = group["betas"]
-                hyper = (state["step"], group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
-                if "absmax1" in state:
-                    self._update_8bit(p, state, hyper)
-                else:
-                    adamw_update_(p, p.grad, state["state1"], state["state2"], *hyper)
-                self._after_update(p, state)
+                if p.grad is not None:
+                    self._update(p, group)
+        self._step_open = False
         self._after_step()
         return loss
+
+    def step_in_backward(self) -> list:
+        """Update each parameter inside the backward pass, as soon as its gradient is complete, and free it.
+
+        Registers a post-accumulate-grad hook on every parameter: when backward has finished a
+        parameter's gradient, the hook runs the same update `step()` would run later and sets
+        `p.grad = None`. The numbers are those of backward-then-step (each parameter's update reads only
+        its own gradient and state), but the gradients never all exist at once: the peak of a step no
+        longer holds one gradient per trainable parameter. `step()` is still called after backward; it
+        updates what has a gradient left (nothing, normally) and closes the step.
+        Not for gradient clipping by the global norm or for gradient accumulation, which need every
+        gradient before any update. Returns the hooks' handles (`handle.remove()` undoes this).
+        """
+        self._index_parameters()
+        optimizer = weakref.ref(self)  # a strong one would make a cycle through the parameters that gc cannot see
+
+        def hook(p):
+            if optimizer() is not None:
+                optimizer()._update_in_backward(p)
+
+        return [p.register_post_accumulate_grad_hook(hook)
+                for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    @torch.no_grad()
+    def _update_in_backward(self, p) -> None:
+        self._open_step()
+        self._update(p, self._group_of[p])
+        p.grad = None
+
+    def _open_step(self) -> None:
+        if not self._step_open:
+            self._step_open = True
+            self._before_step()
+
+    def _update(self, p, group) -> None:
+        """The update of one parameter from p.grad (the body of step)."""
+        if p.grad.is_sparse:
+            raise TypeError("AdamW8bit does not support sparse gradients (e.g. nn.Embedding(sparse=True)); "
+                            "use dense gradients")
+        if p.is_cuda and torch.cuda.is_current_stream_capturing():
+            self._update_captured(p, group)
+            return
+        state = self._state_for(p)
+        self._before_update(p, state)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        hyper = (state["step"], group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+        if "absmax1" in state:
+            self._update_8bit(p, state, hyper)
+        else:
+            adamw_update_(p, p.grad, state["state1"], state["state2"], *hyper)
+        self._after_update(p, state)
+
+    def _update_captured(self, p, group) -> None:
+        """The update recorded into a CUDA graph: its numbers from the table, its step counted per replay."""
+        state = self.state.get(p)
+        self._check_capturable(p, state)
+        self._captured.append(p)
+        beta1, beta2 = group["betas"]
+        hyper = (state["step"] + 1, group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+        self._update_8bit(p, state, hyper, self._graph_scalars[self._graph_rows[p], :7])
 
     # Subclasses hook in here, not by overriding step: torch wraps the step of every optimizer class for its
     # step hooks, so a subclass's step calling this one would run each hook twice.
@@ -311,13 +363,59 @@ class AdamW8bit(torch.optim.Optimizer):
     def _after_step(self) -> None:
         pass
 
-    def _update_8bit(self, p, state, hyper) -> None:
+    def _update_8bit(self, p, state, hyper, scalars=None) -> None:
         if resolve_backend(self.backend, p) == "triton":
             from .kernels.adamw_8bit import adamw8bit_update_triton
 
-            adamw8bit_update_triton(p, p.grad, state, *hyper, blocksize=self.blocksize)
+            adamw8bit_update_triton(p, p.grad, state, *hyper, blocksize=self.blocksize, scalars=scalars)
         else:
             adamw8bit_update_(p, p.grad, state, *hyper, blocksize=self.blocksize)
+
+    # CUDA graphs (qlora_ref.cuda_graph.CapturedStep). A captured update is a kernel launch recorded with
+    # fixed pointers, so its per-step numbers (bias corrections, learning rate) come from a table on the
+    # GPU that is rewritten before every replay; Python's step counts advance per replay, not at capture.
+    def prepare_capture(self) -> None:
+        """Make the table of per-step numbers (one 32-byte row per parameter) that captured updates read."""
+        self._index_parameters()
+        self._graph_scalars = torch.zeros(len(self._group_of), 8, dtype=torch.float32,
+                                          device=next(iter(self._group_of)).device)
+        self._captured = []  # the parameters whose update the graph holds, filled during capture
+
+    def begin_graph_step(self) -> None:
+        """Before a replay: fill the table with the coming step's numbers (the current learning rates)."""
+        from .kernels.adamw_8bit import scalar_values
+
+        rows = [[0.0] * 8 for _ in self._group_of]
+        for p in self._captured:
+            group = self._group_of[p]
+            beta1, beta2 = group["betas"]
+            rows[self._graph_rows[p]][:7] = scalar_values(self.state[p]["step"] + 1, group["lr"], beta1, beta2,
+                                                          group["eps"], group["weight_decay"])
+        # Stream-ordered after the previous replay, before the next; pinned, so the host does not wait.
+        self._graph_scalars.copy_(torch.tensor(rows, dtype=torch.float32).pin_memory(), non_blocking=True)
+
+    def end_graph_step(self) -> None:
+        """After a replay: count the step for every parameter the graph updated."""
+        self._before_step()
+        for p in self._captured:
+            self.state[p]["step"] += 1
+        self._after_step()
+
+    def _check_capturable(self, p, state) -> None:
+        if self._graph_scalars is None:
+            raise RuntimeError("AdamW8bit is being captured in a CUDA graph without prepare_capture(): use "
+                               "qlora_ref.cuda_graph.CapturedStep, which prepares the optimizer")
+        if not state:
+            raise RuntimeError(f"a parameter of shape {tuple(p.shape)} has no optimizer state yet: run a step before "
+                               "capturing (CapturedStep warms up first)")
+        if "absmax1" not in state or resolve_backend(self.backend, p) != "triton":
+            why = "float32 moments (below min_8bit_size)" if "absmax1" not in state else "backend 'torch'"
+            raise RuntimeError(f"only the Triton 8-bit update can be captured in a CUDA graph; a parameter of shape "
+                               f"{tuple(p.shape)} has {why}")
+
+    def _index_parameters(self) -> None:
+        self._group_of = {p: group for group in self.param_groups for p in group["params"]}
+        self._graph_rows = {p: i for i, p in enumerate(self._group_of)}
 
     def _allocate(self, shape, dtype, device) -> torch.Tensor:
         """A zero-filled tensor for an optimizer state; override to place states in other memory."""

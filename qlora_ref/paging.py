@@ -526,6 +526,12 @@ class PagedAdamW8bit(AdamW8bit):
             if isinstance(value, torch.Tensor) and is_managed(value):
                 prefetch(value)
 
+    def _check_capturable(self, p, state) -> None:
+        if self.pager is not None:
+            raise RuntimeError("paging='pager' moves states between host and GPU in Python, which a CUDA graph cannot "
+                               "replay: capture with paging='managed'")
+        super()._check_capturable(p, state)  # managed states are not prefetched in a graph: they stay resident
+
     def _load_state(self, p, saved) -> None:
         """Loading replaces p's state dict (allocated through _allocate, so in the right memory):
         the pager forgets the old page and makes a new one at the next update."""

@@ -35,6 +35,7 @@ from hypothesis import strategies as st
 bnb = pytest.importorskip("bitsandbytes")
 
 from parity import make_optimizer_pair, step_both  # noqa: E402
+from qlora_ref.paging import PagedAdamW8bit  # noqa: E402
 from qlora_ref.optim8bit import (  # noqa: E402
     AdamW8bit,
     _fma,
@@ -384,3 +385,97 @@ def test_bad_parameters_and_gradients():
     embedding(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(TypeError, match="sparse gradients"):
         opt.step()
+
+
+def _small_qlora_model(seed=0, device="cpu", r=4):
+    from qlora_ref import prepare_model
+    from qlora_ref.llama import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).to(device)
+    prepare_model(model, r=r, alpha=2 * r, target_modules="all-linear", quantize=True)
+    model.gradient_checkpointing_enable()
+    model.train()
+    return model
+
+
+@pytest.mark.parametrize("make", [
+    lambda params: AdamW8bit(params, lr=1e-2, min_8bit_size=0),
+    lambda params: AdamW8bit(params, lr=1e-2, min_8bit_size=300),  # 8-bit and float32 moments
+    lambda params: PagedAdamW8bit(params, lr=1e-2, min_8bit_size=0, paging="pager", budget_bytes=3000),
+], ids=["8bit", "mixed", "paged"])
+def test_step_in_backward_equals_step_after_backward(make):
+    """The optimizer run inside the backward gives the bytes of backward-then-step, step after step (a learning
+    rate change between steps included), and leaves no gradient behind."""
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    models = [_small_qlora_model(), _small_qlora_model()]
+    optimizers = [make([p for p in m.parameters() if p.requires_grad]) for m in models]
+    handles = optimizers[1].step_in_backward()
+    for step in range(4):
+        if step == 2:
+            for opt in optimizers:
+                opt.param_groups[0]["lr"] = 3e-3
+        losses = []
+        for model, opt in zip(models, optimizers):
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            if opt is optimizers[1]:
+                assert all(p.grad is None for p in model.parameters())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        assert losses[0] == losses[1]
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(p, q), name
+    states = [optimizer_state_tensors(opt) for opt in optimizers]
+    assert states[0].keys() == states[1].keys() and all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert all(s["step"] == 4 for s in optimizers[1].state.values())
+    for handle in handles:
+        handle.remove()
+    models[1](ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in models[1].parameters() if p.requires_grad)
+
+
+def test_step_in_backward_never_holds_every_gradient():
+    """Measured (qlora_ref.memory.PeakMemory follows every tensor): with rank-32 adapters, whose gradients are
+    much of what a step holds at its end, the update in the backward lowers the peak by at least half of their
+    bytes (measured: 394,600 -> 268,744 bytes, the gradients being 237,568)."""
+    from qlora_ref.memory import PeakMemory
+
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    peaks = []
+    for in_backward in (False, True):
+        model = _small_qlora_model(r=32)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = AdamW8bit(trainable, lr=1e-2, min_8bit_size=0)
+        if in_backward:
+            opt.step_in_backward()
+        for _ in range(2):  # the first step makes the states
+            with PeakMemory() as peak:
+                model(ids, labels=ids).loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        peaks.append(peak.peak)
+    gradients = sum(p.numel() * p.element_size() for p in trainable)
+    assert peaks[0] - peaks[1] >= 0.5 * gradients
+
+
+def test_step_in_backward_makes_no_reference_cycle():
+    """The hooks hold the optimizer weakly: without the garbage collector, deleting the model and the optimizer
+    frees them (a cycle parameter -> hook -> optimizer -> parameter kept a 7B model's adapters alive on a GPU)."""
+    import gc
+    import weakref
+
+    gc.collect()
+    gc.disable()
+    try:
+        model = _small_qlora_model()
+        opt = AdamW8bit([p for p in model.parameters() if p.requires_grad])
+        opt.step_in_backward()
+        refs = weakref.ref(model), weakref.ref(opt)
+        del model, opt
+        assert [r() for r in refs] == [None, None]
+    finally:
+        gc.enable()

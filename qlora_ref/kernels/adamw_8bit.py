@@ -41,6 +41,8 @@ Measured (H100 80GB HBM3, triton 3.6, torch 2.11, bitsandbytes 0.50.2, 2026-11-2
 Moments byte-equal to bitsandbytes' CUDA AdamW8bit over 100 steps.
 """
 
+import functools
+
 import numpy as np
 import torch
 import triton
@@ -53,7 +55,8 @@ from . import blockwise_8bit
 from .quantize_4bit import launch_config
 from .twins import twin
 
-__all__ = ["adamw8bit_kernel", "adamw8bit_update_triton", "compile_ahead"]
+__all__ = ["SCALAR_NAMES", "adamw8bit_kernel", "adamw8bit_update_triton", "compile_ahead", "device_scalars",
+           "scalar_values"]
 
 DEFAULT_TILE_VALUES = 1024  # values per program (NB = TILE // BLOCKSIZE blocks, at least one)
 
@@ -90,14 +93,18 @@ def adamw8bit_kernel(
     q1_ptr, q2_ptr,  # uint8 [n]: m's and v's codes, read and rewritten
     absmax1_ptr, absmax2_ptr,  # float32 [ceil(n / BLOCKSIZE)]: their absmax, read and rewritten
     code1_ptr, code2_ptr,  # float32 [256]: the signed (m) and unsigned (v) dynamic maps
+    scalars_ptr,  # float32 [7]: beta1, beta2, 1 - beta1, 1 - beta2, step_size, eps c2, 1 - lr wd (SCALAR_NAMES)
     n,
-    beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, eps_c2, decay,  # float32 (step_scalars)
     BLOCKSIZE: tl.constexpr,
     NB: tl.constexpr,  # blocks per program
     FLOAT32_GRAD: tl.constexpr,  # the kernel's fma for v depends on the gradient's dtype
     HW_RCP: tl.constexpr,  # MUFU.RCP for 1 / absmax (GPU), else the correctly rounded division
     SOFT_BF16: tl.constexpr,  # round bf16 parameters in integers (the interpreter's cast truncates)
 ):
+    # Read from memory, not passed as arguments, so that a captured CUDA graph replays with each step's values.
+    beta1, beta2 = tl.load(scalars_ptr), tl.load(scalars_ptr + 1)
+    one_minus_beta1, one_minus_beta2 = tl.load(scalars_ptr + 2), tl.load(scalars_ptr + 3)
+    step_size, eps_c2, decay = tl.load(scalars_ptr + 4), tl.load(scalars_ptr + 5), tl.load(scalars_ptr + 6)
     block = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
     index = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     inside = index < n
@@ -162,29 +169,35 @@ def _check(param, grad, state, blocksize) -> None:
 
 
 def adamw8bit_update_triton(param, grad, state: dict, step, lr, beta1, beta2, eps, weight_decay, blocksize: int = 256,
-                            *, hw_rcp=None, tile_values=None, num_warps=None) -> None:
+                            *, scalars=None, hw_rcp=None, tile_values=None, num_warps=None) -> None:
     """optim8bit.adamw8bit_update_ with kernel=True in one launch: same arguments, same bytes.
 
     param (and state's four tensors) are updated in place. CPU tensors run in Triton's interpreter,
     with the correctly rounded reciprocal where the GPU has MUFU.RCP (hw_rcp=None: the GPU's on a GPU).
+    The kernel reads its seven per-step numbers (step_scalars, in SCALAR_NAMES order) from a float32
+    tensor: `device_scalars` of the hyperparameters by default, or `scalars`, a float32 [7] tensor on
+    param's device that the caller fills (a captured CUDA graph keeps pointing at the same one).
     """
     check_blocksize(blocksize)
     _check(param, grad, state, blocksize)
     if param.device.type == "cpu" and not INTERPRETED:
         return _twin(interpret=True).adamw8bit_update_triton(param, grad, state, step, lr, beta1, beta2, eps,
-                                                             weight_decay, blocksize, hw_rcp=hw_rcp,
+                                                             weight_decay, blocksize, scalars=scalars, hw_rcp=hw_rcp,
                                                              tile_values=tile_values, num_warps=num_warps)
     n = param.numel()
     if n == 0:
         return
-    s = step_scalars(step, lr, beta1, beta2, eps, weight_decay, kernel=True)
+    if scalars is None:
+        scalars = device_scalars(step, lr, beta1, beta2, eps, weight_decay, param.device)
+    elif scalars.dtype != torch.float32 or scalars.numel() != len(SCALAR_NAMES) or scalars.device != param.device:
+        raise ValueError(f"scalars must be a float32 tensor of {len(SCALAR_NAMES)} values on {param.device}, got "
+                         f"{scalars.dtype} {tuple(scalars.shape)} on {scalars.device}")
     contiguous = param.is_contiguous()
     flat = param.detach() if contiguous else param.detach().contiguous()
     nb, num_warps = launch_config(blocksize, tile_values or DEFAULT_TILE_VALUES, num_warps)
     hw_rcp = not INTERPRETED if hw_rcp is None else bool(hw_rcp)
     args = (flat, grad.contiguous(), state["state1"], state["state2"], state["absmax1"], state["absmax2"],
-            shared_dynamic_map(True, param.device), shared_dynamic_map(False, param.device), n, s["beta1"], s["beta2"],
-            s["one_minus_beta1"], s["one_minus_beta2"], s["step_size"], s["eps_c2"], s["decay"])
+            shared_dynamic_map(True, param.device), shared_dynamic_map(False, param.device), scalars, n)
     options = dict(BLOCKSIZE=blocksize, NB=nb, FLOAT32_GRAD=grad.dtype == torch.float32, HW_RCP=hw_rcp,
                    SOFT_BF16=INTERPRETED and param.dtype == torch.bfloat16, num_warps=num_warps, enable_fp_fusion=False)
     grid = (triton.cdiv(-(-n // blocksize), nb),)
@@ -197,6 +210,25 @@ def adamw8bit_update_triton(param, grad, state: dict, step, lr, beta1, beta2, ep
         param.detach().copy_(flat)
 
 
+SCALAR_NAMES = ("beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "step_size", "eps_c2", "decay")
+
+
+def scalar_values(step, lr, beta1, beta2, eps, weight_decay) -> list:
+    """The kernel's seven float32 numbers for one step (step_scalars with kernel=True), in SCALAR_NAMES order."""
+    s = step_scalars(step, lr, beta1, beta2, eps, weight_decay, kernel=True)
+    return [s[name] for name in SCALAR_NAMES]
+
+
+@functools.lru_cache(maxsize=64)  # every parameter of a step asks for the same ones
+def device_scalars(step, lr, beta1, beta2, eps, weight_decay, device) -> torch.Tensor:
+    """scalar_values in a float32 tensor on `device`, made once per step: copied from pinned memory without
+    waiting (a blocking copy would stall the host until the GPU caught up, once a step)."""
+    values = torch.tensor(scalar_values(step, lr, beta1, beta2, eps, weight_decay), dtype=torch.float32)
+    if torch.device(device).type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -204,8 +236,8 @@ def compile_ahead(capability: int, dtype: torch.dtype = torch.float32, grad_dtyp
                   *, tile_values: int = DEFAULT_TILE_VALUES, num_warps=None):
     """Compile adamw8bit_kernel for a GPU that need not be here (75: a Colab T4, 80, 90: H100).
 
-    Returns Triton's CompiledKernel (`.asm["ptx"]`, `.asm["cubin"]`). Pointers are declared 16-byte
-    aligned and n a multiple of 16, as the launcher finds them for fresh torch tensors.
+    Returns Triton's CompiledKernel (`.asm["ptx"]`, `.asm["cubin"]`). Pointers other than scalars_ptr are
+    declared 16-byte aligned and n a multiple of 16, as the launcher finds them for fresh torch tensors.
     """
     from triton.backends.compiler import GPUTarget
 
@@ -214,13 +246,12 @@ def compile_ahead(capability: int, dtype: torch.dtype = torch.float32, grad_dtyp
     grad_dtype = dtype if grad_dtype is None else grad_dtype
     pointers = {"p_ptr": "*" + _TRITON_TYPES[dtype], "g_ptr": "*" + _TRITON_TYPES[grad_dtype], "q1_ptr": "*u8",
                 "q2_ptr": "*u8", "absmax1_ptr": "*fp32", "absmax2_ptr": "*fp32", "code1_ptr": "*fp32",
-                "code2_ptr": "*fp32"}
-    scalars = ["beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "step_size", "eps_c2", "decay"]
+                "code2_ptr": "*fp32", "scalars_ptr": "*fp32"}
     constexprs = {"BLOCKSIZE": blocksize, "NB": nb,
                   "FLOAT32_GRAD": grad_dtype == torch.float32, "HW_RCP": True, "SOFT_BF16": False}
-    signature = {**pointers, "n": "i32", **{name: "fp32" for name in scalars},
-                 **{name: "constexpr" for name in constexprs}}
-    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in [*pointers, "n"]}
+    signature = {**pointers, "n": "i32", **{name: "constexpr" for name in constexprs}}
+    aligned = [name for name in pointers if name != "scalars_ptr"] + ["n"]  # a row of a scalars table may not be
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": num_warps, "enable_fp_fusion": False})
