@@ -2,7 +2,8 @@
 bitsandbytes, measured exactly as qlora_ref.bench_memory measures ours (on a CUDA GPU).
 
     python -m qlora_ref.bench_baseline [--out bench/results] [--settings 512:16 512:64 2048:16 2048:64]
-                                       [--recipes standard no_upcast qlora_ref qlora_ref_bnb_optimizer]
+                                       [--recipes standard no_upcast qlora_ref qlora_ref_in_backward
+                                                  qlora_ref_graph qlora_ref_bnb_optimizer]
 
 The model: transformers' LlamaForCausalLM with Llama-2-7B's shape (qlora_ref.vram.PRESETS) and random weights
 (transformers' own initialisation, N(0, 0.02^2), norms 1), built once on the GPU in bf16 and saved with
@@ -29,9 +30,12 @@ bias="none", task_type="CAUSAL_LM")) (float32 adapters, PEFT's default), model.t
 bitsandbytes.optim.PagedAdamW8bit(lr=1e-4) (states in managed memory), batch 1, random token ids, 4 steps.
 use_reentrant=False is what torch asks for and transformers' own default; ours checkpoints the same way.
 
-Two more recipes, not run by default, time OUR step (bench_memory.build's model, checkpointing, batch 1) in the
-same loop, phase by phase, to see where its time goes: qlora_ref (our PagedAdamW8bit, paging="managed", as
-bench_memory) and qlora_ref_bnb_optimizer (bitsandbytes' PagedAdamW8bit instead).
+More recipes, not run by default, time OUR step (bench_memory.build's model, checkpointing, batch 1) in the
+same process, so that the ratios are side by side: qlora_ref (our PagedAdamW8bit, paging="managed", the
+update after the backward, as the baseline; phase by phase, to see where the time goes),
+qlora_ref_in_backward (the update inside the backward: AdamW8bit.step_in_backward), qlora_ref_graph (that
+step captured as a CUDA graph and replayed: bench_memory.timed_steps, one phase "step"), and
+qlora_ref_bnb_optimizer (bitsandbytes' PagedAdamW8bit instead of ours, after the backward).
 
 Measured per (recipe, sequence length, rank), as bench_memory.run: peak stats reset before the model is
 loaded, so the peaks include it and the loading; peak_allocated / peak_reserved over load and steps (also each
@@ -52,13 +56,13 @@ from pathlib import Path
 import torch
 
 from .bench import gpu_run, write_results
-from .bench_memory import build, config_of, parse_settings
+from .bench_memory import build, config_of, parse_settings, timed_steps
 from .paging import PagedAdamW8bit
 from .vram import LORA_TARGETS, PRESETS
 
 DEVICE = "cuda"
 RECIPES = ("standard", "no_upcast")  # transformers + peft + bitsandbytes
-OURS = ("qlora_ref", "qlora_ref_bnb_optimizer")  # our model, with our paged optimizer or bitsandbytes'
+OURS = ("qlora_ref", "qlora_ref_in_backward", "qlora_ref_graph", "qlora_ref_bnb_optimizer")  # our model (see above)
 
 
 def hf_config(name: str = "Llama-2-7B"):
@@ -143,7 +147,7 @@ def setup(recipe: str, seq_len: int, r: int, folder: Path = None):
     else:
         model = load_qlora(folder, r, recipe)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if recipe == "qlora_ref":
+    if recipe in OURS and recipe != "qlora_ref_bnb_optimizer":
         return model, PagedAdamW8bit(trainable, lr=1e-4, paging="managed")
     return model, bnb.optim.PagedAdamW8bit(trainable, lr=1e-4)
 
@@ -163,7 +167,13 @@ def run(folder: Path, seq_len: int, r: int, recipe: str, steps: int = 4) -> dict
     config = model.config
     ids = torch.randint(0, config.vocab_size, (1, seq_len), device=DEVICE,
                         generator=torch.Generator(device=DEVICE).manual_seed(0))
-    result = train(model, optimizer, ids, steps)
+    if recipe == "qlora_ref_graph":  # one phase: the replayed graph
+        timed = timed_steps(model, optimizer, ids, steps, "graph")
+        result = {"phase_seconds": {"step": timed["step_seconds"]}, "loss": timed["loss"]}
+    else:
+        if recipe == "qlora_ref_in_backward":
+            optimizer.step_in_backward()
+        result = train(model, optimizer, ids, steps)
     train_peaks = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
     free, total = torch.cuda.mem_get_info()
     steps_seconds = [sum(t) for t in zip(*result["phase_seconds"].values())]

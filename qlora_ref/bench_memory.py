@@ -1,6 +1,7 @@
 """Measured QLoRA training memory of 7B-, 13B- and 70B-shaped Llama models on a CUDA GPU (lesson 9).
 
     python -m qlora_ref.bench_memory [--out bench/results] [--models Llama-2-7B Llama-2-13B Llama-2-70B]
+                                     [--settings 512:16 ...] [--steps graph in_backward eager]
 
 Each model is built directly in NF4 + double quantization, one linear at a time: its architecture on the
 `meta` device (no memory), then every linear of every layer made on the GPU in bf16 with random weights
@@ -8,17 +9,21 @@ Each model is built directly in NF4 + double quantization, one linear at a time:
 embeddings, norms and lm_head are bf16. The whole bf16 model is never held (a 70B one would not fit).
 Then training steps with LoRA on all seven linears of every layer (alpha = 2r, float32 adapters as PEFT
 keeps them), gradient checkpointing, paged 8-bit AdamW (states of >= 1e5 values in managed memory), batch 1
-and random token ids, and for each (model, sequence length, rank):
+and random token ids, the step run as `--steps` says (timed_steps: by default "graph", the optimizer in the
+backward and the whole step replayed as a CUDA graph), and for each (model, sequence length, rank, step):
 
     peak_allocated, peak_reserved   torch.cuda.max_memory_allocated / max_memory_reserved over the run,
                                     model included (paged states in managed memory count in neither)
     context_bytes                   what the device reports in use beyond the reserved memory
-    tokens_per_second               of the steps after the first (the first compiles and allocates)
+    tokens_per_second               of the timed steps after the first (the first eager one compiles and
+                                    allocates; a graph's warm-up and capture come before them all)
 
 Writes <out>/memory-<gpu-name>.json in the format qlora_ref.vram.load_measurements reads.
 """
 
 import argparse
+import gc
+import itertools
 import time
 from pathlib import Path
 
@@ -26,6 +31,7 @@ import torch
 from torch import nn
 
 from .bench import gpu_run, write_results
+from .cuda_graph import CapturedStep
 from .llama import LlamaConfig, LlamaForCausalLM
 from .lora import QLoRALinear
 from .paging import PagedAdamW8bit
@@ -78,7 +84,46 @@ def build(config: LlamaConfig, r: int, generator: torch.Generator) -> LlamaForCa
     return model
 
 
-def run(name: str, seq_len: int, r: int, steps: int = 4) -> dict:
+STEPS = ("graph", "in_backward", "eager")
+
+
+def timed_steps(model, optimizer, ids, steps: int, step: str = "graph") -> dict:
+    """`steps` training steps on ids, each timed from a synchronize to the next: {"step_seconds", "loss"}.
+
+    step = "eager": forward, backward, then optimizer.step() (every gradient alive at the end of backward);
+    "in_backward": the same with optimizer.step_in_backward() (each update as soon as its gradient is done,
+    so the gradients never all exist); "graph": that step captured once as a CUDA graph and replayed
+    (qlora_ref.cuda_graph.CapturedStep: its two warm-up steps and the capture run before the timed steps).
+    """
+    if step not in STEPS:
+        raise ValueError(f"step must be one of {STEPS}, got {step!r}")
+    if step == "graph":
+        captured = CapturedStep(model, optimizer, ids, ids)
+
+        def one_step():
+            return captured(ids, ids)
+    else:
+        if step == "in_backward":
+            optimizer.step_in_backward()
+
+        def one_step():
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = one_step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return {"step_seconds": times, "loss": loss.item()}
+
+
+def run(name: str, seq_len: int, r: int, steps: int = 4, step: str = "graph") -> dict:
+    gc.collect()  # the last run's model: step_in_backward's hooks make a reference cycle through the optimizer
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     generator = torch.Generator(device=DEVICE).manual_seed(0)
@@ -90,24 +135,16 @@ def run(name: str, seq_len: int, r: int, steps: int = 4) -> dict:
     optimizer = PagedAdamW8bit(trainable, lr=1e-4, paging="managed")
     model_bytes = torch.cuda.memory_allocated()
     ids = torch.randint(0, config.vocab_size, (1, seq_len), device=DEVICE, generator=generator)
-    times = []
-    for _ in range(steps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    result = timed_steps(model, optimizer, ids, steps, step)
+    times = result["step_seconds"]
     free, total = torch.cuda.mem_get_info()
-    row = {"model": name, "method": "qlora_nf4_dq", "optimizer": "paged_adamw8bit", "batch": 1, "seq_len": seq_len,
-           "r": r, "gradient_checkpointing": True, "adapter_dtype": "float32",
+    row = {"model": name, "method": "qlora_nf4_dq", "optimizer": "paged_adamw8bit", "step": step, "batch": 1,
+           "seq_len": seq_len, "r": r, "gradient_checkpointing": True, "adapter_dtype": "float32",
            "peak_allocated": torch.cuda.max_memory_allocated(), "peak_reserved": torch.cuda.max_memory_reserved(),
            "model_allocated": model_bytes, "context_bytes": total - free - torch.cuda.memory_reserved(),
-           "trainable_parameters": sum(p.numel() for p in trainable), "loss": loss.item(),
-           "step_seconds": times, "tokens_per_second": seq_len * (steps - 1) / sum(times[1:])}
-    del model, optimizer, trainable, loss
+           "trainable_parameters": sum(p.numel() for p in trainable), **result,
+           "tokens_per_second": seq_len * (steps - 1) / sum(times[1:])}
+    del model, optimizer, trainable
     torch.cuda.empty_cache()
     return row
 
@@ -118,15 +155,17 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", default=["Llama-2-7B", "Llama-2-13B", "Llama-2-70B"])
     parser.add_argument("--settings", nargs="+", default=["512:16", "512:64", "2048:16", "2048:64"],
                         help="seq_len:rank pairs")
+    parser.add_argument("--steps", nargs="+", default=["graph"], choices=STEPS,
+                        help="how the step runs (timed_steps); each is a run of its own")
     args = parser.parse_args(argv)
     settings = parse_settings(args.settings)
     results = gpu_run("qlora_ref.bench_memory")
     results.update({"total_bytes": torch.cuda.mem_get_info()[1], "runs": []})
     for name in args.models:
-        for seq_len, r in settings:
-            row = run(name, seq_len, r)
+        for (seq_len, r), step in itertools.product(settings, args.steps):
+            row = run(name, seq_len, r, step=step)
             results["runs"].append(row)
-            print(f"{name} seq {seq_len} r {r}: peak allocated {row['peak_allocated'] / 2**30:.2f} GiB, reserved "
+            print(f"{name} seq {seq_len} r {r} step {step}: peak allocated {row['peak_allocated'] / 2**30:.2f} GiB, reserved "
                   f"{row['peak_reserved'] / 2**30:.2f} GiB, model {row['model_allocated'] / 2**30:.2f} GiB, "
                   f"{row['tokens_per_second']:.0f} tokens/s", flush=True)
             path = write_results(args.out, "memory", results)  # after every run: a timeout keeps the rest

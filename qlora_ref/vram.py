@@ -22,7 +22,8 @@ the worst moment of the step. The terms (the keys of MemoryBreakdown.parts):
     trainable weights        full fine-tuning: every parameter (fp32 or bf16); LoRA: r (in + out) per adapted
                              linear, in the adapters' dtype (float32 by default, as PEFT and qlora_ref)
     gradients                one per trainable parameter, in its dtype (all of them: an upper bound, since
-                             they appear during the backward pass)
+                             they appear during the backward pass); with the optimizer in the backward
+                             (optimizer_in_backward) only the largest adapted linear's, freed by its update
     optimizer states         "adamw" (torch.optim.AdamW): two moments in the parameter's dtype, so 8 B per
                              fp32 parameter and 4 per bf16 one; "adamw8bit": optim8bit.predicted_state_bytes,
                              2 + 8/256 B per parameter (float32 below 4096 values); "paged_adamw8bit": the
@@ -38,9 +39,10 @@ the worst moment of the step. The terms (the keys of MemoryBreakdown.parts):
     backward working set     the gradients in flight inside a layer's backward
     dequantization workspace QLoRA: the largest linear weight dequantized to bf16 (2 in out bytes), one at a
                              time (counted at the layer's backward, although it is briefly freed there)
-    CUDA context             ASSUMED: CUDA_CONTEXT_BYTES, until measured
-    allocator overhead       ASSUMED: ALLOCATOR_OVERHEAD times everything PyTorch allocates (the caching
-                             allocator's rounding and fragmentation), until measured
+    CUDA context             CUDA_CONTEXT_BYTES, a constant of the GPU and its software, measured on an H100
+    allocator overhead       ALLOCATOR_OVERHEAD times the step's transient bytes (TRANSIENT_PARTS: what comes
+                             and goes in a step): the caching allocator's rounding and fragmentation,
+                             measured on an H100 too. These two are DEVICE_PARTS: not derived from the model.
 
 The code modelled is qlora_ref's: qlora_ref.llama's model with QLoRALinear / LoRALinear layers
 (LoRAMatmul), bf16 compute (fp32 for full fp32 training), PyTorch's scaled_dot_product_attention, no
@@ -65,12 +67,14 @@ from .validation import check_blocksize
 __all__ = [
     "ALLOCATOR_OVERHEAD",
     "CUDA_CONTEXT_BYTES",
+    "DEVICE_PARTS",
     "GPUS",
     "LORA_TARGETS",
     "METHODS",
     "OPTIMIZERS",
     "PARTS",
     "PRESETS",
+    "TRANSIENT_PARTS",
     "Activations",
     "MemoryBreakdown",
     "ModelShape",
@@ -89,9 +93,15 @@ __all__ = [
 GIB = 2**30
 MIB = 2**20
 
-# ASSUMPTIONS, to be replaced by the lead's H100 measurement (bench/results/memory-*.json):
-CUDA_CONTEXT_BYTES = 500 * MIB  # CUDA context + cuBLAS workspace of torch 2.x on an H100 (lazy module loading)
-ALLOCATOR_OVERHEAD = 0.05  # reserved / allocated - 1 of PyTorch's caching allocator in a training loop
+# Two constants of the GPU and its software, not of the model, measured once: the median of the 12 runs of
+# bench/results/memory-nvidia-h100-80gb-hbm3.json (H100 80GB HBM3, torch 2.11, CUDA 13.0, 2026-11-22).
+# The context: device memory in use beyond PyTorch's reservation, less the paged optimizer states then on
+# the GPU (806-1042 MiB over the runs); it holds the driver's context and the loaded kernels' code.
+CUDA_CONTEXT_BYTES = 937 * MIB
+# The caching allocator's overhead: reserved - allocated at the peak, per byte of the step's transients
+# (the peak less what the model holds before the step; 0.41-1.04 over the runs): the weights sit in a few
+# large blocks, while the step's tensors come and go in many sizes and leave blocks that fit no later one.
+ALLOCATOR_OVERHEAD = 0.715
 
 # Memory each card offers, in GiB: the T4 as Colab shows it (15 GiB of its 16 with ECC on), the others as
 # sold. torch.cuda.get_device_properties(0).total_memory reports slightly less (firmware, ECC pages).
@@ -132,7 +142,9 @@ PARTS = (
     "CUDA context",
     "allocator overhead",
 )
-ASSUMED_PARTS = ("CUDA context", "allocator overhead")
+DEVICE_PARTS = ("CUDA context", "allocator overhead")
+TRANSIENT_PARTS = ("gradients", "activations (saved)", "logits", "head and loss backward", "recomputed layer",
+                   "backward working set", "dequantization workspace")
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"
 
@@ -522,7 +534,7 @@ class MemoryBreakdown:
     """Bytes by part (PARTS order) at the peak of one training step; `total` is their sum.
 
     moments: the transient bytes of each candidate peak moment of the backward pass (the larger one
-    is in `parts`). allocated: what PyTorch's allocator holds at the peak (all but the assumed parts),
+    is in `parts`). allocated: what PyTorch's allocator holds at the peak (all but DEVICE_PARTS),
     the number torch.cuda.max_memory_allocated measures (but for one paged optimizer state, which lives
     in unified memory, outside the allocator).
     """
@@ -538,7 +550,7 @@ class MemoryBreakdown:
 
     @property
     def allocated(self) -> int:
-        return self.total - sum(self.parts[p] for p in ASSUMED_PARTS)
+        return self.total - sum(self.parts[p] for p in DEVICE_PARTS)
 
     @property
     def peak_moment(self) -> str:
@@ -551,7 +563,7 @@ class MemoryBreakdown:
     def table(self, gpu=None) -> str:
         """One line per non-zero part, in GiB, the total, and (given a GPU) whether it fits."""
         width = max(map(len, PARTS)) + 3
-        lines = [f"{part + (' *' if part in ASSUMED_PARTS else ''):<{width}}{value / GIB:8.3f} GiB"
+        lines = [f"{part + (' *' if part in DEVICE_PARTS else ''):<{width}}{value / GIB:8.3f} GiB"
                  for part, value in self.parts.items() if value]
         lines.append(f"{'total':<{width}}{self.total / GIB:8.3f} GiB")
         other = min(self.moments, key=self.moments.get)
@@ -559,7 +571,7 @@ class MemoryBreakdown:
                      f"transients; the {other}: {self.moments[other] / GIB:.3f} GiB)")
         if self.optimizer_host_bytes:
             lines.append(f"paged: {self.optimizer_host_bytes / GIB:.3f} GiB of optimizer states may stay in host RAM")
-        lines.append("* assumed, not measured")
+        lines.append("* a constant of the GPU and its software (measured on an H100), not derived from the model")
         if gpu is not None:
             room = gpu_memory(gpu) - self.total
             verdict = f"fits, {room / GIB:.2f} GiB to spare" if room >= 0 else \
@@ -600,20 +612,24 @@ def _optimizer_bytes(optimizer: str, tensors, dtype_bytes: int) -> tuple:
 def estimate(model="Llama-2-7B", method: str = "qlora_nf4_dq", optimizer: str = "paged_adamw8bit",
              batch: int = 1, seq_len: int = 512, r: int = 64, gradient_checkpointing: bool = True,
              lora_targets=LORA_TARGETS, adapter_bytes: int = 4, blocksize: int = 64,
-             context_bytes: int = CUDA_CONTEXT_BYTES,
+             optimizer_in_backward: bool = False, context_bytes: int = CUDA_CONTEXT_BYTES,
              allocator_overhead: float = ALLOCATOR_OVERHEAD) -> MemoryBreakdown:
     """The VRAM of one training step (its peak), by part: see the module docstring for each term.
 
     model: a PRESETS name, a ModelShape, or a config.json (dict or path). r and lora_targets matter for
     the LoRA methods only. adapter_bytes: 4 for float32 adapters (qlora_ref's and PEFT's default), 2 for bf16.
+    optimizer_in_backward: the update runs inside the backward as each gradient is complete and frees it
+    (AdamW8bit.step_in_backward), so the gradients term is the largest adapted linear's two (or, training the
+    whole model, the largest parameter's), not all of them.
     """
     shape = _resolve_model(model)
     base, c, trains = _method(method)
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     check_blocksize(blocksize)
-    if not (isinstance(allocator_overhead, (int, float)) and 0 <= allocator_overhead < 1):
-        raise ValueError(f"allocator_overhead must be a fraction in [0, 1), got {allocator_overhead!r}")
+    if not (isinstance(allocator_overhead, (int, float)) and 0 <= allocator_overhead <= 2):
+        raise ValueError(f"allocator_overhead must be a number in [0, 2] (bytes per transient byte), "
+                         f"got {allocator_overhead!r}")
     if isinstance(context_bytes, bool) or not isinstance(context_bytes, int) or context_bytes < 0:
         raise ValueError(f"context_bytes must be an int >= 0, got {context_bytes!r}")
     act = activations(shape, method, batch, seq_len, r, gradient_checkpointing, lora_targets, adapter_bytes)
@@ -636,7 +652,12 @@ def estimate(model="Llama-2-7B", method: str = "qlora_nf4_dq", optimizer: str = 
             parts["16-bit weights"] = 2 * (shape.parameter_count - counts["linear"])
             dequantize = 2 * max(i * o for i, o in linears.values())
     parts["trainable weights"] = dtype_bytes * sum(trainable)
-    parts["gradients"] = dtype_bytes * sum(trainable)
+    if not optimizer_in_backward:
+        parts["gradients"] = dtype_bytes * sum(trainable)
+    elif trains:
+        parts["gradients"] = dtype_bytes * max(trainable)
+    else:
+        parts["gradients"] = dtype_bytes * r * max(sum(linears[name]) for name in targets)
     parts["optimizer states"], host = _optimizer_bytes(optimizer, trainable, dtype_bytes)
     parts["activations (saved)"] = act.layers + act.rope + act.embedding
     parts["logits"] = act.logits
@@ -647,10 +668,11 @@ def estimate(model="Llama-2-7B", method: str = "qlora_nf4_dq", optimizer: str = 
         parts["recomputed layer"] = act.recomputed_layer
         parts["backward working set"] = act.backward_working_set
         parts["dequantization workspace"] = dequantize
-    parts["allocator overhead"] = math.ceil(allocator_overhead * sum(parts.values()))
+    parts["allocator overhead"] = math.ceil(allocator_overhead * sum(parts[p] for p in TRANSIENT_PARTS))
     parts["CUDA context"] = context_bytes
     setup = {"model": shape.name, "method": method, "optimizer": optimizer, "batch": batch, "seq_len": seq_len,
-             "r": None if trains else r, "gradient_checkpointing": bool(gradient_checkpointing)}
+             "r": None if trains else r, "gradient_checkpointing": bool(gradient_checkpointing),
+             "optimizer_in_backward": bool(optimizer_in_backward)}
     return MemoryBreakdown(setup=setup, parts=parts, moments=moments, optimizer_host_bytes=host)
 
 
@@ -658,7 +680,8 @@ def estimate(model="Llama-2-7B", method: str = "qlora_nf4_dq", optimizer: str = 
 # Measurements (GPU runs, written by bench code to bench/results/memory-<device>.json)
 # ---------------------------------------------------------------------------------------------------
 
-SETUP_KEYS = ("model", "method", "optimizer", "batch", "seq_len", "r", "gradient_checkpointing")
+SETUP_KEYS = ("model", "method", "optimizer", "batch", "seq_len", "r", "gradient_checkpointing",
+              "optimizer_in_backward")
 MEASURED_KEYS = ("peak_allocated", "peak_reserved")
 
 
@@ -679,6 +702,8 @@ def load_measurements(directory=RESULTS_DIR) -> list:
             raise ValueError(f"{path} must hold a dict with a list 'runs'")
         common = {k: v for k, v in document.items() if k != "runs"}
         for i, run in enumerate(document["runs"]):
+            # bench_memory's "step": "eager" (the update after the backward), "in_backward" or "graph" (in it)
+            run = {"optimizer_in_backward": run.get("step", "eager") != "eager", **run}
             missing = [k for k in SETUP_KEYS + MEASURED_KEYS if k not in run]
             if missing:
                 raise ValueError(f"{path}: run {i} lacks {missing}")
@@ -694,12 +719,14 @@ def matching_run(breakdown: MemoryBreakdown, runs: list) -> Optional[dict]:
 
 def measurement_line(breakdown: MemoryBreakdown, run: dict) -> str:
     """Estimate against a GPU run (load_measurements), in GiB: what PyTorch allocated at the peak, and
-    the allocator's reservation plus the CUDA context when the run measured the context."""
+    the allocator's reservation plus the CUDA context when the run measured the context (with every paged
+    optimizer state on the GPU, where the run's context_bytes counts them)."""
     def pair(what, estimated, measured):
         return (f"{what}: estimated {estimated / GIB:.2f} GiB, measured {measured / GIB:.2f} GiB "
                 f"({(estimated - measured) / measured:+.1%})")
 
     line = pair("allocated", breakdown.allocated, run["peak_allocated"])
-    if "context_bytes" in run:
-        return line + "; " + pair("reserved + context", breakdown.total, run["peak_reserved"] + run["context_bytes"])
+    if "context_bytes" in run:  # a GPU with room keeps every paged state on it, and context_bytes counts them
+        return line + "; " + pair("reserved + context", breakdown.total + breakdown.optimizer_host_bytes,
+                                  run["peak_reserved"] + run["context_bytes"])
     return line + f"; reserved {run['peak_reserved'] / GIB:.2f} GiB (context not measured)"

@@ -8,7 +8,7 @@ can check them.
 
 from matplotlib.figure import Figure
 
-from ..vram import ASSUMED_PARTS, GIB, GPUS, METHODS, PARTS, estimate, gpu_memory
+from ..vram import DEVICE_PARTS, GIB, GPUS, METHODS, PARTS, estimate, gpu_memory
 
 __all__ = ["budget_figure", "methods_figure", "PART_COLORS"]
 
@@ -16,7 +16,7 @@ PART_COLORS = dict(zip(PARTS, (
     "#1f4e79", "#5b9bd5", "#9dc3e6",  # weights: 4-bit codes, constants, 16-bit
     "#c55a11", "#f4b183", "#ffd966",  # trainable weights, gradients, optimizer states
     "#548235", "#a9d18e", "#7030a0", "#b4a7d6", "#d5a6bd", "#e06666",  # activations and transients
-    "#7f7f7f", "#bfbfbf",  # assumed: CUDA context, allocator overhead
+    "#7f7f7f", "#bfbfbf",  # DEVICE_PARTS: CUDA context, allocator overhead
 )))
 
 
@@ -25,10 +25,10 @@ def _stack(axis, y, parts: dict, height: float, labelled: set) -> None:
     left = 0.0
     for part, value in parts.items():
         if value:
-            label = None if part in labelled else part + (" (assumed)" if part in ASSUMED_PARTS else "")
+            label = None if part in labelled else part + (" (H100 constant)" if part in DEVICE_PARTS else "")
             labelled.add(part)
             axis.barh(y, value / GIB, left=left, height=height, color=PART_COLORS[part],
-                      hatch="//" if part in ASSUMED_PARTS else None, edgecolor="white", linewidth=0.5, label=label)
+                      hatch="//" if part in DEVICE_PARTS else None, edgecolor="white", linewidth=0.5, label=label)
             left += value / GIB
 
 
@@ -82,7 +82,7 @@ def methods_figure(model="Llama-2-7B", seq_len: int = 512, batch: int = 1, r: in
     axis.set_title(f"{next(iter(breakdowns.values())).setup['model']}, {optimizer}, batch {batch} x {seq_len} "
                    f"tokens, r = {r}{', checkpointing' if gradient_checkpointing else ''}", fontsize=9)
     handles, labels = axis.get_legend_handles_labels()
-    order = sorted(range(len(labels)), key=lambda i: PARTS.index(labels[i].removesuffix(" (assumed)")))
+    order = sorted(range(len(labels)), key=lambda i: PARTS.index(labels[i].removesuffix(" (H100 constant)")))
     fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="outside right center", fontsize=7,
                frameon=False)
     return fig, breakdowns
