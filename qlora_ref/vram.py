@@ -40,9 +40,8 @@ the worst moment of the step. The terms (the keys of MemoryBreakdown.parts):
     dequantization workspace QLoRA: the largest linear weight dequantized to bf16 (2 in out bytes), one at a
                              time (counted at the layer's backward, although it is briefly freed there)
     CUDA context             CUDA_CONTEXT_BYTES, a constant of the GPU and its software, measured on an H100
-    allocator overhead       ALLOCATOR_OVERHEAD times the step's transient bytes (TRANSIENT_PARTS: what comes
-                             and goes in a step): the caching allocator's rounding and fragmentation,
-                             measured on an H100 too. These two are DEVICE_PARTS: not derived from the model.
+    allocator overhead       ALLOCATOR_OVERHEAD times the step's activations and temporaries (TRANSIENT_PARTS):
+                             the caching allocator's rounding and fragmentation, measured on an H100 too. These two are DEVICE_PARTS: not derived from the model.
 
 The code modelled is qlora_ref's: qlora_ref.llama's model with QLoRALinear / LoRALinear layers
 (LoRAMatmul), bf16 compute (fp32 for full fp32 training), PyTorch's scaled_dot_product_attention, no
@@ -98,10 +97,12 @@ MIB = 2**20
 # The context: device memory in use beyond PyTorch's reservation, less the paged optimizer states then on
 # the GPU (806-1042 MiB over the runs); it holds the driver's context and the loaded kernels' code.
 CUDA_CONTEXT_BYTES = 937 * MIB
-# The caching allocator's overhead: reserved - allocated at the peak, per byte of the step's transients
-# (the peak less what the model holds before the step; 0.41-1.04 over the runs): the weights sit in a few
-# large blocks, while the step's tensors come and go in many sizes and leave blocks that fit no later one.
-ALLOCATOR_OVERHEAD = 0.715
+# The caching allocator's overhead: reserved - allocated at the peak, per byte of the step's activations and
+# temporaries (TRANSIENT_PARTS: the peak less the model and the gradients; 0.41-1.05 over the runs). The
+# weights sit in a few large blocks and the gradients come back at the same sizes every step, while the
+# activations come and go in many sizes and leave blocks that fit no later one. These runs capture the step
+# as a CUDA graph, whose private pool keeps its blocks; an eager step may waste less.
+ALLOCATOR_OVERHEAD = 0.717
 
 # Memory each card offers, in GiB: the T4 as Colab shows it (15 GiB of its 16 with ECC on), the others as
 # sold. torch.cuda.get_device_properties(0).total_memory reports slightly less (firmware, ECC pages).
@@ -143,7 +144,7 @@ PARTS = (
     "allocator overhead",
 )
 DEVICE_PARTS = ("CUDA context", "allocator overhead")
-TRANSIENT_PARTS = ("gradients", "activations (saved)", "logits", "head and loss backward", "recomputed layer",
+TRANSIENT_PARTS = ("activations (saved)", "logits", "head and loss backward", "recomputed layer",
                    "backward working set", "dequantization workspace")
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"

@@ -34,12 +34,12 @@ def _stack(axis, y, parts: dict, height: float, labelled: set) -> None:
 
 def budget_figure(model="Llama-2-7B", method: str = "qlora_nf4_dq", seq_len: int = 512, batch: int = 1,
                   r: int = 64, gpu: str = "T4 (15 GB)", optimizer: str = "paged_adamw8bit",
-                  gradient_checkpointing: bool = True):
+                  gradient_checkpointing: bool = True, optimizer_in_backward: bool = False):
     """One horizontal bar: estimate(...)'s parts stacked, in GiB, and the GPU's memory as a red line.
     The title gives the total and whether it fits. Returns (fig, breakdown)."""
     capacity = gpu_memory(gpu)
     breakdown = estimate(model, method=method, optimizer=optimizer, batch=batch, seq_len=seq_len, r=r,
-                         gradient_checkpointing=gradient_checkpointing)
+                         gradient_checkpointing=gradient_checkpointing, optimizer_in_backward=optimizer_in_backward)
     fig = Figure(figsize=(9.0, 2.6), layout="constrained", dpi=80)
     axis = fig.subplots()
     _stack(axis, 0, breakdown.parts, 0.6, set())
@@ -50,7 +50,8 @@ def budget_figure(model="Llama-2-7B", method: str = "qlora_nf4_dq", seq_len: int
     verdict = "fits" if breakdown.fits(gpu) else "does NOT fit"
     setup = breakdown.setup
     axis.set_title(f"{setup['model']}, {method}, {optimizer}, batch {batch} x {seq_len} tokens"
-                   f"{f', r = {r}' if setup['r'] else ''}{', checkpointing' if gradient_checkpointing else ''}: "
+                   f"{f', r = {r}' if setup['r'] else ''}{', checkpointing' if gradient_checkpointing else ''}"
+                   f"{', update in backward' if optimizer_in_backward else ''}: "
                    f"{breakdown.total / GIB:.2f} GiB, {verdict}", fontsize=9)
     fig.legend(loc="outside right center", fontsize=7, frameon=False)
     return fig, breakdown
