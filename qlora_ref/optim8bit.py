@@ -70,6 +70,11 @@ API for subclasses (qlora_ref.paging.PagedAdamW8bit)
         makes a new state with _new_state (so through _allocate) and copies the saved tensors into it.
     _allocate(shape, dtype, device) -> torch.zeros(shape, dtype=dtype, device=device); override it to
         place the states elsewhere (managed / paged memory).
+
+Inside the backward pass (`step_in_backward`): the same update per parameter, run by a hook as soon as
+backward has completed its gradient, which is then freed, so the gradients never all exist at once (lesson
+9 measures it). Captured in a CUDA graph (qlora_ref.cuda_graph.CapturedStep): the Triton update reads its
+per-step numbers from a table on the GPU (`prepare_capture`, `begin_graph_step`, `end_graph_step`).
 """
 
 import functools

@@ -19,6 +19,10 @@ What you will learn
   are written out with `tl.fma`. Division and square root are the correctly rounded `div_rn` and
   `sqrt_rn` (Triton's `/` on float32 is an approximation), as in PyTorch. So on a GPU this kernel and
   `adamw8bit_update_` give the same bytes, p included.
+* Numbers from memory, not arguments. The seven per-step scalars (bias corrections, learning rate, betas)
+  are loaded from a float32 tensor rather than passed by value: a CUDA graph replays a launch with the
+  arguments it was recorded with, so a captured step (qlora_ref.cuda_graph) must find each step's values
+  at a fixed address, rewritten before every replay. Eager calls get a cached tensor per step.
 * Reuse. The encode is blockwise_8bit.py's quantizer, called on values already in registers:
   the same `_pivot_search` (bitsandbytes' binary search), `_reciprocal` (MUFU.RCP on the GPU) and
   flush-to-zero helpers, taken from that module loaded in the same mode (compiled or interpreted).
