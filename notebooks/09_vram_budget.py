@@ -62,7 +62,7 @@ from IPython.display import display
 from qlora_ref import QLoRALinear, constant_bits_per_parameter, prepare_model
 from qlora_ref.llama import LlamaConfig, LlamaForCausalLM
 from qlora_ref.optim8bit import bytes_per_parameter
-from qlora_ref.plots.vram import budget_figure, methods_figure
+from qlora_ref.plots.vram import budget_figure, measurements_figure, methods_figure
 from qlora_ref.vram import (
     ALLOCATOR_OVERHEAD,
     CUDA_CONTEXT_BYTES,
@@ -440,6 +440,10 @@ for name, limit_gb in (("Llama-2-7B", 6.0), ("Llama-2-13B", 10.0), ("Llama-2-70B
     peak = matching_run(estimate(name, optimizer_in_backward=True), runs)["peak_allocated"]
     print(f"{name}: peak allocated {peak / 1e9:.2f} GB, target at most {limit_gb} GB: "
           f"{'met' if peak <= limit_gb * 1e9 else 'NOT met'}")
+
+# %%
+fig, _ = measurements_figure(runs)
+display(fig)
 
 # %% [markdown]
 # **What holds.**

@@ -69,3 +69,18 @@ def test_bad_choices_are_named():
         budget_figure(method="int8")
     with pytest.raises(ValueError, match="unknown GPU"):
         methods_figure(gpus=("T4 (15 GB)", "TPU"))
+
+
+def test_measurements_figure_draws_every_run_and_its_estimate():
+    from qlora_ref.plots.vram import measurements_figure
+    from qlora_ref.vram import load_measurements
+
+    runs = load_measurements()
+    fig, breakdowns = measurements_figure(runs)
+    (axis,) = fig.axes
+    widths = _bar_widths(axis)
+    assert widths[0::2] == pytest.approx([run["peak_allocated"] / GIB for run in runs])
+    assert widths[1::2] == pytest.approx([b.allocated / GIB for b in breakdowns])
+    measured = [line.get_xdata()[0] for line in axis.get_lines()][0::2]
+    assert measured == pytest.approx([(run["peak_reserved"] + run["context_bytes"]) / GIB for run in runs])
+    assert len(axis.get_yticklabels()) == len(runs)

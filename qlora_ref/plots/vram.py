@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 
 from ..vram import DEVICE_PARTS, GIB, GPUS, METHODS, PARTS, estimate, gpu_memory
 
-__all__ = ["budget_figure", "methods_figure", "PART_COLORS"]
+__all__ = ["budget_figure", "measurements_figure", "methods_figure", "PART_COLORS"]
 
 PART_COLORS = dict(zip(PARTS, (
     "#1f4e79", "#5b9bd5", "#9dc3e6",  # weights: 4-bit codes, constants, 16-bit
@@ -86,4 +86,33 @@ def methods_figure(model="Llama-2-7B", seq_len: int = 512, batch: int = 1, r: in
     order = sorted(range(len(labels)), key=lambda i: PARTS.index(labels[i].removesuffix(" (H100 constant)")))
     fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="outside right center", fontsize=7,
                frameon=False)
+    return fig, breakdowns
+
+
+def measurements_figure(runs):
+    """Each GPU run (qlora_ref.vram.load_measurements) against the estimate of its setting: measured and
+    estimated peak allocated as a pair of bars, measured and estimated reserved + context as two markers
+    (every paged optimizer state counted on the GPU, as the run's context holds them).
+    Returns (fig, [breakdown per run])."""
+    breakdowns = [estimate(run["model"], run["method"], run["optimizer"], run["batch"], run["seq_len"], run["r"],
+                           run["gradient_checkpointing"], optimizer_in_backward=run["optimizer_in_backward"])
+                  for run in runs]
+    fig = Figure(figsize=(9.0, 0.45 * len(runs) + 1.2), layout="constrained", dpi=80)
+    axis = fig.subplots()
+    for y, (run, b) in enumerate(zip(runs, breakdowns)):
+        axis.barh(y - 0.18, run["peak_allocated"] / GIB, height=0.34, color="#1f4e79",
+                  label="allocated, measured" if y == 0 else None)
+        axis.barh(y + 0.18, b.allocated / GIB, height=0.34, color="#9dc3e6",
+                  label="allocated, estimated" if y == 0 else None)
+        axis.plot((run["peak_reserved"] + run["context_bytes"]) / GIB, y, "kx",
+                  label="reserved + context, measured" if y == 0 else None)
+        axis.plot((b.total + b.optimizer_host_bytes) / GIB, y, "o", mfc="none", color="#c55a11",
+                  label="reserved + context, estimated" if y == 0 else None)
+    axis.set_yticks(range(len(runs)), [f"{run['model']}, {run['seq_len']} tokens, r = {run['r']}" for run in runs],
+                    fontsize=7)
+    axis.invert_yaxis()
+    axis.set_xlabel("GiB")
+    devices = sorted({run.get("device", "?") for run in runs})
+    axis.set_title(f"QLoRA training steps measured on {', '.join(devices)} against the estimate", fontsize=9)
+    fig.legend(loc="outside right center", fontsize=7, frameon=False)
     return fig, breakdowns
