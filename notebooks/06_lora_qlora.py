@@ -635,24 +635,35 @@ print("course target 1.2x met on:", [f"{r['shape'][0]}x{r['shape'][1]}" for r, v
 #
 # **Decoding: one token** (`QLoRALinear` takes the fused GEMV of `qlora_ref/kernels/gemv_4bit.py` for a single
 # token on a GPU). The kernel reads the 4-bit codes, multiplies and sums in registers, and never writes the
-# bf16 weight. The floor is the time to read the packed weight once at the ~3 TB/s an H100 streams:
+# bf16 weight. The floor is the time to read the packed weight once at the ~3 TB/s an H100 streams. Each
+# kernel is timed two ways: by the GPU alone (CUDA-graph replays, the L2 cache flushed), and by
+# `triton.testing.do_bench`, whose time includes the host's launch when that outlasts the flush (a few
+# microseconds, and noisy on the machine measured):
 
 # %%
 gemv = json.loads((results / "gemv-nvidia-h100-80gb-hbm3.json").read_text())
-print(f"{'weight':>14} {'nested':>6} {'ours ms':>8} {'bnb ms':>7} {'ours vs bnb':>11} {'floor ms':>8}"
-      f" {'max error ours / bnb':>21}")
+print(f"{'weight':>14} {'nested':>6} {'GPU us: ours':>12} {'bnb':>6} {'ours vs bnb':>11} {'floor':>6}"
+      f" {'do_bench: ours vs bnb':>21} {'max error ours / bnb':>21}")
 for row in gemv["llama"]:
-    ours_ms = row["triton"]["default"]["ms"]
-    floor = row["weight_bytes"] / 3.0e12 * 1e3
-    print(f"{row['shape'][0]:>6} x {row['shape'][1]:<6} {'yes' if row['nested'] else 'no':>6} {ours_ms:8.4f} "
-          f"{row['bnb_ms']:7.4f} {row['bnb_ms'] / ours_ms:10.2f}x {floor:8.4f} "
-          f"{row['error_triton']['max_abs']:10.2f} / {row['error_bnb']['max_abs']:.2f}")
+    ours = row["triton"]["default"]
+    floor = row["weight_bytes"] / 3.0e12 * 1e6
+    print(f"{row['shape'][0]:>6} x {row['shape'][1]:<6} {'yes' if row['nested'] else 'no':>6} "
+          f"{1e3 * ours['device_ms']:12.1f} {1e3 * row['bnb_device_ms']:6.1f} "
+          f"{row['bnb_device_ms'] / ours['device_ms']:10.2f}x {floor:6.1f} {row['bnb_ms'] / ours['ms']:20.2f}x "
+          f"{ours['max_abs_error']:10.2f} / {row['error_bnb']['max_abs']:.2f}")
+before = [row["bnb_device_ms"] / row["triton"]["tile (before)"]["device_ms"] for row in gemv["llama"]]
+print(f"the first design (one [rows, sub-blocks, bytes] tile, codebook gathers from memory): "
+      f"{min(before):.2f}-{max(before):.2f}x bitsandbytes")
 
 # %% [markdown]
-# The GEMV is more accurate than bitsandbytes' (it rounds nothing to bf16 before the sum) and 3x faster than
-# dequantizing then multiplying, but it is not faster than bitsandbytes' own kernel, and both are 3x
-# from the floor. The kernel's docstring says where the time goes (instructions per byte, not memory) and
-# what could remove it.
+# The GEMV is more accurate than bitsandbytes' (it rounds nothing to bf16 before the sum) and, by GPU
+# time, 1.38-1.65x faster: the course's target of 1.5x is met on five of the eight cases, just missed on
+# the plain 8192 x 8192 weight (1.495x) and missed on the nested 8192-row ones (1.38x and 1.42x). The first design was no faster than bitsandbytes: it was bound by instructions,
+# two codebook gathers from memory per byte among them, with the memory system mostly idle. The kernel now
+# reads the weight as 32-bit words and looks codes up with warp shuffles from registers (the docstring of
+# `qlora_ref/kernels/gemv_4bit.py` counts the machine instructions per byte before and after). By
+# do_bench the small weights are host-bound and the ratios move with the launch time; the floor is still
+# 2x away.
 #
 # ## Summary
 #
@@ -667,7 +678,7 @@ for row in gemv["llama"]:
 #   only the codes, gives the base no gradient, and adds the low-rank product inside the GEMM.
 # - On an H100 a layer's forward + backward at 4096 tokens runs faster than bitsandbytes + PEFT (1.1-1.5x,
 #   measured above) and close to a dense bf16 layer; one-token decoding is more accurate than bitsandbytes'
-#   kernel but not faster.
+#   kernel and, by GPU time, 1.38-1.65x faster.
 # - Checked: outputs and the gradients of x, A and B equal a dense fp32 reference on W0^ bit for bit, and
 #   bitsandbytes' `Linear4bit` + LoRA too except dL/dx (a few float32 ulps: where the low-rank product is
 #   added), and float64 formulas to ~3e-7 of their largest value (gradcheck needs float64).

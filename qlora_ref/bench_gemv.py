@@ -1,45 +1,43 @@
 """Benchmark of the fused Triton 4-bit GEMV (qlora_ref.kernels.gemv_4bit) on a CUDA GPU.
 
-    python -m qlora_ref.bench_gemv [--out bench/results] [--quick]
+    python -m qlora_ref.bench_gemv [--out bench/results] [--quick] [--stem gemv]
 
 For each Llama weight (N x K = 4096x4096, 4096x14336, 8192x8192, 8192x28672; NF4, blocksize 64, quantized
-by bitsandbytes on the GPU, plain and nested) and one bf16 row x it times, with triton.testing.do_bench
-(median, L2 flushed before each call):
-  - triton: gemv_4bit_triton(x, packed, state) in each setting of CONFIGS ("default" = no options)
+by bitsandbytes on the GPU, plain and nested) and one bf16 row x it times
+  - triton: gemv_4bit_triton(x, packed, state) in each setting of CONFIGS ("default" = no options: the
+            one-row kernel; "tile (before)" = gemv_4bit_kernel, the default for one row until the row kernel)
   - bnb:    bitsandbytes.matmul_4bit(x, packed.t(), quant_state=state) (its 1-row inference kernel)
   - dense:  x @ W.T with W dequantized to bf16 beforehand (cuBLAS reading 2 bytes per weight)
-and records each one's error against the float32 reference x.float() @ dequantize_4bit(W).float().T
+each twice: triton.testing.do_bench's median (L2 flushed before each call; the host launch is included
+whenever it outlasts the flush) and the GPU time alone (qlora_ref.bench.device_ms: CUDA-graph replays,
+L2 flushed). It records each one's error against the float32 reference x.float() @ dequantize_4bit(W).float().T
 (max abs and RMS). GB/s counts the packed weight alone (N*K/2 bytes), the bytes that bound the kernel.
 A few rows of x (M = 2, 4, 8) are timed for the default setting on two weights.
-Writes <out>/gemv-<gpu-name>.json and prints a table.
+Writes <out>/<stem>-<gpu-name>.json and prints a table.
 """
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
 
-from .bench import LLAMA_SHAPES, gpu_run, median_ms, state_from_bitsandbytes, write_results
+from .bench import LLAMA_SHAPES, device_ms, gpu_run, median_ms, state_from_bitsandbytes, write_results
 
 DEVICE = "cuda"
-# Settings of gemv_4bit_triton; "default" is what a call without options runs (scaled sums, prefetch).
+# Settings of gemv_4bit_triton; "default" is what a call without options runs: for one row of x,
+# gemv_4bit_row_kernel (warp-shuffle lookups, 4 rows x 512 bytes per program, prefetch).
 CONFIGS = {
     "default": {},
-    "n8 c256 w4 rounded": {"block_n": 8, "chunk_bytes": 256, "num_warps": 4, "scale_sums": False, "prefetch": False},
-    "n8 c512 w4 rounded": {"block_n": 8, "chunk_bytes": 512, "num_warps": 4, "scale_sums": False, "prefetch": False},
-    "n8 c512 w4 scaled": {"block_n": 8, "chunk_bytes": 512, "num_warps": 4, "prefetch": False},
-    "n8 c512 w4 rounded prefetch": {"block_n": 8, "chunk_bytes": 512, "num_warps": 4, "scale_sums": False},
-    "n8 c512 w4 pair table": {"block_n": 8, "chunk_bytes": 512, "num_warps": 4, "pairs": True},
-    "n8 c512 w4 strided x": {"block_n": 8, "chunk_bytes": 512, "num_warps": 4, "split_x": False},
-    "n4 c512 w4": {"block_n": 4, "chunk_bytes": 512, "num_warps": 4},
-    "n4 c256 w2": {"block_n": 4, "chunk_bytes": 256, "num_warps": 2},
-    "n8 c1024 w4": {"block_n": 8, "chunk_bytes": 1024, "num_warps": 4},
-    "n8 c1024 w8": {"block_n": 8, "chunk_bytes": 1024, "num_warps": 8},
-    "n16 c512 w8": {"block_n": 16, "chunk_bytes": 512, "num_warps": 8},
-    "n4 c1024 w4": {"block_n": 4, "chunk_bytes": 1024, "num_warps": 4},
-    "n2 c2048 w4": {"block_n": 2, "chunk_bytes": 2048, "num_warps": 4},
-    "n8 c2048 w8": {"block_n": 8, "chunk_bytes": 2048, "num_warps": 8},
-    "n16 c1024 w8": {"block_n": 16, "chunk_bytes": 1024, "num_warps": 8},
+    "row c1024": {"chunk_bytes": 1024},
+    "row c1024 no prefetch": {"chunk_bytes": 1024, "prefetch": False},
+    "row n2 w2": {"block_n": 2, "num_warps": 2},
+    "row n8 (2 rows a lane)": {"block_n": 8},
+    "row prmt": {"lookup": "prmt"},
+    "row memory": {"lookup": "memory"},
+    "tile (before)": {"row_kernel": False},
+    "tile rounded": {"row_kernel": False, "scale_sums": False},
+    "tile pair table": {"row_kernel": False, "pairs": True},
 }
 
 
@@ -70,15 +68,19 @@ def case(N, K, nested, configs, dtype=torch.bfloat16):
     for name, options in configs.items():
         y = gemv_4bit_triton(x, packed, state, **options)
         ms = median_ms(lambda: gemv_4bit_triton(x, packed, state, **options))
-        row["triton"][name] = {"ms": ms, "GBps": N * K / 2 / ms / 1e6, "max_abs_error": errors(y, reference)["max_abs"]}
+        gpu_ms = device_ms(lambda: gemv_4bit_triton(x, packed, state, **options))
+        row["triton"][name] = {"ms": ms, "GBps": N * K / 2 / ms / 1e6, "device_ms": gpu_ms,
+                               "max_abs_error": errors(y, reference)["max_abs"]}
     row["bnb_ms"] = median_ms(lambda: bnb.matmul_4bit(x, packed.t(), quant_state=bnb_state))
+    row["bnb_device_ms"] = device_ms(lambda: bnb.matmul_4bit(x, packed.t(), quant_state=bnb_state))
     row["dense_ms"] = median_ms(lambda: x @ dense.T)
     best = min(row["triton"], key=lambda k: row["triton"][k]["ms"])
     row["best"] = best
-    for key in ("default", best):
-        ms = row["triton"][key]["ms"]
-        row["triton"][key]["vs_bnb"] = row["bnb_ms"] / ms
-        row["triton"][key]["vs_dense"] = row["dense_ms"] / ms
+    for key in row["triton"]:
+        t = row["triton"][key]
+        t["vs_bnb"] = row["bnb_ms"] / t["ms"]
+        t["device_vs_bnb"] = row["bnb_device_ms"] / t["device_ms"]
+        t["vs_dense"] = row["dense_ms"] / t["ms"]
     row["bnb_GBps"] = N * K / 2 / row["bnb_ms"] / 1e6
     return row, (x, packed, state, dense, bnb_state)
 
@@ -114,6 +116,20 @@ def table(results) -> str:
             f"| {r['shape'][0]}x{r['shape'][1]} | {'yes' if r['nested'] else 'no'} | {d['ms']:.4f} | {d['GBps']:.0f} "
             f"| {r['best']} | {b['ms']:.4f} | {b['GBps']:.0f} | {r['bnb_ms']:.4f} | {r['bnb_GBps']:.0f} | {r['dense_ms']:.4f} "
             f"| {d['vs_bnb']:.2f}x | {b['vs_bnb']:.2f}x | {r['error_triton']['max_abs']:.3g} / {r['error_bnb']['max_abs']:.3g} |")
+    names = list(results["llama"][0]["triton"])
+    lines += ["", "Every setting: us by do_bench / by GPU time alone (device_ms), speed-up over bitsandbytes' likewise timed "
+              "(n: nested):",
+              "| setting | " + " | ".join(f"{r['shape'][0]}x{r['shape'][1]}{' n' if r['nested'] else ''}"
+                                        for r in results["llama"]) + " | geomean x |",
+              "|---" * (len(results["llama"]) + 2) + "|",
+              "| bnb | " + " | ".join(f"{r['bnb_ms'] * 1e3:.1f} / {r['bnb_device_ms'] * 1e3:.1f}"
+                                      for r in results["llama"]) + " | 1 / 1 |"]
+    for name in names:
+        cells = [r["triton"][name] for r in results["llama"]]
+        geomean = [math.exp(sum(math.log(c[key]) for c in cells) / len(cells)) for key in ("vs_bnb", "device_vs_bnb")]
+        lines.append(f"| {name} | " + " | ".join(f"{c['ms'] * 1e3:.1f} / {c['device_ms'] * 1e3:.1f} "
+                                                 f"x{c['vs_bnb']:.2f} / {c['device_vs_bnb']:.2f}" for c in cells)
+                     + f" | {geomean[0]:.2f} / {geomean[1]:.2f} |")
     if results.get("rows"):
         lines += ["", "| weight | M | triton ms | bnb ms | max err triton / bnb |", "|---|---|---|---|---|"]
         for r in results["rows"]:
@@ -125,24 +141,26 @@ def table(results) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--quick", action="store_true", help="the default setting only")
+    parser.add_argument("--quick", action="store_true", help="the default setting and the one before it only")
+    parser.add_argument("--stem", default="gemv", help="the results file's name: <stem>-<gpu-name>.json")
     args = parser.parse_args(argv)
     results = gpu_run("qlora_ref.bench_gemv")
-    configs = {"default": {}} if args.quick else CONFIGS
+    configs = {k: CONFIGS[k] for k in ("default", "tile (before)")} if args.quick else CONFIGS
     results.update({"timing": "triton.testing.do_bench median, L2 flushed before each call, host launch included",
                "GBps": "packed weight bytes (N*K/2) / time", "configs": configs, "llama": [], "rows": []})
     for N, K in LLAMA_SHAPES:
         for nested in (False, True):
             row, tensors = case(N, K, nested, configs)
             results["llama"].append(row)
-            print(f"{N}x{K} nested={nested}: triton {row['triton']['default']['ms']:.4f} ms, best {row['best']} "
-                  f"{row['triton'][row['best']]['ms']:.4f} ms, bnb {row['bnb_ms']:.4f} ms, dense {row['dense_ms']:.4f} ms",
-                  flush=True)
+            d = row["triton"]["default"]
+            print(f"{N}x{K} nested={nested}: triton {d['ms']:.4f} ms (GPU {d['device_ms']:.4f}), best {row['best']} "
+                  f"{row['triton'][row['best']]['ms']:.4f} ms, bnb {row['bnb_ms']:.4f} ms (GPU {row['bnb_device_ms']:.4f}), "
+                  f"dense {row['dense_ms']:.4f} ms", flush=True)
             if nested and (N, K) in (LLAMA_SHAPES[0], LLAMA_SHAPES[-1]):
                 results["rows"] += rows_case(N, K, tensors)
             del tensors
             torch.cuda.empty_cache()
-    print(f"wrote {write_results(args.out, 'gemv', results)}")
+    print(f"wrote {write_results(args.out, args.stem, results)}")
     print(table(results))
 
 

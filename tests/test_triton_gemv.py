@@ -15,6 +15,8 @@ nothing looser than the output format itself can hold. bitsandbytes' own GEMV ca
 tests/test_triton_gemv_gpu.py compares the two errors on a GPU.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -47,6 +49,8 @@ def check(x, packed, state, **options):
     bound = UNIT_ROUNDOFF[x.dtype] * reference.abs() + 2 * K * 2.0**-24 * magnitude
     if options.get("scale_sums", True):
         bound = bound + UNIT_ROUNDOFF[state.dtype] * magnitude
+    if options.get("lookup") == "prmt":  # codes rounded to fp16
+        bound = bound + 2.0**-11 * magnitude
     assert y.dtype == x.dtype and y.shape == reference.shape
     error = (y.float() - reference).abs()
     worst = int((error - bound).argmax())
@@ -154,14 +158,76 @@ def test_bad_input_is_refused():
         gemv_4bit_triton(x, packed, state, block_n=3)
 
 
-@pytest.mark.parametrize("m_tile", [1, 8])
-def test_compiles_for_a_gpu_ahead_of_time(m_tile):
-    """The compiled kernel (not the interpreter) builds for sm_80 / sm_90 without a GPU. Its fma are the
-    explicit tl.fma of the dot products: the nested absmax adds none (a product, then a separate sum)."""
+@pytest.mark.parametrize("kernel", ["row shuffle", "row prmt", "tile", "tile m8"])
+def test_compiles_for_a_gpu_ahead_of_time(kernel):
+    """The compiled kernels (not the interpreter) build for sm_75 (a T4: no bf16 arithmetic), sm_80 and sm_90
+    without a GPU. Their fma are the explicit tl.fma of the dot products: the nested absmax adds none (a
+    product, then a separate sum). The row kernel's lookups are inline PTX: 8 shuffles or 16 prmt a word."""
+    options = {"row shuffle": {}, "row prmt": {"lookup": "prmt"}, "tile": {"row_kernel": False},
+               "tile m8": {"m_tile": 8}}[kernel]
     fmas = []
-    for capability, nested in [(80, False), (90, False), (90, True)]:
-        ptx = G.compile_ahead(capability, torch.bfloat16, nested=nested, m_tile=m_tile).asm["ptx"]
+    for capability, nested in [(75, True), (80, False), (90, False), (90, True)]:
+        ptx = G.compile_ahead(capability, torch.bfloat16, nested=nested, **options).asm["ptx"]
         assert f".target sm_{capability}" in ptx
         assert "ld.global.v4" in ptx  # the packed bytes: 16-byte loads
         fmas.append(ptx.count("fma.rn.f32"))
-    assert fmas[0] > 0 and fmas[1] == fmas[2], fmas
+        if kernel.startswith("row"):
+            words = ptx.count("fma.rn.f32") // 8  # 7 multiply-adds per word and one by the absmax
+            lookups = ptx.count("shfl.sync.idx") if kernel == "row shuffle" else ptx.count("prmt.b32") // 2
+            assert lookups == 8 * words, (lookups, words)
+    assert fmas[1] > 0 and fmas[0] == fmas[2] == fmas[3], fmas
+
+
+def test_compiles_for_every_x_dtype():
+    """x as bf16 / fp16 pairs (16-byte loads) or float32 values; a blocksize wider than the chunk."""
+    for dtype in DTYPES:
+        for capability in (75, 90):
+            ptx = G.compile_ahead(capability, dtype, blocksize=4096, K=8192).asm["ptx"]
+            assert ptx.count("shfl.sync.idx") > 0
+
+
+@pytest.mark.parametrize("lookup", ["shuffle", "prmt", "memory"])
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_row_kernel_awkward_shapes(lookup, nested):
+    """One row of x (gemv_4bit_row_kernel, its interpreter twin): N not a multiple of the row tile, K of one
+    4-word group (a chunk wider than the row), a last chunk partly outside the row, blocks of 32 and 4096."""
+    cases = [(37, 192, 64, 8, 64), (3, 32, 32, 4, 512), (21, 96, 32, 4, 32), (9, 4096, 4096, 2, 512),
+             (18, 640, 128, 16, 256)]
+    for seed, (n, k, blocksize, block_n, chunk) in enumerate(cases):
+        for dtype in (torch.bfloat16, torch.float16):
+            packed, state = weight(n, k, dtype, blocksize, "fp4" if seed % 2 else "nf4", nested, seed)
+            for prefetch in (False, True):
+                check(activations(1, k, dtype, seed), packed, state, lookup=lookup, block_n=block_n,
+                      chunk_bytes=chunk, prefetch=prefetch)
+
+
+def test_row_kernel_x_layouts():
+    """x misaligned for 16-byte loads, float32 x, and x of another dtype than W: each value loaded alone."""
+    packed, state = weight(20, 256, torch.bfloat16, nested=True)
+    buffer = activations(1, 257, torch.bfloat16)
+    check(buffer[:, 1:], packed, state)  # x's first value not 16-byte aligned
+    check(activations(1, 256, torch.float32), packed, state)
+    check(activations(1, 256, torch.float16), packed, state)
+
+
+def test_row_kernel_lookups_compute_the_same_numbers():
+    """The interpreter runs every lookup as lookup="memory" on the table the GPU path reads: the exact codes for
+    "shuffle", the codes rounded to fp16 for "prmt". So "prmt" equals "memory" on a codebook rounded to fp16,
+    and the row kernel equals the tile kernel up to float32 summation order."""
+    packed, state = weight(40, 512, torch.bfloat16, quant_type="nf4", nested=True)
+    x = activations(1, 512, torch.bfloat16)
+    memory = gemv_4bit_triton(x, packed, state, lookup="memory")
+    assert torch.equal(gemv_4bit_triton(x, packed, state, lookup="shuffle"), memory)
+    half_state = dataclasses.replace(state, code=state.code.half().float())
+    assert torch.equal(gemv_4bit_triton(x, packed, state, lookup="prmt"),
+                       gemv_4bit_triton(x, packed, half_state, lookup="memory"))
+    tile = gemv_4bit_triton(x, packed, state, row_kernel=False)
+    torch.testing.assert_close(memory.float(), tile.float(), rtol=2**-7, atol=2**-7 * memory.float().abs().max().item())
+
+
+def test_prmt_lookup_refuses_float32_weights():
+    packed, state = weight(8, 64, torch.float32)
+    with pytest.raises(ValueError, match="prmt.*float32"):
+        gemv_4bit_triton(activations(1, 64, torch.float32), packed, state, lookup="prmt")
+    with pytest.raises(ValueError, match="lookup must be one of"):
+        gemv_4bit_triton(activations(1, 64, torch.float32), packed, state, lookup="table")

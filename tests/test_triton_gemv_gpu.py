@@ -37,13 +37,18 @@ def measures(y, reference):
     return d.abs().max().item(), d.pow(2).mean().sqrt().item()
 
 
+KERNELS = {"row": {}, "row prmt": {"lookup": "prmt"}, "tile": {"row_kernel": False}}
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("shape", LLAMA_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
-def test_error_no_larger_than_bitsandbytes(shape, dtype, nested):
+def test_error_no_larger_than_bitsandbytes(shape, dtype, nested, kernel):
+    """One row of x: the row kernel (the default; its fp16-code variant "prmt") and gemv_4bit_kernel."""
     x, packed, bnb_state = quantized(*shape, dtype, nested)
     reference = x.float() @ F.dequantize_4bit(packed, bnb_state).float().T
-    ours = gemv_4bit_triton(x, packed, state_from_bitsandbytes(bnb_state))
+    ours = gemv_4bit_triton(x, packed, state_from_bitsandbytes(bnb_state), **KERNELS[kernel])
     theirs = bnb.matmul_4bit(x, packed.t(), quant_state=bnb_state)
     assert ours.dtype == theirs.dtype == dtype and ours.shape == theirs.shape
     scale = reference.abs().max().item()
@@ -81,7 +86,7 @@ def test_tuning_settings_agree():
 
     x, packed, bnb_state = quantized(4096, 4096, torch.bfloat16, True)
     state = state_from_bitsandbytes(bnb_state)
-    options = list(CONFIGS.values()) + [{"pairs": True}, {"split_x": False}]
+    options = list(CONFIGS.values()) + [{"row_kernel": False, "split_x": False}, {"row_kernel": False, "prefetch": False}]
     ys = [gemv_4bit_triton(x, packed, state, **o).float() for o in options]
     bound = 2**-7 * ys[0].abs().max().item()
     for o, y in zip(options[1:], ys[1:]):
@@ -104,3 +109,18 @@ def test_cpu_state_on_the_gpu_and_cached_launches():
             got = gemv_4bit_triton(xs, packed.cuda(), state).cpu()
             # one fp16 ulp of the largest output: the kernel's weights are not rounded to fp16 (scale_sums)
             assert (got.float() - expected.float()).abs().max() <= 2**-10 * expected.float().abs().max()
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_row_kernel_lookups_give_identical_outputs(nested):
+    """The warp-shuffle lookup returns the codebook's float32 values, as the pure-Triton memory lookup (the
+    interpreter's path) does: the same y to the bit, on awkward shapes too (odd N, K of one 4-word group, a
+    last chunk partly outside the row, fp4)."""
+    for n, k, blocksize, quant_type in [(4096, 14336, 64, "nf4"), (37, 32, 32, "fp4"), (1001, 96, 32, "nf4"),
+                                        (257, 4096, 4096, "fp4")]:
+        x, packed, bnb_state = quantized(n, k, torch.bfloat16, nested, quant_type, blocksize)
+        state = state_from_bitsandbytes(bnb_state)
+        for options in ({}, {"prefetch": False}, {"chunk_bytes": 1024}, {"block_n": 2, "num_warps": 2}):
+            shuffle = gemv_4bit_triton(x, packed, state, **options)
+            memory = gemv_4bit_triton(x, packed, state, lookup="memory", **options)
+            assert torch.equal(shuffle, memory), (n, k, options)

@@ -7,21 +7,21 @@ What you will learn
   arithmetic (two multiply-adds per weight) is small next to it. Dequantizing W to bf16 first and then
   calling a dense GEMV would write and read the weight again in 16 bits: 5x the traffic. So the weight is
   dequantized in registers, multiplied with x and summed, and never written anywhere.
-* The tile as three dimensions: [BLOCK_N output rows, SUB sub-blocks, HALF bytes]. A sub-block of HALF
-  bytes (2 * HALF values) never spans two quantization blocks, so one absmax per (row, sub-block) is
-  loaded and broadcast along its bytes, instead of one per value.
-* Splitting a byte into its two codes (high nibble: the even value, low nibble: the odd one) and
-  multiplying each half with the matching half of x (x loaded contiguously, then `tl.split` into even
-  and odd values): no interleave of the weights is needed, because a dot product does not care in which
-  order it adds.
-* Accumulating in float32 in a [BLOCK_N, SUB, HALF] register tile across the loop over K, and reducing it
-  to [BLOCK_N] only once at the end (one cross-thread reduction per program, not one per chunk).
+* Two kernels. gemv_4bit_kernel (several rows of x, and the first design for one row): a [BLOCK_N rows,
+  SUB sub-blocks, HALF bytes] tile of bytes, each split into its two codes. gemv_4bit_row_kernel (one row:
+  decoding, the default there), designed from what bounded the first one (below).
+* A sub-block never spans two quantization blocks, so one absmax per (row, sub-block) is loaded and
+  broadcast along its bytes, instead of one per value.
+* Splitting a byte into its two codes (high nibble: the even k, low nibble: the odd one) and multiplying
+  each with the matching value of x: no interleave of the weights is needed.
+* Accumulating in float32 in a register tile across the loop over K, and reducing it to [BLOCK_N] only once
+  at the end (one cross-thread reduction per program, not one per chunk).
 * Scaling sums, not weights (scale_sums=True, the default): within a block every weight shares one absmax,
-  so absmax * (c_even * x_even + c_odd * x_odd) per byte replaces two multiplies by the absmax and two
-  roundings of w to bf16. The weights used are then the exact float32 code * absmax, within half a bf16 ulp
-  of the ones dequantize_4bit writes; scale_sums=False rounds each w as dequantize_4bit does (the products
-  and sums are float32 either way). bitsandbytes' GEMV rounds the absmax and each product to bf16: its
-  error against the float32 reference is about 1.5x ours (tests/test_triton_gemv_gpu.py).
+  so absmax * sum(code * x) replaces a multiply by the absmax and a rounding of w to bf16 per weight. The
+  weights used are then the exact float32 code * absmax, within half a bf16 ulp of the ones dequantize_4bit
+  writes; scale_sums=False rounds each w as dequantize_4bit does (the products and sums are float32 either
+  way). bitsandbytes' GEMV rounds the absmax and each product to bf16: its error against the float32
+  reference is about 1.4x ours (tests/test_triton_gemv_gpu.py).
 * Software pipelining by hand (prefetch=True): the loads of chunk i + 1 are issued before chunk i is
   decoded. A GEMV is latency-bound when each thread has only one chunk's bytes in flight.
 * Double quantization fused in (absmax = code2[q] * absmax2[b // 256] + offset, two float32
@@ -29,28 +29,59 @@ What you will learn
 * Several rows of x (M <= 8, a few tokens of speculative decoding or a small batch): each chunk of W is
   dequantized once and used for every row (M_TILE rows per program); their partial sums are reduced per
   chunk into an [M_TILE, BLOCK_N] accumulator.
+* Reading the machine code (compile_ahead(90).asm, nvdisasm) to count instructions per byte, and Nsight
+  Compute to see which unit is busy: the first kernel's loop spent ~16.5 instructions per byte of W, the
+  row kernel's ~11 (8.9 with chunk_bytes=1024).
 
 The math
 --------
     w_{n,k} = round_dtype(code[q_{n,k}] * absmax_{(n*K + k) // B})      as dequantize_4bit
     y_{m,n} = round_out( sum_k float32(x_{m,k}) * float32(w_{n,k}) )     float32 accumulation
+The kernels use the exact float32 code * absmax for w (scale_sums), with each block's absmax applied to a
+float32 sum of code * x (the row kernel: one sum per 8 values, multiply-adds in the order of k).
 
 Layout (bitsandbytes'): W [N, K] flattened row-major, two codes per byte, blocks of B values along the
 flattened order. The kernel needs K to be a multiple of B (then a block lies inside one row; every Llama
 weight qualifies); other K are refused with a clear error.
 
-Measured (H100 80GB HBM3, triton 3.6, bitsandbytes 0.50.2; bench/results/gemv-nvidia-h100-80gb-hbm3.*)
-------------------------------------------------------------------------------------------------------
-Accurate, not faster than bitsandbytes. On 8192x28672, one bf16 row: 0.131 ms (896 GB/s of packed weight)
-against 0.123 ms for bitsandbytes' matmul_4bit and 0.176 ms for a dense bf16 GEMV; 0.82-1.02x bitsandbytes
-over the four Llama weights, plain and nested, far from the ~0.039 ms floor; max error 2.1 against
-bitsandbytes' 2.8-3.1.
-Scaled sums and prefetching took it from 0.178 ms. What is left is instructions per byte: two codebook
-lookups (index arithmetic and a load each), the nibble split and three multiply-adds. Ways on (not done):
-look codes up in registers (PTX prmt on a register-held table, two values per instruction), bf16x2
-arithmetic, or split K for more parallelism on short rows. For M > 1 each chunk of W is dequantized once
-for up to 8 rows (M = 2: on par with bitsandbytes; M = 4: 0.37 vs 0.33 ms on 8192x28672), but the
-per-chunk reductions make M = 8 slow there (bitsandbytes dequantizes and calls cuBLAS).
+Where the time goes, and the one-row kernel
+-------------------------------------------
+gemv_4bit_kernel reached ~0.9 TB/s of packed weight on an H100 (0.131 ms on 8192x28672, bitsandbytes'
+matmul_4bit 0.123 ms), a third of the copy roofline, with the memory system mostly idle: it was bound by
+instructions. Per byte of W its loop ran two gathers from the 16-float codebook (each a 64-bit address,
+2 instructions, and a load through L1), the byte and nibble extraction, three multiply-adds, and a split of
+x through shared memory with barriers (tl.split on a layout Triton had to convert). gemv_4bit_row_kernel:
+  - reads W as int32 words (8 codes), 16 bytes of one row per lane, the 32 lanes of a warp along K (512
+    contiguous bytes per row and iteration), one row per warp (ROW_BLOCK_N rows per program);
+  - looks codes up in registers with a warp shuffle (lookup="shuffle"): lane l holds code[l % 16] and
+    shfl.sync.idx returns code[nibble] from lane (l & 16) | nibble: one shift and one shuffle per code, the
+    exact float32 codebook, no address arithmetic (the lane's entry is chosen inside the same PTX statement:
+    Triton may move a tensor's values to other lanes when it converts layouts);
+  - reads x with one 16-byte load per word (inline PTX, so that the values stay in the word's layout) and
+    widens bf16 to float32 with a shift and a mask;
+  - per word: one multiply and 7 multiply-adds in the order of k, then one multiply-add by the absmax into
+    the word's float32 accumulator; prefetch as above.
+On the CPU (Triton's interpreter runs no inline PTX) the same kernel looks codes up with tl.load
+(lookup="memory", also selectable on a GPU) and loads x with tl.load: the same codes, multiplied and added
+in the same order; only the final float32 sum across a program's threads may add in another order.
+Measured (H100 80GB HBM3, triton 3.6, bitsandbytes 0.50.2, bf16, NF4 blocksize 64; GPU time from CUDA-graph
+replays with the L2 flushed, as qlora_ref.bench_gemv reports it; bench/results/gemv-*): 1.38-1.65x
+bitsandbytes' matmul_4bit over the four Llama weights, plain and nested, 1.51x on geometric mean
+(8192x28672: 0.078 ms, 1.5 TB/s, against 0.118 ms; 4096x4096: 7.8 against 12.8 us); gemv_4bit_kernel
+0.85-1.02x. chunk_bytes=1024 with prefetch=False is faster still on the plain weights (1.54-1.67x) and
+slower on the nested ones. Same outputs as gemv_4bit_kernel's up to float32 summation order; max error 2.1 against
+bitsandbytes' 2.8-3.1 on 8192x28672.
+What bounds it now (Nsight Compute): the L1 / shared-memory pipe, 90% busy, which serves the shuffles (2 per
+byte of W) and the loads of x (4 bytes of bf16 x per byte of W, as each lane owns one row; 2 or 4 rows per
+lane share x but hold more registers, leave fewer warps, and measured 10-40% slower). lookup="prmt" moves
+the lookup to the integer pipe instead: a table of fp16 codes in 8 registers, 8 codes from 16 byte permutes
+(prmt) and 8 conversions; that pipe is then 76% busy and the kernel ~10% slower (codes rounded to fp16, 2^-12
+relative, far below the bf16 rounding of w). Nested weights cost 5-10% more (a gather of the 8-bit absmax
+code per 16 bytes). Ways on (not done): a per-lane copy of a pair table in shared memory (one lookup per
+byte, no bank conflicts; Triton does not place such tables), split K for the 4096-row weights. For M > 1,
+gemv_4bit_kernel dequantizes each chunk of W once for up to 8 rows (M = 2: on par with bitsandbytes;
+M = 4: 0.37 vs 0.33 ms on 8192x28672), but the per-chunk reductions make M = 8 slow there (bitsandbytes
+dequantizes and calls cuBLAS).
 """
 
 
@@ -63,7 +94,8 @@ from ..state import QuantState
 from .dequantize_4bit import _on
 from .twins import twin
 
-__all__ = ["compile_ahead", "gemv_4bit_kernel", "gemv_4bit_triton", "gemv_config", "MAX_ROWS"]
+__all__ = ["compile_ahead", "gemv_4bit_kernel", "gemv_4bit_row_kernel", "gemv_4bit_triton", "gemv_config",
+           "gemv_row_config", "MAX_ROWS"]
 
 try:
     from triton.runtime.interpreter import InterpretedFunction
@@ -77,6 +109,11 @@ DEFAULT_BLOCK_N = 8  # output rows per program
 DEFAULT_CHUNK_BYTES = 512  # packed bytes of one row per loop iteration (1024 values)
 DEFAULT_NUM_WARPS = 4
 INTERPRETER_BLOCK_N = 64  # CPU tensors (Triton's interpreter): fewer, larger programs run much faster
+# gemv_4bit_row_kernel's (one row of x): the fastest setting on the Llama weights (bench/results/gemv-*.json).
+ROW_BLOCK_N = 4  # rows per program: one per warp
+ROW_CHUNK_BYTES = 512  # bytes of a row per loop iteration: 16 per lane
+ROW_NUM_WARPS = 4
+LOOKUPS = {"memory": 0, "shuffle": 1, "prmt": 2}  # how gemv_4bit_row_kernel turns nibbles into codes
 
 
 @triton.jit
@@ -281,6 +318,238 @@ def gemv_4bit_kernel(
         tl.store(y_ptr + m_rows[:, None] * stride_ym + rows[None, :], _round_out(acc2, y_ptr, SOFT_BF16), mask=ok)
 
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# The one-row kernel (x has 1 row: decoding). See "Where the time goes" in the module docstring.
+# ---------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _lane_id(like):
+    """This thread's lane in its warp, shaped like `like` (one register: the identical calls are merged)."""
+    return tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [tl.full(like.shape, 0, tl.int32)],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+# LOOKUP == 1: the 8 codes of a word by warp shuffles. Lane l holds src = code[l % 16], picked from the 16 codes
+# ($9..$24, the same in every lane) by the bits of the lane id; shfl.idx with c = 0x101f (segments of 16
+# lanes) returns src of lane (l & 16) | (index & 15), so the index needs no mask: one shift and one shuffle per
+# code. The lane's src is made inside this statement: a tensor holding it could be moved to another lane by
+# a layout conversion of Triton's. It does not depend on the word: ptxas computes it once, outside the loop.
+# Outputs $0..$7: the codes of k = 0..7 (byte b: k = 2b in bits 4..7, k = 2b + 1 in bits 0..3).
+_SHUFFLE_ASM = tl.constexpr(
+    "{\n.reg .b32 l, src, i, a<8>, b<4>, c<2>;\n.reg .pred p<4>;\nmov.u32 l, %laneid;\n"
+    + "".join(f"and.b32 i, l, {1 << j};\nsetp.ne.u32 p{j}, i, 0;\n" for j in range(4))
+    + "".join(f"selp.b32 a{j}, ${10 + 2 * j}, ${9 + 2 * j}, p0;\n" for j in range(8))
+    + "".join(f"selp.b32 b{j}, a{2 * j + 1}, a{2 * j}, p1;\n" for j in range(4))
+    + "selp.b32 c0, b1, b0, p2;\nselp.b32 c1, b3, b2, p2;\nselp.b32 src, c1, c0, p3;\n"
+    + "".join(f"shr.u32 i, $8, {4 * j};\nshfl.sync.idx.b32 ${j ^ 1}, src, i, 0x101f, 0xffffffff;\n" for j in range(8))
+    + "}")
+
+
+@triton.jit
+def _nibble_code(words, SHIFT: tl.constexpr, code_ptr):
+    """code[(word >> SHIFT) & 15] as float32 for each int32 word: a gather from the 16 floats (through L1)."""
+    return tl.load(code_ptr + ((words >> SHIFT) & 15))
+
+
+# LOOKUP == 2: the 8 codes of a word from a table in registers (PRMT), as fp16. The 16 fp16 codes are two
+# byte planes (low bytes: $9..$12, high bytes: $13..$16, entry i in byte i % 4 of word i // 4). prmt picks 4
+# bytes out of 2 registers (8 entries) by the 3-bit selectors in c[15:0] (bit 3 of a selector would replicate a
+# sign: masked off in s); two picks (entries 0..7, 8..15) and a third prmt on each nibble's bit 3 (t: 0x3210 +
+# 4 * bit 3) give a plane's 4 bytes; low and high bytes are interleaved into two f16x2 and widened to float32.
+# Outputs $0..$7: the codes of k = 0..7 (byte b: k = 2b in bits 4..7, k = 2b + 1 in bits 0..3).
+_PRMT_FOUR = """
+prmt.b32 a, $9, $10, s;
+prmt.b32 b, $11, $12, s;
+prmt.b32 lo, a, b, t;
+prmt.b32 a, $13, $14, s;
+prmt.b32 b, $15, $16, s;
+prmt.b32 hi, a, b, t;
+prmt.b32 p, lo, hi, 0x5140;
+mov.b32 {h0, h1}, p;
+cvt.f32.f16 $K1, h0;
+cvt.f32.f16 $K0, h1;
+prmt.b32 p, lo, hi, 0x7362;
+mov.b32 {h0, h1}, p;
+cvt.f32.f16 $K3, h0;
+cvt.f32.f16 $K2, h1;
+"""
+_PRMT_ASM = tl.constexpr(
+    "{\n.reg .b32 s, t, a, b, lo, hi, p;\n.reg .b16 h0, h1;\n"
+    "and.b32 s, $8, 0x77777777;\nshr.u32 t, $8, 1;\nand.b32 t, t, 0x44444444;\nor.b32 t, t, 0x32103210;\n"
+    + _PRMT_FOUR.replace("$K", "$")  # nibbles 0..3: k = 0..3
+    + "shr.u32 s, s, 16;\nshr.u32 t, t, 16;\n"
+    + _PRMT_FOUR.replace("$K0", "$4").replace("$K1", "$5").replace("$K2", "$6").replace("$K3", "$7") + "}")
+
+
+@triton.jit
+def _word_codes(words, table, code_ptr, LOOKUP: tl.constexpr):
+    """The 8 codes of each int32 word as float32, in the order of k. `table`: the 16 codes as int32 bits
+    (LOOKUP 1) or the 8 words of the prmt table (LOOKUP 2), each the same in every thread."""
+    if LOOKUP == 1:
+        t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15 = table
+        c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+            _SHUFFLE_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+            [words, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15], dtype=(tl.int32,) * 8,
+            is_pure=True, pack=1)
+        return (c0.to(tl.float32, bitcast=True), c1.to(tl.float32, bitcast=True), c2.to(tl.float32, bitcast=True),
+                c3.to(tl.float32, bitcast=True), c4.to(tl.float32, bitcast=True), c5.to(tl.float32, bitcast=True),
+                c6.to(tl.float32, bitcast=True), c7.to(tl.float32, bitcast=True))
+    if LOOKUP == 2:
+        l0, l1, l2, l3, h0, h1, h2, h3 = table
+        return tl.inline_asm_elementwise(_PRMT_ASM, "=f,=f,=f,=f,=f,=f,=f,=f,r,r,r,r,r,r,r,r,r",
+                                         [words, l0, l1, l2, l3, h0, h1, h2, h3], dtype=(tl.float32,) * 8,
+                                         is_pure=True, pack=1)
+    return (_nibble_code(words, 4, code_ptr), _nibble_code(words, 0, code_ptr), _nibble_code(words, 12, code_ptr),
+            _nibble_code(words, 8, code_ptr), _nibble_code(words, 20, code_ptr), _nibble_code(words, 16, code_ptr),
+            _nibble_code(words, 28, code_ptr), _nibble_code(words, 24, code_ptr))
+
+
+@triton.jit
+def _x_load(x_row, word, ok, X_MODE: tl.constexpr, ASM: tl.constexpr):
+    """x under each word (k = 8 * word + 0..7) as loaded: four int32 pairs of 16-bit values, the even k in the low
+    half (X_MODE 0: bf16, 1: fp16); X_MODE 2 (any dtype, any alignment): nothing yet, _x_values loads."""
+    if X_MODE == 2:
+        return word, word, word, word  # (placeholders)
+    pairs = x_row.to(tl.pointer_type(tl.int32), bitcast=True) + 4 * word
+    if ASM:  # one 16-byte load per word, in the layout of `word`; tl.load's would go through shared memory
+        return tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $5, 0; mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;\n"
+            "@p ld.global.v4.b32 {$0, $1, $2, $3}, [$4]; }",
+            "=r,=r,=r,=r,l,r", [pairs, ok.to(tl.int32)], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+    return (tl.load(pairs, mask=ok, other=0), tl.load(pairs + 1, mask=ok, other=0),
+            tl.load(pairs + 2, mask=ok, other=0), tl.load(pairs + 3, mask=ok, other=0))
+
+
+@triton.jit
+def _halves(pair, X_MODE: tl.constexpr):
+    """An int32 pair of bf16 (X_MODE 0) or fp16 (1) values as two float32: (low half, high half)."""
+    if X_MODE == 0:  # a bf16 is the top half of its float32: a shift and a mask
+        return (pair << 16).to(tl.float32, bitcast=True), (pair & -65536).to(tl.float32, bitcast=True)
+    return ((pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32),
+            (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32))
+
+
+@triton.jit
+def _x_values(x_row, raw, word, ok, X_MODE: tl.constexpr):
+    """The 8 values of x under each word as float32, from _x_load's pairs (X_MODE 2: loaded here)."""
+    if X_MODE == 2:
+        k = x_row + 8 * word
+        return (tl.load(k, mask=ok, other=0.0).to(tl.float32), tl.load(k + 1, mask=ok, other=0.0).to(tl.float32),
+                tl.load(k + 2, mask=ok, other=0.0).to(tl.float32), tl.load(k + 3, mask=ok, other=0.0).to(tl.float32),
+                tl.load(k + 4, mask=ok, other=0.0).to(tl.float32), tl.load(k + 5, mask=ok, other=0.0).to(tl.float32),
+                tl.load(k + 6, mask=ok, other=0.0).to(tl.float32), tl.load(k + 7, mask=ok, other=0.0).to(tl.float32))
+    p0, p1, p2, p3 = raw
+    x0, x1 = _halves(p0, X_MODE)
+    x2, x3 = _halves(p1, X_MODE)
+    x4, x5 = _halves(p2, X_MODE)
+    x6, x7 = _halves(p3, X_MODE)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _word_dot(words, table, code_ptr, x0, x1, x2, x3, x4, x5, x6, x7, LOOKUP: tl.constexpr):
+    """sum_k code[q_k] * x_k over the 8 codes of each word: a multiply, then multiply-adds in the order of k."""
+    c0, c1, c2, c3, c4, c5, c6, c7 = _word_codes(words, table, code_ptr, LOOKUP)
+    s = c0 * x0
+    s = tl.fma(c1, x1, s)
+    s = tl.fma(c2, x2, s)
+    s = tl.fma(c3, x3, s)
+    s = tl.fma(c4, x4, s)
+    s = tl.fma(c5, x5, s)
+    s = tl.fma(c6, x6, s)
+    return tl.fma(c7, x7, s)
+
+
+@triton.jit
+def _row_loads(words_ptr, absmax_ptr, absmax2_ptr, row_start, row_blocks, row_ok, start, row_words,
+               SUB: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr):
+    """One chunk's loads of W: int32 words [BLOCK_N, SUB, 4], stored absmax [BLOCK_N, SUB] (codes when NESTED)
+    and the nested scale [BLOCK_N, SUB] (NESTED only; else the stored absmax again)."""
+    group = start + 4 * tl.arange(0, SUB)  # [SUB] first word of each group of 4 (32 values: inside one block)
+    word = group[:, None] + tl.arange(0, 4)[None, :]  # [SUB, 4]
+    group_ok = row_ok[:, None] & (group < row_words)[None, :]  # K is a multiple of 32: groups are whole or absent
+    words = tl.load(words_ptr + row_start[:, None, None] + word[None, :, :], mask=group_ok[:, :, None], other=0)
+    block = row_blocks[:, None] + (8 * group[None, :]) // BLOCKSIZE
+    stored = tl.load(absmax_ptr + block, mask=group_ok, other=0)
+    if NESTED:
+        scale2 = tl.load(absmax2_ptr + block // NESTED_BLOCKSIZE, mask=group_ok, other=0.0)
+    else:
+        scale2 = stored
+    return words, stored, scale2
+
+
+@triton.jit
+def gemv_4bit_row_kernel(
+    x_ptr,  # [K] float32 / float16 / bfloat16: the one row of x
+    packed_ptr,  # uint8 [N * K / 2], read as int32 words: 8 codes, k = 8 * word + 0..7
+    absmax_ptr,  # float32 [N * K / B] (uint8 codes of it when NESTED)
+    code_ptr,  # float32 [16]: the 4-bit codebook (rounded to fp16 when LOOKUP == 2)
+    lut_ptr,  # int32 [16]: the fp16 codebook as byte planes, twice (LOOKUP == 2 only; see _build_prmt_table)
+    absmax2_ptr, code2_ptr, offset_ptr,  # the nested absmax (NESTED only), as in gemv_4bit_kernel
+    y_ptr,  # [N] output, x's dtype
+    N, K,  # sizes; K a multiple of 32
+    BLOCKSIZE: tl.constexpr,  # values per absmax, a multiple of 32
+    NESTED_BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # output rows per program
+    SUB: tl.constexpr,  # groups of 4 words (16 bytes) per row and loop iteration
+    LOOKUP: tl.constexpr,  # codes from 0: memory (tl.load), 1: a warp shuffle, 2: a table in registers (prmt)
+    X_MODE: tl.constexpr,  # x as 0: bf16 pairs, 1: fp16 pairs (16-byte aligned), 2: separate values
+    SOFT_BF16: tl.constexpr,  # round y to bf16 in integer arithmetic (the interpreter's cast truncates)
+    PREFETCH: tl.constexpr,  # load chunk i + 1 before computing chunk i
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows64 = tl.where(row_ok, rows, 0).to(tl.int64)
+    row_words = K // 8
+    words_ptr = packed_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    row_start = tl.multiple_of(rows64 * row_words, 4)  # [BLOCK_N] first word of each row (16-byte aligned)
+    row_blocks = rows64 * (K // BLOCKSIZE)
+    quad = tl.arange(0, SUB)[:, None] * 4 + tl.arange(0, 4)[None, :]  # [SUB, 4] word within a chunk
+    CHUNK: tl.constexpr = SUB * 4
+    ASM: tl.constexpr = LOOKUP != 0  # LOOKUP 0: pure Triton, as the interpreter runs it
+    acc = tl.full((BLOCK_N, SUB, 4), 0.0, tl.float32)  # one float32 sum per word position
+    # The lookup's table, the same in every thread (scalars; an empty tuple for LOOKUP 0)
+    if LOOKUP == 1:  # the 16 codes, as int32 bits
+        c = code_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        table = (tl.load(c), tl.load(c + 1), tl.load(c + 2), tl.load(c + 3), tl.load(c + 4), tl.load(c + 5),
+                 tl.load(c + 6), tl.load(c + 7), tl.load(c + 8), tl.load(c + 9), tl.load(c + 10), tl.load(c + 11),
+                 tl.load(c + 12), tl.load(c + 13), tl.load(c + 14), tl.load(c + 15))
+    elif LOOKUP == 2:  # two copies, read by even and odd lanes: ptxas cannot hold the words in uniform registers,
+        t = lut_ptr + 8 * (_lane_id(acc) & 1)  # which prmt cannot read (a move per use)
+        table = (tl.load(t), tl.load(t + 1), tl.load(t + 2), tl.load(t + 3), tl.load(t + 4), tl.load(t + 5),
+                 tl.load(t + 6), tl.load(t + 7))
+    else:
+        table = ()
+    words, stored, scale2 = _row_loads(words_ptr, absmax_ptr, absmax2_ptr, row_start, row_blocks, row_ok, 0,
+                                       row_words, SUB, BLOCKSIZE, NESTED_BLOCKSIZE, NESTED)
+    if PREFETCH:
+        xr = _x_load(x_ptr, quad, quad < row_words, X_MODE, ASM)
+    for start in range(0, row_words, CHUNK):
+        word = start + quad  # [SUB, 4]
+        if PREFETCH:  # software pipelining: chunk i + 1's loads are in flight during chunk i's arithmetic
+            words_n, stored_n, scale2_n = _row_loads(words_ptr, absmax_ptr, absmax2_ptr, row_start, row_blocks, row_ok,
+                                                     start + CHUNK, row_words, SUB, BLOCKSIZE, NESTED_BLOCKSIZE, NESTED)
+            xr_n = _x_load(x_ptr, word + CHUNK, word + CHUNK < row_words, X_MODE, ASM)
+        elif start > 0:
+            words, stored, scale2 = _row_loads(words_ptr, absmax_ptr, absmax2_ptr, row_start, row_blocks, row_ok, start,
+                                               row_words, SUB, BLOCKSIZE, NESTED_BLOCKSIZE, NESTED)
+        if NESTED:
+            absmax = tl.load(code2_ptr + stored.to(tl.int32)) * scale2 + tl.load(offset_ptr)  # two roundings
+        else:
+            absmax = stored
+        if not PREFETCH:
+            xr = _x_load(x_ptr, word, word < row_words, X_MODE, ASM)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _x_values(x_ptr, xr, word, word < row_words, X_MODE)
+        s = _word_dot(words, table, code_ptr, x0[None], x1[None], x2[None], x3[None], x4[None], x5[None], x6[None],
+                      x7[None], LOOKUP)
+        acc = tl.fma(absmax[:, :, None], s, acc)  # each word's sum times its block's absmax
+        if PREFETCH:
+            words, stored, scale2, xr = words_n, stored_n, scale2_n, xr_n
+    tl.store(y_ptr + rows, _round_out(_sum12(acc), y_ptr, SOFT_BF16), mask=row_ok)
+
+
 INTERPRETED = isinstance(gemv_4bit_kernel, InterpretedFunction)
 
 
@@ -289,19 +558,36 @@ def _twin(interpret: bool):
     return twin(__name__, __file__, interpret, INTERPRETED)
 
 
+def _power_of_two(name, value):
+    if value < 1 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two, got {value}")
+    return value
+
+
 def gemv_config(K: int, blocksize: int, block_n=None, chunk_bytes=None, num_warps=None):
-    """(BLOCK_N, SUB, HALF, num_warps): the tile for rows of K values in blocks of `blocksize`."""
-    block_n = block_n or DEFAULT_BLOCK_N
-    chunk = chunk_bytes or DEFAULT_CHUNK_BYTES
-    for name, value in (("block_n", block_n), ("chunk_bytes", chunk)):
-        if value < 1 or value & (value - 1):
-            raise ValueError(f"{name} must be a power of two, got {value}")
+    """(BLOCK_N, SUB, HALF, num_warps): gemv_4bit_kernel's tile for rows of K values in blocks of `blocksize`."""
+    block_n = _power_of_two("block_n", block_n or DEFAULT_BLOCK_N)
+    chunk = _power_of_two("chunk_bytes", chunk_bytes or DEFAULT_CHUNK_BYTES)
     chunk = min(chunk, triton.next_power_of_2(max(K // 2, 1)))  # no wider than a row (small K)
     half = min(blocksize // 2, chunk)
     return block_n, chunk // half, half, num_warps or DEFAULT_NUM_WARPS
 
 
+def gemv_row_config(K: int, block_n=None, chunk_bytes=None, num_warps=None):
+    """(BLOCK_N, SUB, num_warps): gemv_4bit_row_kernel's tile, SUB groups of 16 bytes per row and iteration."""
+    block_n = _power_of_two("block_n", block_n or ROW_BLOCK_N)
+    chunk = _power_of_two("chunk_bytes", chunk_bytes or ROW_CHUNK_BYTES)
+    return block_n, max(1, min(chunk // 16, triton.next_power_of_2(K // 32))), num_warps or ROW_NUM_WARPS
+
+
+def _takes_row_kernel(M: int, row_kernel: bool, scale_sums: bool) -> bool:
+    """gemv_4bit_row_kernel: one row of x, sums scaled by the absmax (scale_sums). Its 4-word groups (32 values)
+    never span two blocks: every blocksize is a multiple of 32 (qlora_ref.validation.BLOCKSIZES)."""
+    return row_kernel and M == 1 and scale_sums
+
+
 _W_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_X_MODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 
 def _pair_table(code: torch.Tensor, device) -> torch.Tensor:
@@ -318,14 +604,30 @@ def _build_pair_table(code: torch.Tensor, device) -> torch.Tensor:
     return torch.stack([c[b >> 4], c[b & 15]], dim=1).contiguous().view(torch.int64).reshape(256)
 
 
+def _build_half_codes(code: torch.Tensor, device) -> torch.Tensor:
+    """float32 [16]: the codebook rounded to fp16, the values lookup="prmt" uses (and its interpreter twin)."""
+    return code.to(device=device, dtype=torch.float16).to(torch.float32).reshape(16).contiguous()
+
+
+def _build_prmt_table(code: torch.Tensor, device) -> torch.Tensor:
+    """int32 [16]: the fp16 codes' low bytes (4 words, entry i in byte i % 4 of word i // 4), then their high
+    bytes; twice (see gemv_4bit_row_kernel)."""
+    half = code.to(device=device, dtype=torch.float16).reshape(16).view(torch.uint8).reshape(16, 2)
+    return torch.cat([half[:, 0], half[:, 1]] * 2).contiguous().view(torch.int32)
+
+
 def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState, *, block_n=None, chunk_bytes=None,
                      num_warps=None, soft_bf16=None, pairs: bool = False, split_x: bool = True,
-                     scale_sums: bool = True, prefetch: bool = True) -> torch.Tensor:
+                     scale_sums: bool = True, prefetch: bool = True, row_kernel: bool = True,
+                     lookup: str = "shuffle") -> torch.Tensor:
     """y = x @ W^T for a 4-bit W ([N, K], `packed` + `state` from quantize_4bit), in x's dtype.
 
     x: [..., K] float32 / float16 / bfloat16 (meant for 1 to MAX_ROWS rows in all). W is dequantized in
-    registers; products and sums are float32. CPU tensors run in Triton's interpreter. `block_n`,
-    `chunk_bytes` and `num_warps` are tuning knobs (qlora_ref.bench_gemv sweeps them).
+    registers; products and sums are float32. CPU tensors run in Triton's interpreter. One row of x takes
+    gemv_4bit_row_kernel (unless row_kernel=False or scale_sums=False), more rows gemv_4bit_kernel.
+    Tuning knobs (qlora_ref.bench_gemv compares them): `block_n`, `chunk_bytes`, `num_warps`, `prefetch` for
+    either kernel; `lookup` ("shuffle", "prmt" or "memory") for the row kernel; `pairs`, `split_x`,
+    `scale_sums` for gemv_4bit_kernel.
     """
     if not isinstance(state, QuantState) or state.quant_type is None or state.bits_per_code != 4:
         raise TypeError("gemv_4bit_triton needs the 4-bit QuantState returned by quantize_4bit "
@@ -343,13 +645,18 @@ def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState, *
     if K % state.blocksize:
         raise ValueError(f"gemv_4bit_triton needs K to be a multiple of the blocksize (a block inside one row): "
                          f"K = {K}, blocksize = {state.blocksize}")
+    if lookup not in LOOKUPS:
+        raise ValueError(f"lookup must be one of {', '.join(LOOKUPS)}, got {lookup!r}")
+    if lookup == "prmt" and state.dtype == torch.float32:
+        raise ValueError("lookup='prmt' rounds the codes to fp16, too coarse for float32 weights")
     device = x.device
     if packed.device != device:
         raise ValueError(f"x is on {device} but the packed weight on {packed.device}")
     if device.type == "cpu" and not INTERPRETED:
         return _twin(interpret=True).gemv_4bit_triton(x, packed, state, block_n=block_n, chunk_bytes=chunk_bytes,
                                                       num_warps=num_warps, soft_bf16=soft_bf16, pairs=pairs,
-                                                      split_x=split_x, scale_sums=scale_sums, prefetch=prefetch)
+                                                      split_x=split_x, scale_sums=scale_sums, prefetch=prefetch,
+                                                      row_kernel=row_kernel, lookup=lookup)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
@@ -360,9 +667,7 @@ def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState, *
         return y.reshape(*lead, N)
     if block_n is None and INTERPRETED:
         block_n = INTERPRETER_BLOCK_N  # the interpreter pays per program, hardly per value
-    block_n, sub, half, num_warps = gemv_config(K, state.blocksize, block_n, chunk_bytes, num_warps)
 
-    code = _pair_table(state.code, device) if pairs else _on(state.code, device, torch.float32)
     absmax = _on(state.absmax, device)
     if state.nested:
         absmax2 = _on(state.state2.absmax, device, torch.float32)
@@ -375,20 +680,38 @@ def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState, *
         nested_blocksize = 256
     if soft_bf16 is None:
         soft_bf16 = INTERPRETED
-    w_dtype = _W_DTYPES[state.dtype]
     soft_bf16 = bool(soft_bf16) and torch.bfloat16 in (state.dtype, x.dtype)
 
+    if _takes_row_kernel(M, row_kernel, scale_sums):
+        block_n, sub, num_warps = gemv_row_config(K, block_n, chunk_bytes, num_warps)
+        if lookup == "prmt":  # fp16 codes, in byte planes for prmt and as float32 for the interpreter
+            code, lut = derived_table(state.code, device, _build_half_codes), derived_table(state.code, device,
+                                                                                             _build_prmt_table)
+        else:
+            code = lut = _on(state.code, device, torch.float32)
+        x_mode = _X_MODES[x.dtype] if x2.data_ptr() % 16 == 0 else 2
+        # The interpreter runs no inline assembly: it looks codes up in memory, the same values in the same order.
+        constexprs = (state.blocksize, nested_blocksize, state.nested, block_n, sub, 0 if INTERPRETED else LOOKUPS[lookup],
+                      x_mode, soft_bf16, bool(prefetch))
+        _launch(gemv_4bit_row_kernel, ROW_CONSTEXPRS, (triton.cdiv(N, block_n), 1, 1),
+                (x2, _on(packed, device), absmax, code, lut, absmax2, code2, offset, y, N, K), constexprs, num_warps)
+        return y.reshape(*lead, N)
+
+    block_n, sub, half, num_warps = gemv_config(K, state.blocksize, block_n, chunk_bytes, num_warps)
+    code = _pair_table(state.code, device) if pairs else _on(state.code, device, torch.float32)
     m_tile = 1 if M == 1 else min(MAX_ROWS, triton.next_power_of_2(M))
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, m_tile), 1)
     args = (x2, _on(packed, device), absmax, code, absmax2, code2, offset, y, M, N, K, x2.stride(0), y.stride(0))
-    constexprs = (state.blocksize, nested_blocksize, state.nested, block_n, sub, half, w_dtype, soft_bf16, bool(pairs),
-                  bool(split_x), m_tile, bool(scale_sums), bool(prefetch))
-    _launch(grid, args, constexprs, num_warps)
+    constexprs = (state.blocksize, nested_blocksize, state.nested, block_n, sub, half, _W_DTYPES[state.dtype],
+                  soft_bf16, bool(pairs), bool(split_x), m_tile, bool(scale_sums), bool(prefetch))
+    _launch(gemv_4bit_kernel, CONSTEXPRS, grid, args, constexprs, num_warps)
     return y.reshape(*lead, N)
 
 
 CONSTEXPRS = ("BLOCKSIZE", "NESTED_BLOCKSIZE", "NESTED", "BLOCK_N", "SUB", "HALF", "W_DTYPE", "SOFT_BF16", "PAIRS",
               "SPLIT_X", "M_TILE", "SCALE_SUMS", "PREFETCH")
+ROW_CONSTEXPRS = ("BLOCKSIZE", "NESTED_BLOCKSIZE", "NESTED", "BLOCK_N", "SUB", "LOOKUP", "X_MODE", "SOFT_BF16",
+                  "PREFETCH")
 FAST_LAUNCH = True
 _COMPILED = {}
 
@@ -397,18 +720,19 @@ def _spec(value: int):
     return (value == 1, value % 16 == 0, value >= 2**31)
 
 
-def _launch(grid, args, constexprs, num_warps):
-    """gemv_4bit_kernel[grid](*args, **constexprs), calling the cached compiled kernel directly after the
-    first launch of each specialization (see dequantize_4bit._launch: at 20 us per GEMV Python matters)."""
-    pointers, ints = args[:8], args[8:]
-    key = (pointers[0].device.index, pointers[0].dtype, pointers[2].dtype, pointers[3].dtype,
+def _launch(kernel, names, grid, args, constexprs, num_warps):
+    """kernel[grid](*args, **dict(zip(names, constexprs))), calling the cached compiled kernel directly after the
+    first launch of each specialization (see dequantize_4bit._launch: at 10 us per GEMV Python matters)."""
+    pointers = [a for a in args if isinstance(a, torch.Tensor)]
+    ints = args[len(pointers):]
+    key = (kernel, pointers[0].device.index, tuple(p.dtype for p in pointers),
            tuple(p.data_ptr() % 16 == 0 for p in pointers), tuple(_spec(i) for i in ints), constexprs, num_warps)
     compiled = _COMPILED.get(key) if FAST_LAUNCH else None
     if compiled is not None:
         compiled[grid](*args, *constexprs)
         return
-    compiled = gemv_4bit_kernel[grid](
-        *args, **dict(zip(CONSTEXPRS, constexprs)), num_warps=num_warps,
+    compiled = kernel[grid](
+        *args, **dict(zip(names, constexprs)), num_warps=num_warps,
         enable_fp_fusion=False,  # the nested absmax: a product, then a separately rounded sum
     )
     if not INTERPRETED and compiled is not None:
@@ -420,24 +744,37 @@ _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 
 def compile_ahead(capability: int, dtype: torch.dtype = torch.bfloat16, blocksize: int = 64, nested: bool = False,
                   K: int = 4096, *, block_n=None, chunk_bytes=None, num_warps=None, pairs=False, split_x=True,
-                  m_tile: int = 1, scale_sums: bool = True, prefetch: bool = True):
+                  m_tile: int = 1, scale_sums: bool = True, prefetch: bool = True, row_kernel: bool = True,
+                  lookup: str = "shuffle"):
     """Compile the kernel for a GPU that need not be here (x, y and W all `dtype`); returns Triton's
     CompiledKernel (`.asm["ptx"]`, `.asm["cubin"]`). Pointers are declared 16-byte aligned and the sizes
-    int32, as the launcher specializes them for fresh tensors."""
+    int32, as the launcher specializes them for fresh tensors. m_tile = 1 compiles gemv_4bit_row_kernel where
+    gemv_4bit_triton would take it (row_kernel and scale_sums)."""
     from triton.backends.compiler import GPUTarget
 
-    block_n, sub, half, num_warps = gemv_config(K, blocksize, block_n, chunk_bytes, num_warps)
-    kernel = _twin(interpret=False).gemv_4bit_kernel
     t = "*" + _TRITON_TYPES[dtype]
-    pointers = {"x_ptr": t, "packed_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32",
-                "code_ptr": "*i64" if pairs else "*fp32",
-                "absmax2_ptr": "*fp32", "code2_ptr": "*fp32", "offset_ptr": "*fp32", "y_ptr": t}
-    ints = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32"}
-    constexprs = {"BLOCKSIZE": blocksize, "NESTED_BLOCKSIZE": 256, "NESTED": nested, "BLOCK_N": block_n, "SUB": sub,
-                  "HALF": half, "W_DTYPE": _W_DTYPES[dtype], "SOFT_BF16": False,
-                  "PAIRS": pairs, "SPLIT_X": split_x, "M_TILE": m_tile, "SCALE_SUMS": scale_sums, "PREFETCH": prefetch}
+    absmax_type = "*u8" if nested else "*fp32"
+    if _takes_row_kernel(m_tile, row_kernel, scale_sums):
+        block_n, sub, num_warps = gemv_row_config(K, block_n, chunk_bytes, num_warps)
+        kernel = _twin(interpret=False).gemv_4bit_row_kernel
+        pointers = {"x_ptr": t, "packed_ptr": "*u8", "absmax_ptr": absmax_type, "code_ptr": "*fp32", "lut_ptr": "*i32",
+                    "absmax2_ptr": "*fp32", "code2_ptr": "*fp32", "offset_ptr": "*fp32", "y_ptr": t}
+        ints = {"N": "i32", "K": "i32"}
+        constexprs = {"BLOCKSIZE": blocksize, "NESTED_BLOCKSIZE": 256, "NESTED": nested, "BLOCK_N": block_n,
+                      "SUB": sub, "LOOKUP": LOOKUPS[lookup], "X_MODE": _X_MODES[dtype], "SOFT_BF16": False,
+                      "PREFETCH": prefetch}
+    else:
+        block_n, sub, half, num_warps = gemv_config(K, blocksize, block_n, chunk_bytes, num_warps)
+        kernel = _twin(interpret=False).gemv_4bit_kernel
+        pointers = {"x_ptr": t, "packed_ptr": "*u8", "absmax_ptr": absmax_type, "code_ptr": "*i64" if pairs else "*fp32",
+                    "absmax2_ptr": "*fp32", "code2_ptr": "*fp32", "offset_ptr": "*fp32", "y_ptr": t}
+        ints = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32"}
+        constexprs = {"BLOCKSIZE": blocksize, "NESTED_BLOCKSIZE": 256, "NESTED": nested, "BLOCK_N": block_n,
+                      "SUB": sub, "HALF": half, "W_DTYPE": _W_DTYPES[dtype], "SOFT_BF16": False, "PAIRS": pairs,
+                      "SPLIT_X": split_x, "M_TILE": m_tile, "SCALE_SUMS": scale_sums, "PREFETCH": prefetch}
     signature = {**pointers, **ints, **{name: "constexpr" for name in constexprs}}
-    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in [*pointers, "N", "K", "stride_xm", "stride_ym"]}
+    divisible = [*pointers, *(name for name in ints if name != "M")]
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": num_warps, "enable_fp_fusion": False})
