@@ -259,9 +259,11 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> CausalLMOutput:
         """Logits [batch, seq, vocab]; with labels (same shape, -100 = ignore), also the shifted mean loss."""
-        self._check_ids(input_ids, "input_ids")
-        capturing = input_ids.is_cuda and torch.cuda.is_current_stream_capturing()
-        if not capturing:
+        capturing = (isinstance(input_ids, torch.Tensor) and input_ids.is_cuda
+                     and torch.cuda.is_current_stream_capturing())
+        if capturing:
+            self._check_ids(input_ids, "input_ids")  # shapes only: a graph being captured cannot read values back
+        else:
             self.check_inputs(input_ids)  # the labels are checked by loss
         h = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(input_ids.shape[1], self.config.head_dim, self.config.rope_theta, h.device, h.dtype)

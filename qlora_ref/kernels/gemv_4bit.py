@@ -127,6 +127,18 @@ def _round_to_bf16(x):
 
 
 @triton.jit
+def _block_scales(absmax_ptr, absmax2_ptr, block, ok, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr):
+    """The stored absmax of these blocks (uint8 codes when NESTED) and the nested scale of each (NESTED only;
+    else the stored absmax again): what both kernels load per block before decoding."""
+    stored = tl.load(absmax_ptr + block, mask=ok, other=0)
+    if NESTED:
+        scale2 = tl.load(absmax2_ptr + block // NESTED_BLOCKSIZE, mask=ok, other=0.0)
+    else:
+        scale2 = stored
+    return stored, scale2
+
+
+@triton.jit
 def _load_chunk(packed_ptr, absmax_ptr, absmax2_ptr, row_bytes, row_blocks, row_ok, sub_start, sub_ok, byte,
                 BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr):
     """One chunk's loads from memory: packed bytes [BLOCK_N, SUB, HALF], stored absmax [BLOCK_N, SUB] (codes
@@ -135,11 +147,7 @@ def _load_chunk(packed_ptr, absmax_ptr, absmax2_ptr, row_bytes, row_blocks, row_
     offsets = row_bytes[:, None, None] + sub_start[None, :, None] + byte[None, None, :]
     packed = tl.load(packed_ptr + offsets, mask=ok2[:, :, None], other=0)
     block = row_blocks[:, None] + (2 * sub_start[None, :]) // BLOCKSIZE  # one absmax per (row, sub-block)
-    stored = tl.load(absmax_ptr + block, mask=ok2, other=0)
-    if NESTED:
-        scale2 = tl.load(absmax2_ptr + block // NESTED_BLOCKSIZE, mask=ok2, other=0.0)
-    else:
-        scale2 = stored
+    stored, scale2 = _block_scales(absmax_ptr, absmax2_ptr, block, ok2, NESTED_BLOCKSIZE, NESTED)
     return packed, stored, scale2
 
 
@@ -471,11 +479,7 @@ def _row_loads(words_ptr, absmax_ptr, absmax2_ptr, row_start, row_blocks, row_ok
     group_ok = row_ok[:, None] & (group < row_words)[None, :]  # K is a multiple of 32: groups are whole or absent
     words = tl.load(words_ptr + row_start[:, None, None] + word[None, :, :], mask=group_ok[:, :, None], other=0)
     block = row_blocks[:, None] + (8 * group[None, :]) // BLOCKSIZE
-    stored = tl.load(absmax_ptr + block, mask=group_ok, other=0)
-    if NESTED:
-        scale2 = tl.load(absmax2_ptr + block // NESTED_BLOCKSIZE, mask=group_ok, other=0.0)
-    else:
-        scale2 = stored
+    stored, scale2 = _block_scales(absmax_ptr, absmax2_ptr, block, group_ok, NESTED_BLOCKSIZE, NESTED)
     return words, stored, scale2
 
 
