@@ -7,23 +7,36 @@ blocksize 64, bf16 compute, LoRA rank 16, alpha 32, adapters in bf16, no dropout
 needs its gradient (as inside a network), it times one forward and backward (y = layer(x); y.backward(g)):
   - bnb:   bitsandbytes Linear4bit plus a LoRA branch in plain PyTorch, as PEFT writes it:
            result = base(x); result = result + lora_B(lora_A(dropout(x))) * scaling
+           The weight is quantized from bf16, as transformers does when it loads a model with
+           load_in_4bit and dtype=bfloat16: the QuantState's dtype is then bf16, and the backward
+           dequantizes straight to bf16.
+  - bnb_float32_state: the same, its weight quantized from float32 (nn.Linear's default dtype), as the
+           first version of this benchmark built it: the backward then dequantizes to float32 and converts.
+           Timed to show what that costs; not a baseline.
   - ours:  qlora_ref.QLoRALinear (one autograd node for the base and the adapters)
   - dense: a bf16 nn.Linear plus the same plain LoRA branch (the weight held dense: what 4 bits save memory on)
-with triton.testing.do_bench (median, L2 flushed), the peak memory of one step above the inputs, and checks
-that ours and bnb give the same output and gradients (the packed bytes are equal; see tests/test_lora_gpu.py).
-Writes <out>/layer-<gpu-name>.json and prints a table.
+  - gemms: the two bf16 GEMMs alone, x W^T and g W with W dense (no adapters, no dequantization): every
+           layer here runs them, so bnb / gemms is the most any 4-bit layer can gain on bnb with these GEMMs.
+Each is timed two ways, in rounds that alternate between the layers (so that clock and temperature drift
+reach all of them alike; the median over rounds is kept): triton.testing.do_bench (median, L2 flushed),
+which includes the host's time where launching a step takes longer than running it, and the GPU time
+alone (qlora_ref.bench.device_ms: CUDA-graph replays). Also recorded: the peak memory of one step above
+the inputs, and whether ours and bnb give the same output and gradients (the packed bytes are equal; see
+tests/test_lora_gpu.py). Writes <out>/layer-<gpu-name>.json and prints a table.
 """
 
 import argparse
+import statistics
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .bench import LLAMA_SHAPES, gpu_run, host_us, median_ms, write_results
+from .bench import LLAMA_SHAPES, device_ms, gpu_run, host_us, median_ms, write_results
 
 DEVICE = "cuda"
 DTYPE = torch.bfloat16
+ROUNDS = 5  # timing rounds, each over every layer in turn
 
 
 class PlainLoRA(nn.Module):
@@ -42,10 +55,34 @@ class PlainLoRA(nn.Module):
         return result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
 
-def layers(N, K, r, alpha):
-    """(bnb, ours, dense) for one random weight, with the same adapters (B non-zero, as after training)."""
-    import bitsandbytes as bnb
+class DenseProducts(torch.autograd.Function):
+    """y = x W^T, and in the backward only dL/dx = g W: the two GEMMs of a frozen layer, nothing else."""
 
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(weight)
+        return x @ weight.t()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (weight,) = ctx.saved_tensors
+        return grad_out @ weight, None
+
+
+class GemmsOnly(nn.Module):
+    """The floor of the comparison: a frozen dense weight's forward and input-gradient GEMMs, no adapters."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight)
+
+    def forward(self, x):
+        return DenseProducts.apply(x, self.weight)
+
+
+def layers(N, K, r, alpha):
+    """{bnb, ours, bnb_float32_state, dense, gemms} for one random weight, with the same adapters (B non-zero, as
+    after training)."""
     from .lora import QLoRALinear
 
     g = torch.Generator(device=DEVICE).manual_seed(0)
@@ -53,17 +90,30 @@ def layers(N, K, r, alpha):
     with torch.no_grad():
         linear.weight.copy_(torch.randn(N, K, device=DEVICE, dtype=DTYPE, generator=g) * K ** -0.5)
     ours = QLoRALinear(linear, r=r, alpha=alpha, compute_dtype=DTYPE, adapter_dtype=DTYPE)
-    base4 = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=DTYPE, compress_statistics=True, quant_type="nf4")
-    base4.load_state_dict({"weight": linear.weight.detach().cpu()})
-    base4 = base4.to(DEVICE)
     with torch.no_grad():
         ours.lora_B.weight.copy_(torch.randn(N, r, device=DEVICE, dtype=DTYPE, generator=g) * 0.01)
-    theirs = PlainLoRA(base4, K, N, r, alpha)
-    dense = PlainLoRA(linear.requires_grad_(False), K, N, r, alpha)
-    for other in (theirs, dense):
-        other.lora_A.weight.data.copy_(ours.lora_A.weight.data)
-        other.lora_B.weight.data.copy_(ours.lora_B.weight.data)
-    return {"bnb": theirs, "ours": ours, "dense": dense}
+    modules = {"bnb": PlainLoRA(linear4bit(linear.weight, DTYPE), K, N, r, alpha), "ours": ours,
+               "bnb_float32_state": PlainLoRA(linear4bit(linear.weight, torch.float32), K, N, r, alpha),
+               "dense": PlainLoRA(linear.requires_grad_(False), K, N, r, alpha)}
+    for other in modules.values():
+        if other is not ours:
+            other.lora_A.weight.data.copy_(ours.lora_A.weight.data)
+            other.lora_B.weight.data.copy_(ours.lora_B.weight.data)
+    return {**modules, "gemms": GemmsOnly(linear.weight.detach())}
+
+
+def linear4bit(weight: torch.Tensor, dtype: torch.dtype):
+    """bitsandbytes' Linear4bit (NF4, double quantization, bf16 compute) of `weight` quantized from `dtype`:
+    as transformers builds it, Params4bit of the weight, quantized when moved to the GPU."""
+    import bitsandbytes as bnb
+
+    N, K = weight.shape
+    layer = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=DTYPE, compress_statistics=True, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(weight.detach().to("cpu", dtype), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)
+    layer = layer.to(DEVICE)
+    assert layer.weight.quant_state.dtype == dtype, layer.weight.quant_state.dtype
+    return layer
 
 
 def step(layer, x, g):
@@ -98,20 +148,33 @@ def case(N, K, tokens, r, alpha):
     gen = torch.Generator(device=DEVICE).manual_seed(1)
     x = torch.randn(tokens, K, device=DEVICE, dtype=DTYPE, generator=gen).requires_grad_(True)
     g = torch.randn(tokens, N, device=DEVICE, dtype=DTYPE, generator=gen)
-    row = {"shape": [N, K], "tokens": tokens, "rank": r, "ms": {}, "peak_MB": {}, "agreement": {}}
+    row = {"shape": [N, K], "tokens": tokens, "rank": r, "ms": {}, "device_ms": {}, "rounds": {}, "peak_MB": {},
+           "agreement": {}}
     results = {}
-    for name, layer in modules.items():
+    for name in ("bnb", "ours"):
+        layer = modules[name]
         step(layer, x, g)
         results[name] = (layer(x).detach(), x.grad.clone(), layer.lora_A.weight.grad.clone(),
                          layer.lora_B.weight.grad.clone())
-        row["ms"][name] = median_ms(lambda: step(layer, x, g))
+    for name, layer in modules.items():
         row["peak_MB"][name] = peak_bytes(layer, x, g) / 2**20
+        row["rounds"][name] = {"ms": [], "device_ms": []}
+    for _ in range(ROUNDS):
+        for name, layer in modules.items():
+            row["rounds"][name]["ms"].append(median_ms(lambda: step(layer, x, g)))
+            row["rounds"][name]["device_ms"].append(device_ms(lambda: step(layer, x, g)))
+    for name, rounds in row["rounds"].items():
+        row["ms"][name] = statistics.median(rounds["ms"])
+        row["device_ms"][name] = statistics.median(rounds["device_ms"])
     for i, part in enumerate(("y", "grad_x", "grad_A", "grad_B")):
         a, b = results["ours"][i].float(), results["bnb"][i].float()
         row["agreement"][part] = {"equal": bool(torch.equal(a, b)), "max_abs": (a - b).abs().max().item(),
                                   "scale": b.abs().max().item()}
-    row["ours_vs_bnb"] = row["ms"]["bnb"] / row["ms"]["ours"]
-    row["ours_vs_dense"] = row["ms"]["dense"] / row["ms"]["ours"]
+    for clock in ("ms", "device_ms"):
+        times = row[clock]
+        row[f"ours_vs_bnb_{clock}"] = times["bnb"] / times["ours"]
+        row[f"ceiling_vs_bnb_{clock}"] = times["bnb"] / times["gemms"]  # bnb over the two GEMMs alone
+        row[f"float32_state_cost_{clock}"] = times["bnb_float32_state"] / times["bnb"] - 1
     del modules, x, g
     torch.cuda.empty_cache()
     return row
@@ -120,14 +183,17 @@ def case(N, K, tokens, r, alpha):
 def table(results) -> str:
     lines = [f"{results['device']}, torch {results['torch']}, triton {results['triton']}, bitsandbytes "
              f"{results['bitsandbytes']}; {results['tokens']} tokens, bf16, NF4 + double quant, LoRA r={results['rank']}; "
-             "forward + backward, do_bench median ms",
-             "| weight NxK | bnb Linear4bit + LoRA | ours QLoRALinear | dense bf16 + LoRA | ours vs bnb "
-             "| peak MB bnb / ours / dense | y, grad_x equal to bnb |",
-             "|---|---|---|---|---|---|---|"]
+             f"forward + backward, ms: do_bench median / GPU time, median of {results['rounds']} alternating rounds",
+             "| weight NxK | bnb Linear4bit + LoRA | ours QLoRALinear | dense bf16 + LoRA | the two GEMMs alone "
+             "| ours vs bnb | ceiling (bnb / GEMMs) | peak MB bnb / ours / dense | y, grad_x equal to bnb |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results["layers"]:
-        ms, mb, agree = r["ms"], r["peak_MB"], r["agreement"]
-        lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {ms['bnb']:.3f} | {ms['ours']:.3f} | {ms['dense']:.3f} "
-                     f"| {r['ours_vs_bnb']:.2f}x | {mb['bnb']:.0f} / {mb['ours']:.0f} / {mb['dense']:.0f} "
+        ms, dev, mb, agree = r["ms"], r["device_ms"], r["peak_MB"], r["agreement"]
+        both = {name: f"{ms[name]:.3f} / {dev[name]:.3f}" for name in ms}
+        lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {both['bnb']} | {both['ours']} | {both['dense']} "
+                     f"| {both['gemms']} | {r['ours_vs_bnb_ms']:.2f}x / {r['ours_vs_bnb_device_ms']:.2f}x "
+                     f"| {r['ceiling_vs_bnb_ms']:.2f}x / {r['ceiling_vs_bnb_device_ms']:.2f}x "
+                     f"| {mb['bnb']:.0f} / {mb['ours']:.0f} / {mb['dense']:.0f} "
                      f"| {agree['y']['equal']}, {agree['grad_x']['equal']} |")
     return "\n".join(lines)
 
@@ -139,13 +205,16 @@ def main(argv=None):
     parser.add_argument("--rank", type=int, default=16)
     args = parser.parse_args(argv)
     results = gpu_run("qlora_ref.bench_layer")
-    results.update({"timing": "triton.testing.do_bench median of y = layer(x); y.backward(g), L2 flushed",
-                    "tokens": args.tokens, "rank": args.rank, "alpha": 2 * args.rank, "layers": []})
+    results.update({"timing": "y = layer(x); y.backward(g): ms, triton.testing.do_bench median (L2 flushed); "
+                              "device_ms, GPU time of CUDA-graph replays (qlora_ref.bench.device_ms); each the median "
+                              "of alternating rounds over the layers",
+                    "rounds": ROUNDS, "tokens": args.tokens, "rank": args.rank, "alpha": 2 * args.rank,
+                    "baseline_quant_state_dtype": str(DTYPE), "layers": []})
     for N, K in LLAMA_SHAPES:
         row = case(N, K, args.tokens, args.rank, 2 * args.rank)
         results["layers"].append(row)
-        print(f"{N}x{K}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in row["ms"].items())
-              + f"; ours vs bnb {row['ours_vs_bnb']:.2f}x", flush=True)
+        print(f"{N}x{K}: " + ", ".join(f"{k} {v:.3f} / {row['device_ms'][k]:.3f} ms" for k, v in row["ms"].items())
+              + f"; ours vs bnb {row['ours_vs_bnb_ms']:.2f}x / {row['ours_vs_bnb_device_ms']:.2f}x", flush=True)
     results["host_us_512x512_16_tokens"] = overhead()
     print("host time per step, 512x512, 16 tokens: "
           + ", ".join(f"{k} {v:.0f} us" for k, v in results["host_us_512x512_16_tokens"].items()), flush=True)
