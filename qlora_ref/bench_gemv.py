@@ -26,13 +26,16 @@ from .bench import LLAMA_SHAPES, device_ms, gpu_run, median_ms, state_from_bitsa
 
 DEVICE = "cuda"
 # Settings of gemv_4bit_triton; "default" is what a call without options runs: for one row of x,
-# gemv_4bit_row_kernel (warp-shuffle lookups, 4 rows x 512 bytes per program, prefetch).
+# gemv_4bit_row_kernel (warp-shuffle lookups, 4 rows per program) with chunk_bytes and prefetch chosen per
+# weight by gemv_4bit.row_defaults: "row c512 prefetch (before)", "row c512 prefetch W" or "row c1024 no prefetch".
 CONFIGS = {
     "default": {},
-    "row c1024": {"chunk_bytes": 1024},
+    "row c512 prefetch (before)": {"chunk_bytes": 512, "prefetch": True},
+    "row c512 prefetch W": {"chunk_bytes": 512, "prefetch": "weights"},
     "row c1024 no prefetch": {"chunk_bytes": 1024, "prefetch": False},
+    "row c1024 prefetch": {"chunk_bytes": 1024, "prefetch": True},
     "row n2 w2": {"block_n": 2, "num_warps": 2},
-    "row n8 (2 rows a lane)": {"block_n": 8},
+    "row n8 (2 rows a lane)": {"block_n": 8, "chunk_bytes": 512, "prefetch": True},
     "row prmt": {"lookup": "prmt"},
     "row memory": {"lookup": "memory"},
     "tile (before)": {"row_kernel": False},

@@ -116,10 +116,12 @@ def test_lookup_and_x_variants(pairs, split_x):
         check(activations(m, 256, torch.bfloat16), packed, state, pairs=pairs, split_x=split_x)
 
 
-@pytest.mark.parametrize("scale_sums,prefetch", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("scale_sums,prefetch", [(False, False), (True, False), (False, True), (True, True),
+                                                (True, "weights"), (True, None)])
 @pytest.mark.parametrize("nested", [False, True])
 def test_scaled_sums_and_prefetch(scale_sums, prefetch, nested):
-    """Rows of 6 chunks of 64 bytes: the prefetched loop's first, middle and last (masked) chunks."""
+    """Rows of 6 chunks of 64 bytes: the prefetched loop's first, middle and last (masked) chunks. prefetch
+    "weights" (W and its scales ahead, x not) is the row kernel's; None its choice by row_defaults."""
     packed, state = weight(12, 768, torch.bfloat16, nested=nested)
     for m in (1, 2):
         check(activations(m, 768, torch.bfloat16), packed, state, chunk_bytes=64, scale_sums=scale_sums,
@@ -156,6 +158,24 @@ def test_bad_input_is_refused():
         gemv_4bit_triton(activations(1, 96, torch.float32), packed3, state3)
     with pytest.raises(ValueError, match="power of two"):
         gemv_4bit_triton(x, packed, state, block_n=3)
+    with pytest.raises(ValueError, match="prefetch must be"):
+        gemv_4bit_triton(x, packed, state, prefetch="x")
+
+
+def test_row_defaults():
+    """The row kernel's per-weight defaults: wide chunks without prefetch for long rows of plain absmax, W and
+    its scales a chunk ahead for nested ones; the call without options runs the same kernel as the explicit one."""
+    assert G.row_defaults(4096, nested=False) == (512, True)
+    assert G.row_defaults(8192, nested=False) == (1024, False)
+    assert G.row_defaults(28672, nested=True) == (512, "weights")
+    assert G.gemv_row_config(8192, False) == (4, 64, 4, 0)
+    assert G.gemv_row_config(8192, True, chunk_bytes=1024, prefetch=True) == (4, 64, 4, 1)
+    for nested in (False, True):
+        packed, state = weight(6, 8192, torch.bfloat16, nested=nested)
+        x = activations(1, 8192, torch.bfloat16)
+        chunk, prefetch = G.row_defaults(8192, nested)
+        assert torch.equal(check(x, packed, state), gemv_4bit_triton(x, packed, state, chunk_bytes=chunk,
+                                                                     prefetch=prefetch))
 
 
 @pytest.mark.parametrize("kernel", ["row shuffle", "row prmt", "tile", "tile m8"])
@@ -196,7 +216,7 @@ def test_row_kernel_awkward_shapes(lookup, nested):
     for seed, (n, k, blocksize, block_n, chunk) in enumerate(cases):
         for dtype in (torch.bfloat16, torch.float16):
             packed, state = weight(n, k, dtype, blocksize, "fp4" if seed % 2 else "nf4", nested, seed)
-            for prefetch in (False, True):
+            for prefetch in (False, True, "weights"):
                 check(activations(1, k, dtype, seed), packed, state, lookup=lookup, block_n=block_n,
                       chunk_bytes=chunk, prefetch=prefetch)
 

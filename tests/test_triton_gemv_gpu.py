@@ -120,7 +120,8 @@ def test_row_kernel_lookups_give_identical_outputs(nested):
                                         (257, 4096, 4096, "fp4")]:
         x, packed, bnb_state = quantized(n, k, torch.bfloat16, nested, quant_type, blocksize)
         state = state_from_bitsandbytes(bnb_state)
-        for options in ({}, {"prefetch": False}, {"chunk_bytes": 1024}, {"block_n": 2, "num_warps": 2}):
+        for options in ({}, {"prefetch": False}, {"prefetch": True}, {"prefetch": "weights"}, {"chunk_bytes": 1024},
+                        {"chunk_bytes": 1024, "prefetch": False}, {"block_n": 2, "num_warps": 2}):
             shuffle = gemv_4bit_triton(x, packed, state, **options)
             memory = gemv_4bit_triton(x, packed, state, lookup="memory", **options)
             assert torch.equal(shuffle, memory), (n, k, options)

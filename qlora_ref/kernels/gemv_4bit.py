@@ -23,7 +23,9 @@ What you will learn
   way). bitsandbytes' GEMV rounds the absmax and each product to bf16: its error against the float32
   reference is about 1.4x ours (tests/test_triton_gemv_gpu.py).
 * Software pipelining by hand (prefetch=True): the loads of chunk i + 1 are issued before chunk i is
-  decoded. A GEMV is latency-bound when each thread has only one chunk's bytes in flight.
+  decoded. A GEMV is latency-bound when each thread has only one chunk's bytes in flight. But the loads in
+  flight hold registers, and registers decide how many programs share an SM: what pays differs per weight
+  (row_defaults: W and its scales only for nested weights, nothing for long rows of plain ones).
 * Double quantization fused in (absmax = code2[q] * absmax2[b // 256] + offset, two float32
   roundings, compiled with enable_fp_fusion=False as in dequantize_4bit.py).
 * Several rows of x (M <= 8, a few tokens of speculative decoding or a small batch): each chunk of W is
@@ -52,7 +54,9 @@ instructions. Per byte of W its loop ran two gathers from the 16-float codebook 
 2 instructions, and a load through L1), the byte and nibble extraction, three multiply-adds, and a split of
 x through shared memory with barriers (tl.split on a layout Triton had to convert). gemv_4bit_row_kernel:
   - reads W as int32 words (8 codes), 16 bytes of one row per lane, the 32 lanes of a warp along K (512
-    contiguous bytes per row and iteration), one row per warp (ROW_BLOCK_N rows per program);
+    contiguous bytes per row and iteration), one row per warp (ROW_BLOCK_N rows per program); for plain
+    weights with K >= 8192, 16 bytes of each of two rows per lane (chunk_bytes=1024: Triton's layout gives
+    each warp two rows), so that one load of x serves both;
   - looks codes up in registers with a warp shuffle (lookup="shuffle"): lane l holds code[l % 16] and
     shfl.sync.idx returns code[nibble] from lane (l & 16) | nibble: one shift and one shuffle per code, the
     exact float32 codebook, no address arithmetic (the lane's entry is chosen inside the same PTX statement:
@@ -60,28 +64,41 @@ x through shared memory with barriers (tl.split on a layout Triton had to conver
   - reads x with one 16-byte load per word (inline PTX, so that the values stay in the word's layout) and
     widens bf16 to float32 with a shift and a mask;
   - per word: one multiply and 7 multiply-adds in the order of k, then one multiply-add by the absmax into
-    the word's float32 accumulator; prefetch as above.
+    the word's float32 accumulator; prefetch as above, by row_defaults.
 On the CPU (Triton's interpreter runs no inline PTX) the same kernel looks codes up with tl.load
 (lookup="memory", also selectable on a GPU) and loads x with tl.load: the same codes, multiplied and added
 in the same order; only the final float32 sum across a program's threads may add in another order.
 Measured (H100 80GB HBM3, triton 3.6, bitsandbytes 0.50.2, bf16, NF4 blocksize 64; GPU time from CUDA-graph
-replays with the L2 flushed, as qlora_ref.bench_gemv reports it; bench/results/gemv-*): 1.38-1.65x
-bitsandbytes' matmul_4bit over the four Llama weights, plain and nested, 1.51x on geometric mean
-(8192x28672: 0.078 ms, 1.5 TB/s, against 0.118 ms; 4096x4096: 7.8 against 12.8 us); gemv_4bit_kernel
-0.85-1.02x. chunk_bytes=1024 with prefetch=False is faster still on the plain weights (1.54-1.67x) and
-slower on the nested ones. Same outputs as gemv_4bit_kernel's up to float32 summation order; max error 2.1 against
-bitsandbytes' 2.8-3.1 on 8192x28672.
-What bounds it now (Nsight Compute): the L1 / shared-memory pipe, 90% busy, which serves the shuffles (2 per
-byte of W) and the loads of x (4 bytes of bf16 x per byte of W, as each lane owns one row; 2 or 4 rows per
-lane share x but hold more registers, leave fewer warps, and measured 10-40% slower). lookup="prmt" moves
-the lookup to the integer pipe instead: a table of fp16 codes in 8 registers, 8 codes from 16 byte permutes
-(prmt) and 8 conversions; that pipe is then 76% busy and the kernel ~10% slower (codes rounded to fp16, 2^-12
-relative, far below the bf16 rounding of w). Nested weights cost 5-10% more (a gather of the 8-bit absmax
-code per 16 bytes). Ways on (not done): a per-lane copy of a pair table in shared memory (one lookup per
-byte, no bank conflicts; Triton does not place such tables), split K for the 4096-row weights. For M > 1,
-gemv_4bit_kernel dequantizes each chunk of W once for up to 8 rows (M = 2: on par with bitsandbytes;
-M = 4: 0.37 vs 0.33 ms on 8192x28672), but the per-chunk reductions make M = 8 slow there (bitsandbytes
-dequantizes and calls cuBLAS).
+replays with the L2 flushed, as qlora_ref.bench_gemv reports it; bench/results/gemv-*): 1.36-1.66x bitsandbytes'
+matmul_4bit over the four Llama weights, plain and nested, 1.56x on geometric mean (8192x28672: 0.072 ms, 1.6
+TB/s, against 0.118 ms; nested 0.075 against 0.114 ms; 4096x4096: 7.8 against 12.8 us); at least 1.5x on all but
+8192x8192 nested (26.3 against 35.7 us, 1.36x; 4096x14336 nested: 1.499x). Nested weights make bitsandbytes 4-6%
+faster on the larger weights (an 8-bit absmax code read instead of a float32 absmax) and us slower: their scales
+cost registers, and the two-rows-a-lane loop of the plain weights is then slower than the one-row one (8192x8192
+nested: 27.5 us). The per-weight defaults against the one setting before them (512-byte chunks, everything
+prefetched: 1.38-1.73x, 1.52x on geometric mean in the same run), in us: plain 4096x14336 21.9 -> 20.5,
+8192x8192 25.1 -> 23.7, 8192x28672 77.6 -> 72.1; nested 8192x28672 79.9 -> 75.2; the other weights within the
+noise (one kernel timed twice: up to 5% apart). gemv_4bit_kernel 0.85-1.01x. Same outputs as gemv_4bit_kernel's
+up to float32 summation order; max error 2.1 against bitsandbytes' 2.8-3.1 on 8192x28672.
+What bounds it (Nsight Compute, one row a lane): the L1 / shared-memory pipe, 90% busy, which serves the
+shuffles (2 per byte of W) and the loads of x (4 bytes of bf16 x per byte of W when each lane owns one row). Two
+rows a lane halve the loads of x: 5-7% faster without prefetch (64 registers a thread, 8 programs of 4 warps per
+SM), 14-36% slower with it (72 registers, 7 programs); block_n=8, which also puts two rows in a lane, is twice
+as slow on 8192x28672. lookup="prmt" moves the lookup to the integer pipe instead: a table of fp16 codes in 8
+registers, 8 codes from 16 byte permutes (prmt) and 8 conversions; that pipe is then 76% busy and the kernel
+~10% slower (codes rounded to fp16, 2^-12 relative, far below the bf16 rounding of w). Splitting the work
+between the two pipes, exactly: a quarter (or half) of the codes from the float32 codebook as 4 byte planes in
+16 registers (12 prmt pick 4 codes' bytes, 8 more put them together), the rest by shuffles: 210 (244)
+instructions a loop instead of 176, 64 registers instead of 48 (ptxas of triton 3.9), and 2-38% (14-51%) slower:
+not kept. Nor were, all slower or no faster: W two chunks ahead, the scales alone a chunk ahead, L2-only loads
+of W (.cg), registers capped by maxnreg (spills). The nested absmax costs a load of its code, one of its scale
+and a gather from code2 per 16 bytes (ptxas keeps the offset in a register, outside the loop); one absmax per 32
+bytes would need a lane's two groups in one row, where Triton's layout for 1024-byte chunks puts them in two
+(sharing x instead). Ways on (not done): a per-lane copy of a pair table in shared memory (one lookup per byte,
+no bank conflicts; Triton does not place such tables), split K for the 4096-row weights, a two-rows-a-lane loop
+for nested weights within 56 registers. For M > 1, gemv_4bit_kernel dequantizes each chunk of W once for up to 8
+rows (M = 2: on par with bitsandbytes; M = 4: 0.37 vs 0.33 ms on 8192x28672), but the per-chunk reductions make
+M = 8 slow there (bitsandbytes dequantizes and calls cuBLAS).
 """
 
 
@@ -95,7 +112,7 @@ from .dequantize_4bit import _on
 from .twins import twin
 
 __all__ = ["compile_ahead", "gemv_4bit_kernel", "gemv_4bit_row_kernel", "gemv_4bit_triton", "gemv_config",
-           "gemv_row_config", "MAX_ROWS"]
+           "gemv_row_config", "row_defaults", "MAX_ROWS"]
 
 try:
     from triton.runtime.interpreter import InterpretedFunction
@@ -109,11 +126,15 @@ DEFAULT_BLOCK_N = 8  # output rows per program
 DEFAULT_CHUNK_BYTES = 512  # packed bytes of one row per loop iteration (1024 values)
 DEFAULT_NUM_WARPS = 4
 INTERPRETER_BLOCK_N = 64  # CPU tensors (Triton's interpreter): fewer, larger programs run much faster
-# gemv_4bit_row_kernel's (one row of x): the fastest setting on the Llama weights (bench/results/gemv-*.json).
-ROW_BLOCK_N = 4  # rows per program: one per warp
-ROW_CHUNK_BYTES = 512  # bytes of a row per loop iteration: 16 per lane
+# gemv_4bit_row_kernel's (one row of x): the fastest settings on the Llama weights (bench/results/gemv-*.json),
+# chunk_bytes and prefetch by row_defaults.
+ROW_BLOCK_N = 4  # rows per program
 ROW_NUM_WARPS = 4
+ROW_CHUNK_BYTES = 512  # bytes of a row per loop iteration: 16 per lane, one row per warp
+WIDE_CHUNK_BYTES = 1024  # 16 bytes of each of two rows per lane, sharing their loads of x
+WIDE_FROM_K = 8192  # plain absmax: WIDE_CHUNK_BYTES, without prefetch, from rows of this many values
 LOOKUPS = {"memory": 0, "shuffle": 1, "prmt": 2}  # how gemv_4bit_row_kernel turns nibbles into codes
+PREFETCHES = {False: 0, True: 1, "weights": 2}  # what gemv_4bit_row_kernel loads one chunk ahead: see row_defaults
 
 
 @triton.jit
@@ -470,16 +491,32 @@ def _word_dot(words, table, code_ptr, x0, x1, x2, x3, x4, x5, x6, x7, LOOKUP: tl
 
 
 @triton.jit
-def _row_loads(words_ptr, absmax_ptr, absmax2_ptr, row_start, row_blocks, row_ok, start, row_words,
-               SUB: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr):
-    """One chunk's loads of W: int32 words [BLOCK_N, SUB, 4], stored absmax [BLOCK_N, SUB] (codes when NESTED)
-    and the nested scale [BLOCK_N, SUB] (NESTED only; else the stored absmax again)."""
-    group = start + 4 * tl.arange(0, SUB)  # [SUB] first word of each group of 4 (32 values: inside one block)
+def _row_words(words_ptr, row_start, row_ok, start, row_words, SUB: tl.constexpr):
+    """One chunk's int32 words of W, [BLOCK_N, SUB, 4]: SUB groups of 4 words (32 values, inside one block)."""
+    group = start + 4 * tl.arange(0, SUB)  # [SUB] first word of each group
     word = group[:, None] + tl.arange(0, 4)[None, :]  # [SUB, 4]
     group_ok = row_ok[:, None] & (group < row_words)[None, :]  # K is a multiple of 32: groups are whole or absent
-    words = tl.load(words_ptr + row_start[:, None, None] + word[None, :, :], mask=group_ok[:, :, None], other=0)
+    return tl.load(words_ptr + row_start[:, None, None] + word[None, :, :], mask=group_ok[:, :, None], other=0)
+
+
+@triton.jit
+def _row_scales(absmax_ptr, absmax2_ptr, row_blocks, row_ok, start, row_words, SUB: tl.constexpr,
+                BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr):
+    """One chunk's stored absmax [BLOCK_N, SUB] (codes when NESTED) and nested scale [BLOCK_N, SUB] (NESTED only;
+    else the stored absmax again): one of each per group of 4 words."""
+    group = start + 4 * tl.arange(0, SUB)
+    group_ok = row_ok[:, None] & (group < row_words)[None, :]
     block = row_blocks[:, None] + (8 * group[None, :]) // BLOCKSIZE
-    stored, scale2 = _block_scales(absmax_ptr, absmax2_ptr, block, group_ok, NESTED_BLOCKSIZE, NESTED)
+    return _block_scales(absmax_ptr, absmax2_ptr, block, group_ok, NESTED_BLOCKSIZE, NESTED)
+
+
+@triton.jit
+def _row_loads(words_ptr, absmax_ptr, absmax2_ptr, row_start, row_blocks, row_ok, start, row_words,
+               SUB: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr):
+    """One chunk's loads of W: its words, stored absmax and nested scales (_row_words, _row_scales)."""
+    words = _row_words(words_ptr, row_start, row_ok, start, row_words, SUB)
+    stored, scale2 = _row_scales(absmax_ptr, absmax2_ptr, row_blocks, row_ok, start, row_words, SUB, BLOCKSIZE,
+                                 NESTED_BLOCKSIZE, NESTED)
     return words, stored, scale2
 
 
@@ -501,7 +538,7 @@ def gemv_4bit_row_kernel(
     LOOKUP: tl.constexpr,  # codes from 0: memory (tl.load), 1: a warp shuffle, 2: a table in registers (prmt)
     X_MODE: tl.constexpr,  # x as 0: bf16 pairs, 1: fp16 pairs (16-byte aligned), 2: separate values
     SOFT_BF16: tl.constexpr,  # round y to bf16 in integer arithmetic (the interpreter's cast truncates)
-    PREFETCH: tl.constexpr,  # load chunk i + 1 before computing chunk i
+    PREFETCH: tl.constexpr,  # load chunk i + 1 before computing chunk i: 0 nothing, 1 W, scales and x, 2 W and scales
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -528,14 +565,19 @@ def gemv_4bit_row_kernel(
         table = ()
     words, stored, scale2 = _row_loads(words_ptr, absmax_ptr, absmax2_ptr, row_start, row_blocks, row_ok, 0,
                                        row_words, SUB, BLOCKSIZE, NESTED_BLOCKSIZE, NESTED)
-    if PREFETCH:
+    if PREFETCH == 1:
         xr = _x_load(x_ptr, quad, quad < row_words, X_MODE, ASM)
     for start in range(0, row_words, CHUNK):
         word = start + quad  # [SUB, 4]
-        if PREFETCH:  # software pipelining: chunk i + 1's loads are in flight during chunk i's arithmetic
+        # Software pipelining: chunk i + 1's loads are in flight during chunk i's arithmetic
+        if PREFETCH == 1:
             words_n, stored_n, scale2_n = _row_loads(words_ptr, absmax_ptr, absmax2_ptr, row_start, row_blocks, row_ok,
                                                      start + CHUNK, row_words, SUB, BLOCKSIZE, NESTED_BLOCKSIZE, NESTED)
             xr_n = _x_load(x_ptr, word + CHUNK, word + CHUNK < row_words, X_MODE, ASM)
+        elif PREFETCH == 2:  # W and its scales only: x, from L1, is loaded below, for this chunk
+            words_n = _row_words(words_ptr, row_start, row_ok, start + CHUNK, row_words, SUB)
+            stored_n, scale2_n = _row_scales(absmax_ptr, absmax2_ptr, row_blocks, row_ok, start + CHUNK, row_words, SUB,
+                                             BLOCKSIZE, NESTED_BLOCKSIZE, NESTED)
         elif start > 0:
             words, stored, scale2 = _row_loads(words_ptr, absmax_ptr, absmax2_ptr, row_start, row_blocks, row_ok, start,
                                                row_words, SUB, BLOCKSIZE, NESTED_BLOCKSIZE, NESTED)
@@ -543,14 +585,16 @@ def gemv_4bit_row_kernel(
             absmax = tl.load(code2_ptr + stored.to(tl.int32)) * scale2 + tl.load(offset_ptr)  # two roundings
         else:
             absmax = stored
-        if not PREFETCH:
+        if PREFETCH != 1:
             xr = _x_load(x_ptr, word, word < row_words, X_MODE, ASM)
         x0, x1, x2, x3, x4, x5, x6, x7 = _x_values(x_ptr, xr, word, word < row_words, X_MODE)
         s = _word_dot(words, table, code_ptr, x0[None], x1[None], x2[None], x3[None], x4[None], x5[None], x6[None],
                       x7[None], LOOKUP)
         acc = tl.fma(absmax[:, :, None], s, acc)  # each word's sum times its block's absmax
-        if PREFETCH:
+        if PREFETCH == 1:
             words, stored, scale2, xr = words_n, stored_n, scale2_n, xr_n
+        elif PREFETCH == 2:
+            words, stored, scale2 = words_n, stored_n, scale2_n
     tl.store(y_ptr + rows, _round_out(_sum12(acc), y_ptr, SOFT_BF16), mask=row_ok)
 
 
@@ -577,11 +621,32 @@ def gemv_config(K: int, blocksize: int, block_n=None, chunk_bytes=None, num_warp
     return block_n, chunk // half, half, num_warps or DEFAULT_NUM_WARPS
 
 
-def gemv_row_config(K: int, block_n=None, chunk_bytes=None, num_warps=None):
-    """(BLOCK_N, SUB, num_warps): gemv_4bit_row_kernel's tile, SUB groups of 16 bytes per row and iteration."""
+def row_defaults(K: int, nested: bool):
+    """(chunk_bytes, prefetch): gemv_4bit_row_kernel's defaults for rows of K values, by qlora_ref.bench_gemv's
+    sweep on the Llama weights (GPU time, H100, triton 3.6; bench/results/gemv-*):
+      - plain absmax, K >= WIDE_FROM_K: 1024-byte chunks (each lane 16 bytes of two rows, one load of x for
+        both) and no prefetch: 64 registers a thread, 8 programs of 4 warps per SM; prefetching would hold
+        72 (7 programs) and is 14-36% slower. 5-7% faster than the loop below, but slower on rows of 4096
+        values, 2 such iterations (8.5 against 7.4 us);
+      - plain absmax, shorter rows: 512-byte chunks (one row a lane), W, its scales and x a chunk ahead;
+      - nested absmax: 512-byte chunks, W and its scales a chunk ahead, x (an L1 hit) loaded in its own
+        iteration (prefetch="weights"): with the nested scales a chunk ahead, holding x's as well takes 56
+        registers a thread (9 programs per SM), without them 48 (10); 6% faster on 8192x28672, within the
+        noise on the others.
+    """
+    if not nested and K >= WIDE_FROM_K:
+        return WIDE_CHUNK_BYTES, False
+    return ROW_CHUNK_BYTES, "weights" if nested else True
+
+
+def gemv_row_config(K: int, nested: bool, block_n=None, chunk_bytes=None, num_warps=None, prefetch=None):
+    """(BLOCK_N, SUB, num_warps, PREFETCH): gemv_4bit_row_kernel's tile, SUB groups of 16 bytes per row and
+    iteration, and what it loads a chunk ahead (PREFETCHES); chunk_bytes and prefetch default by row_defaults."""
+    default_chunk, default_prefetch = row_defaults(K, nested)
     block_n = _power_of_two("block_n", block_n or ROW_BLOCK_N)
-    chunk = _power_of_two("chunk_bytes", chunk_bytes or ROW_CHUNK_BYTES)
-    return block_n, max(1, min(chunk // 16, triton.next_power_of_2(K // 32))), num_warps or ROW_NUM_WARPS
+    chunk = _power_of_two("chunk_bytes", chunk_bytes or default_chunk)
+    prefetch = PREFETCHES[default_prefetch if prefetch is None else prefetch]
+    return block_n, max(1, min(chunk // 16, triton.next_power_of_2(K // 32))), num_warps or ROW_NUM_WARPS, prefetch
 
 
 def _takes_row_kernel(M: int, row_kernel: bool, scale_sums: bool) -> bool:
@@ -622,7 +687,7 @@ def _build_prmt_table(code: torch.Tensor, device) -> torch.Tensor:
 
 def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState, *, block_n=None, chunk_bytes=None,
                      num_warps=None, soft_bf16=None, pairs: bool = False, split_x: bool = True,
-                     scale_sums: bool = True, prefetch: bool = True, row_kernel: bool = True,
+                     scale_sums: bool = True, prefetch=None, row_kernel: bool = True,
                      lookup: str = "shuffle") -> torch.Tensor:
     """y = x @ W^T for a 4-bit W ([N, K], `packed` + `state` from quantize_4bit), in x's dtype.
 
@@ -631,7 +696,9 @@ def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState, *
     gemv_4bit_row_kernel (unless row_kernel=False or scale_sums=False), more rows gemv_4bit_kernel.
     Tuning knobs (qlora_ref.bench_gemv compares them): `block_n`, `chunk_bytes`, `num_warps`, `prefetch` for
     either kernel; `lookup` ("shuffle", "prmt" or "memory") for the row kernel; `pairs`, `split_x`,
-    `scale_sums` for gemv_4bit_kernel.
+    `scale_sums` for gemv_4bit_kernel. `prefetch`: True (W, its scales and x a chunk ahead), False, "weights"
+    (W and its scales only; the row kernel: gemv_4bit_kernel takes it as True) or None: the row kernel's
+    choice by row_defaults, True for gemv_4bit_kernel.
     """
     if not isinstance(state, QuantState) or state.quant_type is None or state.bits_per_code != 4:
         raise TypeError("gemv_4bit_triton needs the 4-bit QuantState returned by quantize_4bit "
@@ -649,6 +716,8 @@ def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState, *
     if K % state.blocksize:
         raise ValueError(f"gemv_4bit_triton needs K to be a multiple of the blocksize (a block inside one row): "
                          f"K = {K}, blocksize = {state.blocksize}")
+    if prefetch is not None and prefetch not in PREFETCHES:
+        raise ValueError(f"prefetch must be True, False, 'weights' or None, got {prefetch!r}")
     if lookup not in LOOKUPS:
         raise ValueError(f"lookup must be one of {', '.join(LOOKUPS)}, got {lookup!r}")
     if lookup == "prmt" and state.dtype == torch.float32:
@@ -687,7 +756,7 @@ def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState, *
     soft_bf16 = bool(soft_bf16) and torch.bfloat16 in (state.dtype, x.dtype)
 
     if _takes_row_kernel(M, row_kernel, scale_sums):
-        block_n, sub, num_warps = gemv_row_config(K, block_n, chunk_bytes, num_warps)
+        block_n, sub, num_warps, prefetch = gemv_row_config(K, state.nested, block_n, chunk_bytes, num_warps, prefetch)
         if lookup == "prmt":  # fp16 codes, in byte planes for prmt and as float32 for the interpreter
             code, lut = derived_table(state.code, device, _build_half_codes), derived_table(state.code, device,
                                                                                              _build_prmt_table)
@@ -696,7 +765,7 @@ def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState, *
         x_mode = _X_MODES[x.dtype] if x2.data_ptr() % 16 == 0 else 2
         # The interpreter runs no inline assembly: it looks codes up in memory, the same values in the same order.
         constexprs = (state.blocksize, nested_blocksize, state.nested, block_n, sub, 0 if INTERPRETED else LOOKUPS[lookup],
-                      x_mode, soft_bf16, bool(prefetch))
+                      x_mode, soft_bf16, prefetch)
         _launch(gemv_4bit_row_kernel, ROW_CONSTEXPRS, (triton.cdiv(N, block_n), 1, 1),
                 (x2, _on(packed, device), absmax, code, lut, absmax2, code2, offset, y, N, K), constexprs, num_warps)
         return y.reshape(*lead, N)
@@ -707,7 +776,7 @@ def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState, *
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, m_tile), 1)
     args = (x2, _on(packed, device), absmax, code, absmax2, code2, offset, y, M, N, K, x2.stride(0), y.stride(0))
     constexprs = (state.blocksize, nested_blocksize, state.nested, block_n, sub, half, _W_DTYPES[state.dtype],
-                  soft_bf16, bool(pairs), bool(split_x), m_tile, bool(scale_sums), bool(prefetch))
+                  soft_bf16, bool(pairs), bool(split_x), m_tile, bool(scale_sums), prefetch is None or bool(prefetch))
     _launch(gemv_4bit_kernel, CONSTEXPRS, grid, args, constexprs, num_warps)
     return y.reshape(*lead, N)
 
@@ -748,7 +817,7 @@ _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 
 def compile_ahead(capability: int, dtype: torch.dtype = torch.bfloat16, blocksize: int = 64, nested: bool = False,
                   K: int = 4096, *, block_n=None, chunk_bytes=None, num_warps=None, pairs=False, split_x=True,
-                  m_tile: int = 1, scale_sums: bool = True, prefetch: bool = True, row_kernel: bool = True,
+                  m_tile: int = 1, scale_sums: bool = True, prefetch=None, row_kernel: bool = True,
                   lookup: str = "shuffle"):
     """Compile the kernel for a GPU that need not be here (x, y and W all `dtype`); returns Triton's
     CompiledKernel (`.asm["ptx"]`, `.asm["cubin"]`). Pointers are declared 16-byte aligned and the sizes
@@ -759,7 +828,7 @@ def compile_ahead(capability: int, dtype: torch.dtype = torch.bfloat16, blocksiz
     t = "*" + _TRITON_TYPES[dtype]
     absmax_type = "*u8" if nested else "*fp32"
     if _takes_row_kernel(m_tile, row_kernel, scale_sums):
-        block_n, sub, num_warps = gemv_row_config(K, block_n, chunk_bytes, num_warps)
+        block_n, sub, num_warps, prefetch = gemv_row_config(K, nested, block_n, chunk_bytes, num_warps, prefetch)
         kernel = _twin(interpret=False).gemv_4bit_row_kernel
         pointers = {"x_ptr": t, "packed_ptr": "*u8", "absmax_ptr": absmax_type, "code_ptr": "*fp32", "lut_ptr": "*i32",
                     "absmax2_ptr": "*fp32", "code2_ptr": "*fp32", "offset_ptr": "*fp32", "y_ptr": t}
@@ -775,7 +844,8 @@ def compile_ahead(capability: int, dtype: torch.dtype = torch.bfloat16, blocksiz
         ints = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32"}
         constexprs = {"BLOCKSIZE": blocksize, "NESTED_BLOCKSIZE": 256, "NESTED": nested, "BLOCK_N": block_n,
                       "SUB": sub, "HALF": half, "W_DTYPE": _W_DTYPES[dtype], "SOFT_BF16": False, "PAIRS": pairs,
-                      "SPLIT_X": split_x, "M_TILE": m_tile, "SCALE_SUMS": scale_sums, "PREFETCH": prefetch}
+                      "SPLIT_X": split_x, "M_TILE": m_tile, "SCALE_SUMS": scale_sums,
+                      "PREFETCH": prefetch is None or bool(prefetch)}
     signature = {**pointers, **ints, **{name: "constexpr" for name in constexprs}}
     divisible = [*pointers, *(name for name in ints if name != "M")]
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
