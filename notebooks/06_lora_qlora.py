@@ -646,17 +646,18 @@ print(f"bitsandbytes with its weight quantized from float32: {min(cost):.0%} to 
 
 # %% [markdown]
 # Ours is faster than bitsandbytes + PEFT on every weight, by 3-13% on the three large ones, where it runs
-# about as fast as the dense layer. The GEMMs column says why there is little more to win: at 4096 tokens
-# the two GEMMs are 82-93% of every step, and they are the same cuBLAS GEMMs for every layer. The course's
-# target of 1.2x leaves the rest of the step (two dequantizations, which write the bf16 weight; four
-# skinny products, which read x or dL/dy; two rank-r products added into y and dL/dx, which read and write
-# them) 6-8% on the middle two weights, where ours spends 15%, and nothing on the largest, whose GEMMs
-# alone are only 1.16-1.21x faster than bitsandbytes' whole step. The target is met only on the smallest weight, and only by do_bench, whose time there is mostly the host
-# launching a dozen kernels (bitsandbytes launches more). Going past the ceiling would take a faster GEMM.
-# Getting close to it would take the dequantization inside the GEMM (a kernel that loads 4-bit tiles and
-# still runs at cuBLAS speed) and the low-rank products folded into the GEMMs' edges: this course's kernels
-# do not go that far. Runs on this machine differ by a few percent (the clock moves with power and
-# temperature), which is why the timings alternate between the layers and keep the median of five rounds.
+# about as fast as the dense layer. The GEMMs column says why there is little more to win: at 4096 tokens the
+# two GEMMs are 82-93% of every step, and they are the same cuBLAS GEMMs for every layer. The course's target
+# of 1.2x leaves the rest of the step (two dequantizations, which write the bf16 weight; four skinny products,
+# which read x or dL/dy; two rank-r products added into y and dL/dx, which read and write them) 6-8% on the
+# middle two weights, where ours spends 15%, and nothing on the largest, whose GEMMs alone are only 1.16-1.21x
+# faster than bitsandbytes' whole step. The target is met only on the smallest weight, and only by do_bench,
+# whose time there is mostly the host launching a dozen kernels (bitsandbytes launches more). Going past the
+# ceiling would take a faster GEMM. Getting close to it would take the dequantization inside the GEMM (a
+# kernel that loads 4-bit tiles and still runs at cuBLAS speed) and the low-rank products folded into the
+# GEMMs' edges: this course's kernels do not go that far. Runs on this machine differ by a few percent (the
+# clock moves with power and temperature), which is why the timings alternate between the layers and keep the
+# median of five rounds.
 #
 # A lesson in benchmarking on the way: the first version of this comparison quantized bitsandbytes'
 # weight from float32, `nn.Linear`'s default dtype. Its `QuantState` is then float32, and its backward
