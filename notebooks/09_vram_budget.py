@@ -74,6 +74,7 @@ from qlora_ref.vram import (
     TRANSIENT_PARTS,
     activations,
     estimate,
+    estimate_for,
     from_hf_config,
     load_measurements,
     matching_run,
@@ -427,10 +428,9 @@ if not runs:
 # %%
 worst = {"allocated": 0.0, "reserved + context": 0.0}
 for run in runs:
-    b = estimate(run["model"], run["method"], run["optimizer"], run["batch"], run["seq_len"], run["r"],
-                 run["gradient_checkpointing"], optimizer_in_backward=run["optimizer_in_backward"])
+    b = estimate_for(run)
     errors = {"allocated": b.allocated / run["peak_allocated"] - 1,
-              "reserved + context": (b.total + b.optimizer_host_bytes) / (run["peak_reserved"] + run["context_bytes"]) - 1}
+              "reserved + context": b.resident_total / (run["peak_reserved"] + run["context_bytes"]) - 1}
     worst = {k: max(worst[k], abs(v)) for k, v in errors.items()}
     print(f"{run['model']:12s} {run['seq_len']:5d} tokens r = {run['r']:2d}: allocated {run['peak_allocated'] / GIB:6.2f} "
           f"GiB ({errors['allocated']:+.1%}), reserved + context {(run['peak_reserved'] + run['context_bytes']) / GIB:6.2f} "

@@ -123,7 +123,7 @@ def timed_steps(model, optimizer, ids, steps: int, step: str = "graph") -> dict:
 
 
 def run(name: str, seq_len: int, r: int, steps: int = 4, step: str = "graph") -> dict:
-    gc.collect()  # the last run's model: step_in_backward's hooks make a reference cycle through the optimizer
+    gc.collect()  # whatever of the last run sits in a reference cycle goes before the peaks are reset
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     generator = torch.Generator(device=DEVICE).manual_seed(0)

@@ -33,7 +33,13 @@ The numbers are those of the eager step with the optimizer in the backward: same
 import torch
 from torch import nn
 
-__all__ = ["CapturedStep"]
+__all__ = ["CapturedStep", "is_capturing"]
+
+
+def is_capturing(tensor) -> bool:
+    """True while a CUDA graph is being captured on the current stream and `tensor` is a CUDA tensor: the
+    moment when code must neither read GPU values back (checks) nor do anything a replay would not repeat."""
+    return isinstance(tensor, torch.Tensor) and tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 class CapturedStep:

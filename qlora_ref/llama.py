@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .adapters import LORA_LAYERS, atomic_write
+from .cuda_graph import is_capturing
 
 BASE_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "base"
 IGNORE_INDEX = -100  # labels with this value are not predicted (the prompt, the padding)
@@ -259,8 +260,7 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> CausalLMOutput:
         """Logits [batch, seq, vocab]; with labels (same shape, -100 = ignore), also the shifted mean loss."""
-        capturing = (isinstance(input_ids, torch.Tensor) and input_ids.is_cuda
-                     and torch.cuda.is_current_stream_capturing())
+        capturing = is_capturing(input_ids)
         if capturing:
             self._check_ids(input_ids, "input_ids")  # shapes only: a graph being captured cannot read values back
         else:
@@ -279,7 +279,7 @@ class LlamaForCausalLM(nn.Module):
     @staticmethod
     def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of logits[:, i] against labels[:, i+1] (float32), averaged over labels != -100."""
-        if not (isinstance(labels, torch.Tensor) and labels.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if not is_capturing(labels):
             _check_labels(labels, logits.shape[:2])
         targets = labels[:, 1:]
         return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),

@@ -87,6 +87,7 @@ from types import MappingProxyType
 
 import torch
 
+from .cuda_graph import is_capturing
 from .dynamic8bit import dequantize_blockwise, quantize_blockwise, resolve_backend, shared_dynamic_map
 from .kernels import cuda_semantics
 from .state import QuantState
@@ -337,7 +338,7 @@ class AdamW8bit(torch.optim.Optimizer):
         if p.grad.is_sparse:
             raise TypeError("AdamW8bit does not support sparse gradients (e.g. nn.Embedding(sparse=True)); "
                             "use dense gradients")
-        if p.is_cuda and torch.cuda.is_current_stream_capturing():
+        if is_capturing(p):
             self._update_captured(p, group)
             return
         state = self._state_for(p)

@@ -41,7 +41,8 @@ the worst moment of the step. The terms (the keys of MemoryBreakdown.parts):
                              time (counted at the layer's backward, although it is briefly freed there)
     CUDA context             CUDA_CONTEXT_BYTES, a constant of the GPU and its software, measured on an H100
     allocator overhead       ALLOCATOR_OVERHEAD times the step's activations and temporaries (TRANSIENT_PARTS):
-                             the caching allocator's rounding and fragmentation, measured on an H100 too. These two are DEVICE_PARTS: not derived from the model.
+                             the caching allocator's rounding and fragmentation, measured on an H100 too.
+                             These two are DEVICE_PARTS: not derived from the model.
 
 The code modelled is qlora_ref's: qlora_ref.llama's model with QLoRALinear / LoRALinear layers
 (LoRAMatmul), bf16 compute (fp32 for full fp32 training), PyTorch's scaled_dot_product_attention, no
@@ -79,6 +80,7 @@ __all__ = [
     "ModelShape",
     "activations",
     "estimate",
+    "estimate_for",
     "from_hf_config",
     "gpu_memory",
     "load_measurements",
@@ -554,6 +556,12 @@ class MemoryBreakdown:
         return self.total - sum(self.parts[p] for p in DEVICE_PARTS)
 
     @property
+    def resident_total(self) -> int:
+        """total with every paged optimizer state on the GPU: what a run's reserved + context measures on a GPU
+        with room for them (the driver keeps managed memory resident, and context_bytes counts it)."""
+        return self.total + self.optimizer_host_bytes
+
+    @property
     def peak_moment(self) -> str:
         return max(self.moments, key=self.moments.get)
 
@@ -712,6 +720,11 @@ def load_measurements(directory=RESULTS_DIR) -> list:
     return runs
 
 
+def estimate_for(run: dict) -> MemoryBreakdown:
+    """estimate() of the setting a GPU run (load_measurements) was measured in: its SETUP_KEYS."""
+    return estimate(**{key: run[key] for key in SETUP_KEYS})
+
+
 def matching_run(breakdown: MemoryBreakdown, runs: list) -> Optional[dict]:
     """The last of `runs` (load_measurements) measured with breakdown's setup, or None."""
     found = [run for run in runs if all(run[k] == breakdown.setup[k] for k in SETUP_KEYS)]
@@ -727,7 +740,7 @@ def measurement_line(breakdown: MemoryBreakdown, run: dict) -> str:
                 f"({(estimated - measured) / measured:+.1%})")
 
     line = pair("allocated", breakdown.allocated, run["peak_allocated"])
-    if "context_bytes" in run:  # a GPU with room keeps every paged state on it, and context_bytes counts them
-        return line + "; " + pair("reserved + context", breakdown.total + breakdown.optimizer_host_bytes,
+    if "context_bytes" in run:
+        return line + "; " + pair("reserved + context", breakdown.resident_total,
                                   run["peak_reserved"] + run["context_bytes"])
     return line + f"; reserved {run['peak_reserved'] / GIB:.2f} GiB (context not measured)"

@@ -8,7 +8,7 @@ can check them.
 
 from matplotlib.figure import Figure
 
-from ..vram import DEVICE_PARTS, GIB, GPUS, METHODS, PARTS, estimate, gpu_memory
+from ..vram import DEVICE_PARTS, GIB, GPUS, METHODS, PARTS, estimate, estimate_for, gpu_memory
 
 __all__ = ["budget_figure", "measurements_figure", "methods_figure", "PART_COLORS"]
 
@@ -94,9 +94,7 @@ def measurements_figure(runs):
     estimated peak allocated as a pair of bars, measured and estimated reserved + context as two markers
     (every paged optimizer state counted on the GPU, as the run's context holds them).
     Returns (fig, [breakdown per run])."""
-    breakdowns = [estimate(run["model"], run["method"], run["optimizer"], run["batch"], run["seq_len"], run["r"],
-                           run["gradient_checkpointing"], optimizer_in_backward=run["optimizer_in_backward"])
-                  for run in runs]
+    breakdowns = [estimate_for(run) for run in runs]
     fig = Figure(figsize=(9.0, 0.45 * len(runs) + 1.2), layout="constrained", dpi=80)
     axis = fig.subplots()
     for y, (run, b) in enumerate(zip(runs, breakdowns)):
@@ -106,7 +104,7 @@ def measurements_figure(runs):
                   label="allocated, estimated" if y == 0 else None)
         axis.plot((run["peak_reserved"] + run["context_bytes"]) / GIB, y, "kx",
                   label="reserved + context, measured" if y == 0 else None)
-        axis.plot((b.total + b.optimizer_host_bytes) / GIB, y, "o", mfc="none", color="#c55a11",
+        axis.plot(b.resident_total / GIB, y, "o", mfc="none", color="#c55a11",
                   label="reserved + context, estimated" if y == 0 else None)
     axis.set_yticks(range(len(runs)), [f"{run['model']}, {run['seq_len']} tokens, r = {run['r']}" for run in runs],
                     fontsize=7)
