@@ -707,7 +707,9 @@ print(f"the first design (one [rows, sub-blocks, bytes] tile, codebook gathers f
 # instructions per byte before and after), and picks its tile per weight: on long rows of a plain weight
 # each lane takes two rows, so that one load of x serves both. By do_bench the small weights are
 # host-bound and the ratios move with the launch time: one kernel timed twice in the same run can differ
-# 3x, while its GPU times agree within a few percent. The floor is still 2x away.
+# 3x, while its GPU times agree within a few percent. The floor is still 2x away. Why the nested
+# 8192 x 8192 weight is the slowest case, and three attempts to speed it up that all came out slower,
+# are in the kernel's docstring, with their timings in `bench/results/gemv-experiments-*`.
 #
 # ## Summary
 #

@@ -94,11 +94,20 @@ not kept. Nor were, all slower or no faster: W two chunks ahead, the scales alon
 of W (.cg), registers capped by maxnreg (spills). The nested absmax costs a load of its code, one of its scale
 and a gather from code2 per 16 bytes (ptxas keeps the offset in a register, outside the loop); one absmax per 32
 bytes would need a lane's two groups in one row, where Triton's layout for 1024-byte chunks puts them in two
-(sharing x instead). Ways on (not done): a per-lane copy of a pair table in shared memory (one lookup per byte,
-no bank conflicts; Triton does not place such tables), split K for the 4096-row weights, a two-rows-a-lane loop
-for nested weights within 56 registers. For M > 1, gemv_4bit_kernel dequantizes each chunk of W once for up to 8
-rows (M = 2: on par with bitsandbytes; M = 4: 0.37 vs 0.33 ms on 8192x28672), but the per-chunk reductions make
-M = 8 slow there (bitsandbytes dequantizes and calls cuBLAS).
+(sharing x instead). Why nested 8192x8192 is the slowest case: its 2048 programs of 4 rows fill 1.55 waves of the
+1320 that fit (10 per SM at 48 registers), and Nsight Compute shows the SMs idle for 12% of the kernel (6.5% on
+8192x28672); whole waves run faster per row (nested, K = 8192: 5280 rows 15.3 us, 10560 rows 28.9, 8192 rows 25.5).
+Filling the tail was tried three ways, none faster (bench/results/gemv-experiments-*): programs looping over tiles
+(ptxas then holds 72-96 registers: up to 75% slower; 8192x8192 nested 34.4 us); stream-K, an equal run of (tile,
+chunk) iterations per program, a row split between two programs finished by the second to arrive, which swaps its
+float32 half sum with the first's through an atomic exchange (a + b == b + a: the same y either way; 56 registers:
+at best 26.0 against 26.2 us, slower on the other seven Llama weights); every row split in two halves with that
+exchange (48 registers: 30.3 us, slower on all eight weights: twice the programs, each with its own start and final
+reduction). One float32 sum per 32 values instead of per word: 9% slower on geometric mean. Ways on (not done): a
+per-lane copy of a pair table in shared memory (one lookup per byte, no bank conflicts; Triton does not place such
+tables), a two-rows-a-lane loop for nested weights within 56 registers. For M > 1, gemv_4bit_kernel dequantizes
+each chunk of W once for up to 8 rows (M = 2: on par with bitsandbytes; M = 4: 0.37 vs 0.33 ms on 8192x28672), but
+the per-chunk reductions make M = 8 slow there (bitsandbytes dequantizes and calls cuBLAS).
 """
 
 
