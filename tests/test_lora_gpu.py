@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import qlora_ref as Q
+from qlora_ref.bench_layer import linear4bit
 from qlora_ref.lora import DequantizeMatmul
 
 pytestmark = pytest.mark.gpu
@@ -37,11 +38,7 @@ def layers(out_features, in_features, r=16, seed=0):
     ours = Q.QLoRALinear(linear, r=r, alpha=2 * r, compute_dtype=DTYPE, adapter_dtype=DTYPE)
     with torch.no_grad():
         ours.lora_B.weight.copy_(torch.randn(out_features, r, device="cuda", dtype=DTYPE, generator=g) * 0.05)
-    base = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=DTYPE, compress_statistics=True,
-                             quant_type="nf4")
-    base.load_state_dict({"weight": linear.weight.detach().cpu()})
-    base = base.cuda()
-    return ours, base
+    return ours, linear4bit(linear.weight, DTYPE)  # as transformers builds it: a bf16 quantization state
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
