@@ -24,7 +24,7 @@ from qlora_ref.bench_layer import linear4bit
 from qlora_ref.lora import DequantizeMatmul
 
 pytestmark = pytest.mark.gpu
-bnb = pytest.importorskip("bitsandbytes")
+pytest.importorskip("bitsandbytes")
 
 DTYPE = torch.bfloat16
 SHAPES = [(192, 320), (4096, 4096), (1000, 576)]  # (out, in): awkward, Llama-sized, odd out
