@@ -621,13 +621,14 @@ def _power_of_two(name, value):
     return value
 
 
-def gemv_config(K: int, blocksize: int, block_n=None, chunk_bytes=None, num_warps=None):
-    """(BLOCK_N, SUB, HALF, num_warps): gemv_4bit_kernel's tile for rows of K values in blocks of `blocksize`."""
+def gemv_config(K: int, blocksize: int, block_n=None, chunk_bytes=None, num_warps=None, prefetch=None):
+    """(BLOCK_N, SUB, HALF, num_warps, PREFETCH): gemv_4bit_kernel's tile for rows of K values in blocks of
+    `blocksize`, and whether it loads a chunk ahead (None and "weights" mean yes: it has one prefetch)."""
     block_n = _power_of_two("block_n", block_n or DEFAULT_BLOCK_N)
     chunk = _power_of_two("chunk_bytes", chunk_bytes or DEFAULT_CHUNK_BYTES)
     chunk = min(chunk, triton.next_power_of_2(max(K // 2, 1)))  # no wider than a row (small K)
     half = min(blocksize // 2, chunk)
-    return block_n, chunk // half, half, num_warps or DEFAULT_NUM_WARPS
+    return block_n, chunk // half, half, num_warps or DEFAULT_NUM_WARPS, prefetch is None or bool(prefetch)
 
 
 def row_defaults(K: int, nested: bool):
@@ -779,13 +780,13 @@ def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState, *
                 (x2, _on(packed, device), absmax, code, lut, absmax2, code2, offset, y, N, K), constexprs, num_warps)
         return y.reshape(*lead, N)
 
-    block_n, sub, half, num_warps = gemv_config(K, state.blocksize, block_n, chunk_bytes, num_warps)
+    block_n, sub, half, num_warps, prefetch = gemv_config(K, state.blocksize, block_n, chunk_bytes, num_warps, prefetch)
     code = _pair_table(state.code, device) if pairs else _on(state.code, device, torch.float32)
     m_tile = 1 if M == 1 else min(MAX_ROWS, triton.next_power_of_2(M))
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, m_tile), 1)
     args = (x2, _on(packed, device), absmax, code, absmax2, code2, offset, y, M, N, K, x2.stride(0), y.stride(0))
     constexprs = (state.blocksize, nested_blocksize, state.nested, block_n, sub, half, _W_DTYPES[state.dtype],
-                  soft_bf16, bool(pairs), bool(split_x), m_tile, bool(scale_sums), prefetch is None or bool(prefetch))
+                  soft_bf16, bool(pairs), bool(split_x), m_tile, bool(scale_sums), prefetch)
     _launch(gemv_4bit_kernel, CONSTEXPRS, grid, args, constexprs, num_warps)
     return y.reshape(*lead, N)
 
@@ -846,15 +847,14 @@ def compile_ahead(capability: int, dtype: torch.dtype = torch.bfloat16, blocksiz
                       "SUB": sub, "LOOKUP": LOOKUPS[lookup], "X_MODE": _X_MODES[dtype], "SOFT_BF16": False,
                       "PREFETCH": prefetch}
     else:
-        block_n, sub, half, num_warps = gemv_config(K, blocksize, block_n, chunk_bytes, num_warps)
+        block_n, sub, half, num_warps, prefetch = gemv_config(K, blocksize, block_n, chunk_bytes, num_warps, prefetch)
         kernel = _twin(interpret=False).gemv_4bit_kernel
         pointers = {"x_ptr": t, "packed_ptr": "*u8", "absmax_ptr": absmax_type, "code_ptr": "*i64" if pairs else "*fp32",
                     "absmax2_ptr": "*fp32", "code2_ptr": "*fp32", "offset_ptr": "*fp32", "y_ptr": t}
         ints = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32"}
         constexprs = {"BLOCKSIZE": blocksize, "NESTED_BLOCKSIZE": 256, "NESTED": nested, "BLOCK_N": block_n,
                       "SUB": sub, "HALF": half, "W_DTYPE": _W_DTYPES[dtype], "SOFT_BF16": False, "PAIRS": pairs,
-                      "SPLIT_X": split_x, "M_TILE": m_tile, "SCALE_SUMS": scale_sums,
-                      "PREFETCH": prefetch is None or bool(prefetch)}
+                      "SPLIT_X": split_x, "M_TILE": m_tile, "SCALE_SUMS": scale_sums, "PREFETCH": prefetch}
     signature = {**pointers, **ints, **{name: "constexpr" for name in constexprs}}
     divisible = [*pointers, *(name for name in ints if name != "M")]
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
