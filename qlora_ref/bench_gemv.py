@@ -35,7 +35,7 @@ CONFIGS = {
     "row c1024 no prefetch": {"chunk_bytes": 1024, "prefetch": False},
     "row c1024 prefetch": {"chunk_bytes": 1024, "prefetch": True},
     "row n2 w2": {"block_n": 2, "num_warps": 2},
-    "row n8 (2 rows a lane)": {"block_n": 8, "chunk_bytes": 512, "prefetch": True},
+    "row n8 (2 rows a warp)": {"block_n": 8, "chunk_bytes": 512, "prefetch": True},
     "row prmt": {"lookup": "prmt"},
     "row memory": {"lookup": "memory"},
     "tile (before)": {"row_kernel": False},

@@ -160,14 +160,23 @@ def test_bad_input_is_refused():
         gemv_4bit_triton(x, packed, state, block_n=3)
     with pytest.raises(ValueError, match="prefetch must be"):
         gemv_4bit_triton(x, packed, state, prefetch="x")
+    # 2^31 blocks of 32 (a 2^21 x 2^15 weight): refused before anything is read. Stride-0 views stand in for
+    # the 32 GiB of codes and the 8 GiB of absmax such a weight would take.
+    N, K = 2**21, 2**15
+    huge = dataclasses.replace(state, shape=torch.Size((N, K)), blocksize=32,
+                               absmax=torch.zeros(1).expand(N * K // 32))
+    with pytest.raises(ValueError, match="int32.*2,147,483,648"):
+        gemv_4bit_triton(torch.zeros(1, K), torch.zeros(1, dtype=torch.uint8).expand(N * K // 2), huge)
 
 
 def test_row_defaults():
-    """The row kernel's per-weight defaults: wide chunks without prefetch for long rows of plain absmax, W and
-    its scales a chunk ahead for nested ones; the call without options runs the same kernel as the explicit one."""
+    """The row kernel's per-weight defaults: wide chunks without prefetch for long rows, on shorter ones W and
+    its scales a chunk ahead (nested) or x as well (plain); the call without options runs the same kernel as the
+    explicit one."""
     assert G.row_defaults(4096, nested=False) == (512, True)
     assert G.row_defaults(8192, nested=False) == (1024, False)
-    assert G.row_defaults(28672, nested=True) == (512, "weights")
+    assert G.row_defaults(28672, nested=True) == (1024, False)
+    assert G.row_defaults(4096, nested=True) == (512, "weights")
     assert G.gemv_row_config(8192, False) == (4, 64, 4, 0)
     assert G.gemv_row_config(8192, True, chunk_bytes=1024, prefetch=True) == (4, 64, 4, 1)
     for nested in (False, True):

@@ -25,7 +25,7 @@ What you will learn
 * Software pipelining by hand (prefetch=True): the loads of chunk i + 1 are issued before chunk i is
   decoded. A GEMV is latency-bound when each thread has only one chunk's bytes in flight. But the loads in
   flight hold registers, and registers decide how many programs share an SM: what pays differs per weight
-  (row_defaults: W and its scales only for nested weights, nothing for long rows of plain ones).
+  (row_defaults: W and its scales only for nested weights, nothing for long rows).
 * Double quantization fused in (absmax = code2[q] * absmax2[b // 256] + offset, two float32
   roundings, compiled with enable_fp_fusion=False as in dequantize_4bit.py).
 * Several rows of x (M <= 8, a few tokens of speculative decoding or a small batch): each chunk of W is
@@ -54,9 +54,9 @@ instructions. Per byte of W its loop ran two gathers from the 16-float codebook 
 2 instructions, and a load through L1), the byte and nibble extraction, three multiply-adds, and a split of
 x through shared memory with barriers (tl.split on a layout Triton had to convert). gemv_4bit_row_kernel:
   - reads W as int32 words (8 codes), 16 bytes of one row per lane, the 32 lanes of a warp along K (512
-    contiguous bytes per row and iteration), one row per warp (ROW_BLOCK_N rows per program); for plain
-    weights with K >= 8192, 16 bytes of each of two rows per lane (chunk_bytes=1024: Triton's layout gives
-    each warp two rows), so that one load of x serves both;
+    contiguous bytes per row and iteration), one row per warp (ROW_BLOCK_N rows per program); for K >= 8192,
+    1024 bytes per row and iteration (chunk_bytes=1024: Triton's layout for the [4, 64, 4] tile gives each
+    lane two 16-byte groups of its row, 512 bytes apart, and their x), two loads of W in flight a lane;
   - looks codes up in registers with a warp shuffle (lookup="shuffle"): lane l holds code[l % 16] and
     shfl.sync.idx returns code[nibble] from lane (l & 16) | nibble: one shift and one shuffle per code, the
     exact float32 codebook, no address arithmetic (the lane's entry is chosen inside the same PTX statement:
@@ -69,22 +69,23 @@ On the CPU (Triton's interpreter runs no inline PTX) the same kernel looks codes
 (lookup="memory", also selectable on a GPU) and loads x with tl.load: the same codes, multiplied and added
 in the same order; only the final float32 sum across a program's threads may add in another order.
 Measured (H100 80GB HBM3, triton 3.6, bitsandbytes 0.50.2, bf16, NF4 blocksize 64; GPU time from CUDA-graph
-replays with the L2 flushed, as qlora_ref.bench_gemv reports it; bench/results/gemv-*): 1.36-1.66x bitsandbytes'
-matmul_4bit over the four Llama weights, plain and nested, 1.56x on geometric mean (8192x28672: 0.072 ms, 1.6
-TB/s, against 0.118 ms; nested 0.075 against 0.114 ms; 4096x4096: 7.8 against 12.8 us); at least 1.5x on all but
-8192x8192 nested (26.3 against 35.7 us, 1.36x; 4096x14336 nested: 1.499x). Nested weights make bitsandbytes 4-6%
-faster on the larger weights (an 8-bit absmax code read instead of a float32 absmax) and us slower: their scales
-cost registers, and the two-rows-a-lane loop of the plain weights is then slower than the one-row one (8192x8192
-nested: 27.5 us). The per-weight defaults against the one setting before them (512-byte chunks, everything
-prefetched: 1.38-1.73x, 1.52x on geometric mean in the same run), in us: plain 4096x14336 21.9 -> 20.5,
-8192x8192 25.1 -> 23.7, 8192x28672 77.6 -> 72.1; nested 8192x28672 79.9 -> 75.2; the other weights within the
-noise (one kernel timed twice: up to 5% apart). gemv_4bit_kernel 0.85-1.01x. Same outputs as gemv_4bit_kernel's
-up to float32 summation order; max error 2.1 against bitsandbytes' 2.8-3.1 on 8192x28672.
+replays with the L2 flushed, as qlora_ref.bench_gemv reports it; bench/results/gemv-*): 1.51-1.68x bitsandbytes'
+matmul_4bit over the four Llama weights, plain and nested, 1.59x on geometric mean (8192x28672: 0.072 ms, 1.6
+TB/s, against 0.118 ms; nested 0.072 against 0.113 ms; 4096x4096: 8.3 against 12.9 us); the slowest ratio is
+nested 8192x8192 (23.7 against 35.8 us, 1.51x), then nested 4096x14336 (1.55x). Nested weights make bitsandbytes
+4-6% faster on the larger weights (an 8-bit absmax code read instead of a float32 absmax), and their scales cost
+us instructions and registers (below). The per-weight defaults against the one setting before them (512-byte
+chunks, everything prefetched: 1.30-1.63x, 1.45x on geometric mean in the same run), in us: plain 4096x14336
+25.4 -> 20.2, 8192x8192 28.8 -> 23.6, 8192x28672 89.1 -> 72.1; nested 4096x14336 21.0 -> 20.6, 8192x8192 24.1 ->
+23.7, 8192x28672 77.2 -> 72.1; the 4096x4096 weights within the noise (one kernel timed twice: up to 5% apart).
+gemv_4bit_kernel 0.85-1.01x. Same outputs as gemv_4bit_kernel's up to float32 summation order; max error 2.1
+against bitsandbytes' 2.8-3.1 on 8192x28672.
 What bounds it (Nsight Compute, one row a lane): the L1 / shared-memory pipe, 90% busy, which serves the
-shuffles (2 per byte of W) and the loads of x (4 bytes of bf16 x per byte of W when each lane owns one row). Two
-rows a lane halve the loads of x: 5-7% faster without prefetch (64 registers a thread, 8 programs of 4 warps per
-SM), 14-36% slower with it (72 registers, 7 programs); block_n=8, which also puts two rows in a lane, is twice
-as slow on 8192x28672. lookup="prmt" moves the lookup to the integer pipe instead: a table of fp16 codes in 8
+shuffles (2 per byte of W) and the loads of x (4 bytes of bf16 x per byte of W, each lane's x 64 bytes apart
+from its neighbour's). 1024-byte chunks (two groups of a row a lane, 512 bytes apart) are 5-7% faster without
+prefetch (64 registers a thread, 8 programs of 4 warps per SM), 14-36% slower with it (72 registers, 7
+programs); block_n=8 (two rows a warp, two groups of a row a lane 256 bytes apart) is twice as slow on
+8192x28672. lookup="prmt" moves the lookup to the integer pipe instead: a table of fp16 codes in 8
 registers, 8 codes from 16 byte permutes (prmt) and 8 conversions; that pipe is then 76% busy and the kernel
 ~10% slower (codes rounded to fp16, 2^-12 relative, far below the bf16 rounding of w). Splitting the work
 between the two pipes, exactly: a quarter (or half) of the codes from the float32 codebook as 4 byte planes in
@@ -92,22 +93,30 @@ between the two pipes, exactly: a quarter (or half) of the codes from the float3
 instructions a loop instead of 176, 64 registers instead of 48 (ptxas of triton 3.9), and 2-38% (14-51%) slower:
 not kept. Nor were, all slower or no faster: W two chunks ahead, the scales alone a chunk ahead, L2-only loads
 of W (.cg), registers capped by maxnreg (spills). The nested absmax costs a load of its code, one of its scale
-and a gather from code2 per 16 bytes (ptxas keeps the offset in a register, outside the loop); one absmax per 32
-bytes would need a lane's two groups in one row, where Triton's layout for 1024-byte chunks puts them in two
-(sharing x instead). Why nested 8192x8192 is the slowest case: its 2048 programs of 4 rows fill 1.55 waves of the
-1320 that fit (10 per SM at 48 registers), and Nsight Compute shows the SMs idle for 12% of the kernel (6.5% on
-8192x28672); whole waves run faster per row (nested, K = 8192: 5280 rows 15.3 us, 10560 rows 28.9, 8192 rows 25.5).
-Filling the tail was tried three ways, none faster (bench/results/gemv-experiments-*): programs looping over tiles
+and a gather from code2 per 16 bytes (ptxas keeps the offset in a register, outside the loop); a lane's two groups
+of a 1024-byte chunk lie in two blocks. Registers decide more than instructions here: with block indexes in int64,
+the 1024-byte loop held 76 registers on nested weights (6 programs per SM) and was 10-30% slower than the 512-byte
+one; in int32, 64 (8 per SM) and 1-6% faster (8192x8192 nested: 23.8 against 25.2 us). With the code2 gather
+replaced by a conversion of the code (wrong values, to measure what it costs) it still held 74; with no absmax code
+loaded at all, 64 and 22.5 us (bench/results/gemv-experiments-*). Before that, nested 8192x8192 was the slowest
+case: with 512-byte chunks its 2048 programs of 4 rows fill 1.55 waves of the 1320 that fit (10 per SM at 48
+registers), and Nsight Compute showed the SMs idle for 12% of the kernel (6.5% on 8192x28672); whole waves run
+faster per row (nested, K = 8192: 5280 rows 15.3 us, 10560 rows 28.9, 8192 rows 25.5); at 64 registers the 2048
+programs fill 1.94 waves of 1056. Filling the tail was tried three ways, none faster: programs looping over tiles
 (ptxas then holds 72-96 registers: up to 75% slower; 8192x8192 nested 34.4 us); stream-K, an equal run of (tile,
 chunk) iterations per program, a row split between two programs finished by the second to arrive, which swaps its
 float32 half sum with the first's through an atomic exchange (a + b == b + a: the same y either way; 56 registers:
 at best 26.0 against 26.2 us, slower on the other seven Llama weights); every row split in two halves with that
 exchange (48 registers: 30.3 us, slower on all eight weights: twice the programs, each with its own start and final
-reduction). One float32 sum per 32 values instead of per word: 9% slower on geometric mean. Ways on (not done): a
-per-lane copy of a pair table in shared memory (one lookup per byte, no bank conflicts; Triton does not place such
-tables), a two-rows-a-lane loop for nested weights within 56 registers. For M > 1, gemv_4bit_kernel dequantizes
-each chunk of W once for up to 8 rows (M = 2: on par with bitsandbytes; M = 4: 0.37 vs 0.33 ms on 8192x28672), but
-the per-chunk reductions make M = 8 slow there (bitsandbytes dequantizes and calls cuBLAS).
+reduction). One float32 sum per 32 values instead of per word: 9% slower on geometric mean. The way on, measured
+but not built in (bench/results/gemv-experiments-*): lanes strided over words (lane l: word l of a 32-word run,
+every load of x 512 contiguous bytes) with 8 rows a lane sharing each load of x, all loads inline PTX so that Triton
+keeps that layout: 40 registers, plain weights up to 1.87x bitsandbytes (8192x28672: 62.6 against 117.4 us;
+8192x8192: 20.8 against 37.3; 2 rows a lane on the 4096-row weights), but nested ones slower than now: each word
+then needs its own nested absmax (3 loads), where the 16-byte groups share one per 4 words. For M > 1,
+gemv_4bit_kernel dequantizes each chunk of W once for up to 8 rows (M = 2: on par with bitsandbytes; M = 4: 0.37 vs
+0.33 ms on 8192x28672), but the per-chunk reductions make M = 8 slow there (bitsandbytes dequantizes and calls
+cuBLAS).
 """
 
 
@@ -121,7 +130,7 @@ from .dequantize_4bit import _on
 from .twins import twin
 
 __all__ = ["compile_ahead", "gemv_4bit_kernel", "gemv_4bit_row_kernel", "gemv_4bit_triton", "gemv_config",
-           "gemv_row_config", "row_defaults", "MAX_ROWS"]
+           "gemv_row_config", "row_defaults", "MAX_BLOCKS", "MAX_ROWS"]
 
 try:
     from triton.runtime.interpreter import InterpretedFunction
@@ -129,6 +138,7 @@ except ImportError:  # pragma: no cover
     InterpretedFunction = ()
 
 MAX_ROWS = 8  # rows of x per program; more rows take more programs (grid axis 1), each reading W again
+MAX_BLOCKS = 2**31  # the row kernel's block indexes are int32
 
 # Defaults: the fastest setting of qlora_ref.bench_gemv's sweep on every Llama weight (bench/results/gemv-*.json).
 DEFAULT_BLOCK_N = 8  # output rows per program
@@ -140,8 +150,8 @@ INTERPRETER_BLOCK_N = 64  # CPU tensors (Triton's interpreter): fewer, larger pr
 ROW_BLOCK_N = 4  # rows per program
 ROW_NUM_WARPS = 4
 ROW_CHUNK_BYTES = 512  # bytes of a row per loop iteration: 16 per lane, one row per warp
-WIDE_CHUNK_BYTES = 1024  # 16 bytes of each of two rows per lane, sharing their loads of x
-WIDE_FROM_K = 8192  # plain absmax: WIDE_CHUNK_BYTES, without prefetch, from rows of this many values
+WIDE_CHUNK_BYTES = 1024  # 16 bytes at each of two places in a row per lane, 512 bytes apart
+WIDE_FROM_K = 8192  # WIDE_CHUNK_BYTES, without prefetch, from rows of this many values
 LOOKUPS = {"memory": 0, "shuffle": 1, "prmt": 2}  # how gemv_4bit_row_kernel turns nibbles into codes
 PREFETCHES = {False: 0, True: 1, "weights": 2}  # what gemv_4bit_row_kernel loads one chunk ahead: see row_defaults
 
@@ -555,7 +565,9 @@ def gemv_4bit_row_kernel(
     row_words = K // 8
     words_ptr = packed_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
     row_start = tl.multiple_of(rows64 * row_words, 4)  # [BLOCK_N] first word of each row (16-byte aligned)
-    row_blocks = rows64 * (K // BLOCKSIZE)
+    # Block indexes in int32 (the launcher refuses weights of 2^31 blocks or more): in int64 the nested scales'
+    # index arithmetic held 76 registers a thread in the 1024-byte loop, in int32 64 (8 programs per SM, not 6)
+    row_blocks = tl.where(row_ok, rows, 0) * (K // BLOCKSIZE)
     quad = tl.arange(0, SUB)[:, None] * 4 + tl.arange(0, 4)[None, :]  # [SUB, 4] word within a chunk
     CHUNK: tl.constexpr = SUB * 4
     ASM: tl.constexpr = LOOKUP != 0  # LOOKUP 0: pure Triton, as the interpreter runs it
@@ -634,17 +646,17 @@ def gemv_config(K: int, blocksize: int, block_n=None, chunk_bytes=None, num_warp
 def row_defaults(K: int, nested: bool):
     """(chunk_bytes, prefetch): gemv_4bit_row_kernel's defaults for rows of K values, by qlora_ref.bench_gemv's
     sweep on the Llama weights (GPU time, H100, triton 3.6; bench/results/gemv-*):
-      - plain absmax, K >= WIDE_FROM_K: 1024-byte chunks (each lane 16 bytes of two rows, one load of x for
-        both) and no prefetch: 64 registers a thread, 8 programs of 4 warps per SM; prefetching would hold
-        72 (7 programs) and is 14-36% slower. 5-7% faster than the loop below, but slower on rows of 4096
-        values, 2 such iterations (8.5 against 7.4 us);
-      - plain absmax, shorter rows: 512-byte chunks (one row a lane), W, its scales and x a chunk ahead;
-      - nested absmax: 512-byte chunks, W and its scales a chunk ahead, x (an L1 hit) loaded in its own
-        iteration (prefetch="weights"): with the nested scales a chunk ahead, holding x's as well takes 56
-        registers a thread (9 programs per SM), without them 48 (10); 6% faster on 8192x28672, within the
-        noise on the others.
+      - K >= WIDE_FROM_K: 1024-byte chunks (each lane 16 bytes at two places in its row, 512 bytes apart: two
+        loads of W in flight) and no prefetch: 64 registers a thread, 8 programs of 4 warps per SM; prefetching
+        would hold 72 (7 programs) and is 14-36% slower. Plain absmax: 5-7% faster than the loops below.
+        Nested: 1-6% faster (8192x8192: 23.8 against 25.2 us) since its block indexes are int32; in int64 this
+        loop held 76 registers (6 programs) and was 10-30% slower; but 2-3% slower on a 28672x8192 gate
+        projection, outside the sweep. Slower on rows of 4096 values, 2 such iterations (8.5 against 7.4 us);
+      - plain absmax, shorter rows: 512-byte chunks (one 16-byte group a lane), W, its scales and x a chunk ahead;
+      - nested absmax, shorter rows: 512-byte chunks, W and its scales a chunk ahead, x (an L1 hit) loaded in its
+        own iteration (prefetch="weights"): 48 registers a thread (10 programs per SM), 56 (9) with x's as well.
     """
-    if not nested and K >= WIDE_FROM_K:
+    if K >= WIDE_FROM_K:
         return WIDE_CHUNK_BYTES, False
     return ROW_CHUNK_BYTES, "weights" if nested else True
 
@@ -726,6 +738,9 @@ def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState, *
     if K % state.blocksize:
         raise ValueError(f"gemv_4bit_triton needs K to be a multiple of the blocksize (a block inside one row): "
                          f"K = {K}, blocksize = {state.blocksize}")
+    if N * (K // state.blocksize) >= MAX_BLOCKS:
+        raise ValueError(f"gemv_4bit_triton indexes blocks in int32: a {N} x {K} weight in blocks of {state.blocksize} "
+                         f"has {N * (K // state.blocksize):,}, at most {MAX_BLOCKS - 1:,} are supported")
     if prefetch is not None and prefetch not in PREFETCHES:
         raise ValueError(f"prefetch must be True, False, 'weights' or None, got {prefetch!r}")
     if lookup not in LOOKUPS:
