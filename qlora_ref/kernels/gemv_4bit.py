@@ -561,13 +561,13 @@ def gemv_4bit_row_kernel(
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    rows64 = tl.where(row_ok, rows, 0).to(tl.int64)
+    in_range = tl.where(row_ok, rows, 0)  # rows past N address row 0 (their loads are masked)
     row_words = K // 8
     words_ptr = packed_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-    row_start = tl.multiple_of(rows64 * row_words, 4)  # [BLOCK_N] first word of each row (16-byte aligned)
+    row_start = tl.multiple_of(in_range.to(tl.int64) * row_words, 4)  # [BLOCK_N] each row's first word, 16-byte aligned
     # Block indexes in int32 (the launcher refuses weights of 2^31 blocks or more): in int64 the nested scales'
     # index arithmetic held 76 registers a thread in the 1024-byte loop, in int32 64 (8 programs per SM, not 6)
-    row_blocks = tl.where(row_ok, rows, 0) * (K // BLOCKSIZE)
+    row_blocks = in_range * (K // BLOCKSIZE)
     quad = tl.arange(0, SUB)[:, None] * 4 + tl.arange(0, 4)[None, :]  # [SUB, 4] word within a chunk
     CHUNK: tl.constexpr = SUB * 4
     ASM: tl.constexpr = LOOKUP != 0  # LOOKUP 0: pure Triton, as the interpreter runs it
@@ -738,9 +738,10 @@ def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState, *
     if K % state.blocksize:
         raise ValueError(f"gemv_4bit_triton needs K to be a multiple of the blocksize (a block inside one row): "
                          f"K = {K}, blocksize = {state.blocksize}")
-    if N * (K // state.blocksize) >= MAX_BLOCKS:
+    blocks = N * (K // state.blocksize)
+    if blocks >= MAX_BLOCKS:
         raise ValueError(f"gemv_4bit_triton indexes blocks in int32: a {N} x {K} weight in blocks of {state.blocksize} "
-                         f"has {N * (K // state.blocksize):,}, at most {MAX_BLOCKS - 1:,} are supported")
+                         f"has {blocks:,}, at most {MAX_BLOCKS - 1:,} are supported")
     if prefetch is not None and prefetch not in PREFETCHES:
         raise ValueError(f"prefetch must be True, False, 'weights' or None, got {prefetch!r}")
     if lookup not in LOOKUPS:
