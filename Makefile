@@ -2,13 +2,15 @@
 # make test       every test: pytest tests/ + strict nbval over notebooks/
 # make notebooks  re-execute the notebooks in place (after editing a lesson)
 # make exercises  re-execute solutions/ and regenerate exercises/ from them
-# Each target first sets up .venv if needed: nothing else to install by hand.
+# make lock       regenerate requirements.lock, requirements-uv.lock and environment.yml (tools/lock.py)
+# Each target first sets up .venv if needed, from the lock: nothing else to install by hand.
 
 SHELL := /bin/bash
 
 PYTHON ?= python3
 VENV ?= .venv
 # Used only when $(PYTHON) cannot import torch; an importable torch is reused via --system-site-packages.
+# tools/lock.py resolves the lock for this torch (tests/test_environment.py checks they agree).
 TORCH_SPEC ?= torch==2.13.0
 # e.g. make test TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cpu'
 TORCH_PIP_ARGS ?=
@@ -22,6 +24,8 @@ PIP := $(VPY) -m pip --disable-pip-version-check
 # -qq: errors only (pip's warnings about unusable extra indexes, progress bars). PIP_QUIET= to see everything.
 PIP_QUIET ?= -qq
 STAMP := $(VENV)/.installed
+UV := $(VENV)/bin/uv
+UV_QUIET := $(if $(PIP_QUIET),--quiet)
 
 # The kernel's environment, the same for `make notebooks` (which writes the outputs), `make test` (which
 # compares them) and `make lab`. tools/run_notebooks.py sets the same; tests/test_notebook_sources.py checks.
@@ -34,7 +38,7 @@ NBVAL_ARGS := --nbval --nbval-current-env --nbval-cell-timeout=600 \
 	--nbval-sanitize-with notebooks/nbval_sanitize.cfg
 
 .DEFAULT_GOAL := help
-.PHONY: help lab test notebooks exercises venv clean
+.PHONY: help lab test notebooks exercises lock venv clean
 
 help:
 	@sed -n 's/^# \(make .*\)/\1/p' $(firstword $(MAKEFILE_LIST))
@@ -58,6 +62,9 @@ notebooks: $(STAMP)
 exercises: $(STAMP)
 	@$(VPY) tools/make_exercises.py --execute $(NB)
 
+lock: $(STAMP)
+	@$(VPY) tools/lock.py
+
 venv: $(STAMP)
 	@:
 
@@ -79,10 +86,14 @@ $(VENV)/.torch:
 	fi
 	@touch $@
 
-# Everything else; redone when pyproject.toml changes.
-$(STAMP): pyproject.toml $(VENV)/.torch
-	@echo "make: installing qlora_ref and its dependencies into $(VENV) (a few minutes the first time)"
-	@$(PIP) install $(PIP_QUIET) -e '.[test,lab]'
+# Everything else, from the lock; redone when the lock changes. pip installs uv (pinned, hash-checked), uv
+# installs the locked packages exactly (--no-deps: the lock is complete; --require-hashes: nothing else is
+# accepted), then the course itself in editable mode.
+$(STAMP): pyproject.toml requirements.lock requirements-uv.lock $(VENV)/.torch
+	@echo "make: installing qlora_ref and the locked packages into $(VENV)"
+	@$(PIP) install $(PIP_QUIET) --no-deps --require-hashes -r requirements-uv.lock
+	@$(UV) pip install $(UV_QUIET) --python $(VPY) --no-deps --require-hashes -r requirements.lock
+	@$(UV) pip install $(UV_QUIET) --python $(VPY) --no-deps --no-build-isolation -e .
 	@touch $@
 
 clean:

@@ -1,115 +1,142 @@
-"""pyproject.toml and environment.yml must list the same packages with the same pins.
+"""pyproject.toml, the lock (requirements.lock) and environment.yml must agree, and the Makefile must use the lock.
 
-Compared: pyproject's runtime dependencies + `test` + `lab` extras against environment.yml's conda and pip
-dependencies (python, pip and the `-e .` line excluded). conda's `pytorch` counts as pip's `torch`.
+- Every requirement of pyproject.toml (runtime, `test`, `lab`, `hf`) but torch is in the lock, at a version it
+  admits; the lock records a digest of those requirements, so editing them without `make lock` fails here.
+- torch is not in the lock (it is installed first, or reused), and the lock was resolved for the Makefile's torch.
+- environment.yml pins exactly the lock's packages for its Python, plus that torch.
 """
 
+import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
-tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python >= 3.11")
+from qlora_ref.environment import lock_differences, locked_pins
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRAS = ("test", "lab")
-CONDA_TO_PIP = {"pytorch": "torch"}  # conda package name -> pip distribution name
-NOT_PACKAGES = {"python", "pip"}  # environment plumbing, not course dependencies
-
-_REQ = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*(.*?)\s*$")
+spec = importlib.util.spec_from_file_location("lock", ROOT / "tools" / "lock.py")
+lock = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lock)
 
 
-def _normalise_name(name):
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def _split(requirement):
-    """'bitsandbytes==0.50.2 ; python_version>"3"' -> ('bitsandbytes', '==0.50.2')"""
-    requirement = requirement.split(";", 1)[0].split("#", 1)[0]
-    match = _REQ.match(requirement)
-    assert match, f"cannot parse requirement {requirement!r}"
-    name, spec = match.groups()
-    return _normalise_name(name), spec.replace(" ", "")
-
-
-def _add(found, requirement, where):
-    name, spec = _split(requirement)
-    if name in found and found[name][0] != spec:
-        pytest.fail(f"{name} is pinned two ways: {found[name][0]!r} ({found[name][1]}) and {spec!r} ({where})")
-    found[name] = (spec, where)
+def pinned():
+    """{canonical name: [(version, marker)]} of requirements.lock."""
+    pins = {}
+    for name, version, marker in locked_pins(lock.LOCK):
+        pins.setdefault(canonicalize_name(name), []).append((version, marker))
+    return pins
 
 
 def pyproject_requirements():
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    found = {}
-    for req in project["dependencies"]:
-        _add(found, req, "dependencies")
-    for extra in EXTRAS:
-        for req in project["optional-dependencies"][extra]:
-            _add(found, req, f"extra {extra!r}")
-    return {name: spec for name, (spec, _) in found.items()}
-
-
-def environment_yml_requirements():
-    """Parse the `dependencies:` list of environment.yml (flat list plus one `- pip:` sublist) by hand.
-
-    This keeps pyyaml out of the dependencies. The parser is strict: anything it does not
-    understand under `dependencies:` fails the test instead of being skipped.
-    """
-    found = {}
-    in_deps = False
-    pip_indent = None  # indentation of the `- pip:` item while inside its sublist
-    for lineno, raw in enumerate((ROOT / "environment.yml").read_text().splitlines(), 1):
-        line = raw.split(" #", 1)[0].rstrip() if not raw.lstrip().startswith("#") else ""
-        if not line.strip():
-            continue
-        indent = len(line) - len(line.lstrip())
-        if indent == 0:
-            in_deps = line == "dependencies:"
-            pip_indent = None
-            continue
-        if not in_deps:
-            continue
-        item = re.match(r"^(\s*)-\s+(.*)$", line)
-        assert item, f"environment.yml:{lineno}: expected a '- package' item, got {raw!r}"
-        item_indent, value = len(item.group(1)), item.group(2).strip().strip("'\"")
-        if pip_indent is not None and item_indent <= pip_indent:
-            pip_indent = None  # left the pip sublist
-        if value == "pip:":
-            pip_indent = item_indent
-            continue
-        if pip_indent is not None:
-            if value.startswith("-"):  # pip options such as `-e .`
-                continue
-        else:
-            value = value.split("::", 1)[-1]  # channel::package
-        name, spec = _split(value)
-        name = CONDA_TO_PIP.get(name, name)
-        if name in NOT_PACKAGES:
-            continue
-        assert name not in found, f"environment.yml lists {name} twice"
-        found[name] = spec
-    assert found, "environment.yml: no dependencies found"
+    project = lock.pyproject()["project"]
+    found = [Requirement(r) for r in project["dependencies"]]
+    for extra in lock.EXTRAS:
+        found += [Requirement(r) for r in project["optional-dependencies"][extra]]
     return found
 
 
-def test_environment_yml_name():
+def environment_yml_pins():
+    """{canonical name: version} of environment.yml's pip list, and its conda Python."""
     text = (ROOT / "environment.yml").read_text()
-    assert re.search(r"^name:\s*qlora-course\s*$", text, re.MULTILINE), "environment.yml must be named qlora-course"
+    python = re.search(r"^  - python=(\S+)$", text, re.MULTILINE).group(1)
+    pins = {}
+    for line in re.findall(r"^      - (.+)$", text, re.MULTILINE):
+        line = line.strip('"')
+        if line == "-e .":
+            continue
+        requirement = Requirement(line)
+        (specifier,) = requirement.specifier
+        assert specifier.operator == "==", f"environment.yml: {line!r} is not a pin"
+        name = canonicalize_name(requirement.name)
+        assert name not in pins, f"environment.yml pins {name} twice"
+        pins[name] = specifier.version
+    return pins, python
 
 
-def test_pyproject_and_environment_yml_list_the_same_packages():
-    pyproject = pyproject_requirements()
-    conda = environment_yml_requirements()
+def test_the_lock_was_made_from_this_pyproject():
+    recorded = re.search(r"^# pyproject requirements sha256: (\w+)$", lock.LOCK.read_text(), re.MULTILINE)
+    assert recorded, "requirements.lock has no pyproject digest: regenerate it with `make lock`"
+    assert recorded.group(1) == lock.pyproject_digest(), (
+        "pyproject.toml's requirements changed since requirements.lock was written: run `make lock`"
+    )
+
+
+def test_every_requirement_is_locked_at_a_version_it_admits():
+    pins = pinned()
     problems = []
-    for name in sorted(set(pyproject) - set(conda)):
-        problems.append(f"  only in pyproject.toml:  {name}{pyproject[name]}")
-    for name in sorted(set(conda) - set(pyproject)):
-        problems.append(f"  only in environment.yml: {name}{conda[name]}")
-    for name in sorted(set(pyproject) & set(conda)):
-        if pyproject[name] != conda[name]:
-            problems.append(
-                f"  different pins for {name}: pyproject.toml {pyproject[name] or '(none)'!r}, "
-                f"environment.yml {conda[name] or '(none)'!r}"
-            )
-    assert not problems, "pyproject.toml and environment.yml disagree:\n" + "\n".join(problems)
+    for requirement in pyproject_requirements():
+        name = canonicalize_name(requirement.name)
+        if name == "torch":
+            continue
+        if name not in pins:
+            problems.append(f"{requirement} is not in requirements.lock")
+        for version, _ in pins.get(name, []):
+            if not requirement.specifier.contains(version, prereleases=True):
+                problems.append(f"{requirement}: the lock has {version}")
+    assert not problems, "pyproject.toml and requirements.lock disagree (run `make lock`):\n" + "\n".join(problems)
+
+
+def test_every_pin_has_hashes_and_torch_is_left_to_the_makefile():
+    text = lock.LOCK.read_text()
+    pins = pinned()
+    assert pins, "requirements.lock pins nothing"
+    assert "torch" not in pins and not any(name.startswith(("nvidia-", "cuda-")) for name in pins)
+    blocks = re.split(r"\n(?=[A-Za-z0-9])", text.split("\n", 3)[3])
+    unhashed = [block.split()[0] for block in blocks if "--hash=sha256:" not in block]
+    assert not unhashed, f"pins without hashes: {unhashed}"
+    torch_spec = re.search(r"^TORCH_SPEC \?= torch==(\S+)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert torch_spec and torch_spec.group(1) == lock.TORCH, "the Makefile installs another torch than the lock assumes"
+    assert f"torch {lock.TORCH} assumed" in text
+
+
+def test_environment_yml_pins_the_lock_for_its_python():
+    env_pins, python = environment_yml_pins()
+    assert python == lock.CONDA_PYTHON
+    expected = {canonicalize_name(name): version for name, version, marker in locked_pins(lock.LOCK)
+                if lock.for_python(marker, python)}
+    expected["torch"] = lock.TORCH
+    assert env_pins == expected, (
+        "environment.yml and requirements.lock disagree (run `make lock`): "
+        f"only in environment.yml {sorted(set(env_pins) - set(expected))}, "
+        f"only in the lock {sorted(set(expected) - set(env_pins))}, "
+        f"different {sorted(n for n in set(env_pins) & set(expected) if env_pins[n] != expected[n])}"
+    )
+
+
+def test_the_makefile_installs_from_the_lock_with_hashes():
+    makefile = (ROOT / "Makefile").read_text()
+    assert "--require-hashes -r requirements.lock" in makefile
+    assert "--require-hashes -r requirements-uv.lock" in makefile
+    assert "-e '.[test,lab]'" not in makefile, "the Makefile must not resolve the dependencies afresh"
+
+
+@pytest.mark.skipif(not (ROOT / ".venv" / ".installed").exists() or Path(sys.prefix).resolve() != (ROOT / ".venv").resolve(),
+                    reason="checks the venv that `make` built")
+def test_the_venv_has_the_locked_versions():
+    wrong = lock_differences(lock.LOCK)
+    assert not wrong, "the venv differs from requirements.lock:\n" + "\n".join(wrong)
+
+
+def test_lock_differences_names_a_wrong_version_a_missing_package_and_skips_other_platforms(tmp_path):
+    from importlib.metadata import PackageNotFoundError
+
+    fake = tmp_path / "requirements.lock"
+    fake.write_text("# a header\nnumpy==2.4.6 \\\n    --hash=sha256:00 \\\n    # via qlora-ref\n"
+                    "colorama==0.4.6 ; sys_platform == 'win32' \\\n    --hash=sha256:11\nsix==1.17.0 \\\n"
+                    "    --hash=sha256:22\n")
+    versions = {"numpy": "2.3.0", "colorama": "0.1"}
+
+    def installed(name):
+        if name not in versions:
+            raise PackageNotFoundError(name)
+        return versions[name]
+
+    assert locked_pins(fake) == [("numpy", "2.4.6", None), ("colorama", "0.4.6", "sys_platform == 'win32'"),
+                                 ("six", "1.17.0", None)]
+    assert lock_differences(fake, installed, {"sys_platform": "linux"}) == [
+        "numpy 2.3.0, the lock has 2.4.6", "six is not installed, the lock has 1.17.0"]
+    assert lock_differences(fake, installed, {"sys_platform": "win32"})[1] == "colorama 0.1, the lock has 0.4.6"
