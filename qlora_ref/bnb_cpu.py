@@ -1,0 +1,106 @@
+"""What bitsandbytes 0.50.2 computes on this CPU: its CPU backend takes other paths by CPU feature.
+
+"bitsandbytes' result on a CPU" is not one thing. Read from bitsandbytes/backends/cpu/ops.py and
+csrc/cpu_ops.cpp, the paths that matter to the course:
+
+    operation            taken when                                       what it computes
+    quantize_4bit        always                                           PyTorch: the same bytes on every CPU
+    dequantize_4bit      the last dimension is odd, or blocksize >= 2048   "portable": PyTorch, with bitsandbytes'
+                         and torch's CPU capability is AVX512               Python tables (FP4's code 8 is +0.0)
+                         x86 with AVX-512F (the C++ library's own CPUID    "avx512": rows of a multiple of 16 values;
+                         check), the last dimension a multiple of 16        each row's scales are read as if every
+                                                                            row began a new block (see below); FP4's
+                                                                            code 8 is +0.0
+                         aarch64, rows of whole blocks                     "neon": right values; FP4's code 8 is +0.0
+                         anything else                                     "scalar": one loop over flat blocks: our
+                                                                            values, bit for bit (FP4's code 8: -0.0)
+    Linear4bit forward   training, or x requires grad                      dequantize_4bit as above, then F.linear:
+                                                                            the decoder's mistakes are the layer's
+                         inference (eval, no grad) on AVX512-BF16          the weight is repacked for a fused bfloat16
+                                                                            kernel (x and absmax cast to bfloat16); the
+                                                                            repacking fails unless in_features is a
+                                                                            whole number of blocks
+    import               AVX512-BF16                                       tries to fetch that kernel from the Hugging
+                                                                            Face hub (the `kernels` package) and logs
+                                                                            a warning when it cannot
+
+The AVX-512 loop's mistake: value j of row r (rows of n values) belongs to block (r*n + j) // B, but the loop
+reads absmax[r * (n // B) + j // B]. The two agree only when n is a whole number of blocks (or there is one
+row): rows of 96 or 160 values at B = 64 decode with other blocks' scales, from bytes equal to ours.
+
+So the lessons check our values against `dequantize_4bit_portable`, the path that computes the same on every
+CPU, and `dequantize_4bit_path` says which path bitsandbytes' own `dequantize_4bit` takes here.
+"""
+
+import platform
+from math import prod
+
+import torch
+
+__all__ = ["avx512_reads_wrong_scales", "cpu_features", "decoder_rows", "dequantize_4bit_path", "dequantize_4bit_portable"]
+
+
+def cpu_features() -> dict:
+    """The checks bitsandbytes' CPU backend makes, as it makes them: {"avx512f", "avx512bf16", "torch"}.
+
+    avx512f and avx512bf16 are the C++ library's own CPUID answers; "torch" is
+    torch.backends.cpu.get_cpu_capability() (ATEN_CPU_CAPABILITY=avx2 lowers it, and it alone).
+    """
+    from bitsandbytes.cextension import lib
+
+    def ask(name):
+        try:
+            return bool(getattr(lib, name)())
+        except (AttributeError, OSError, RuntimeError):  # no such symbol: an ARM or a library-less build
+            return False
+
+    return {
+        "machine": platform.machine(),
+        "avx512f": ask("has_avx512f_cpu"),
+        "avx512bf16": ask("has_avx512bf16_cpu"),
+        "torch": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
+def decoder_rows(shape):
+    """(rows, values a row) as bitsandbytes' C++ decoder sees a shape: a 1-D tensor is one row."""
+    return prod(shape[:-1]) if len(shape) > 1 else 1, shape[-1]
+
+
+def dequantize_4bit_path(shape, blocksize: int) -> str:
+    """Which path bitsandbytes' CPU dequantize_4bit takes here for a weight of this shape:
+    "portable", "avx512", "neon" or "scalar" (the table in this module's docstring)."""
+    _, n = decoder_rows(shape)
+    features = cpu_features()
+    if n % 2 or (blocksize >= 2048 and features["torch"] == "AVX512"):
+        return "portable"
+    if features["machine"] in ("aarch64", "arm64"):
+        return "neon" if n % blocksize == 0 else "scalar"
+    if features["avx512f"] and n % 16 == 0 and blocksize >= 16:
+        return "avx512"
+    return "scalar"
+
+
+def avx512_reads_wrong_scales(shape, blocksize: int) -> bool:
+    """Whether the AVX-512 loop reads other blocks' scales for this shape: several rows, not whole blocks."""
+    m, n = decoder_rows(shape)
+    return m > 1 and n % blocksize != 0
+
+
+def dequantize_4bit_portable(packed: torch.Tensor, quant_state) -> torch.Tensor:
+    """bitsandbytes' own portable 4-bit decoder (backends/default/ops.py), on bitsandbytes' QuantState.
+
+    The path its CPU backend falls back to; plain PyTorch, so it computes the same on every CPU:
+    code[q] * absmax in float32, then the cast. Its FP4 table has +0.0 at code 8 (ours, like its scalar C++ loop and
+    its CUDA kernel, -0.0), so FP4 zeros differ from ours in sign only.
+    """
+    import bitsandbytes.functional as bnbF
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    absmax = quant_state.absmax
+    if quant_state.nested:  # as bitsandbytes.functional.dequantize_4bit rebuilds it
+        absmax = (bnbF.dequantize_blockwise(quant_state.absmax, quant_state.state2) + quant_state.offset).float()
+    code = _get_4bit_code(quant_state.quant_type, packed.device)
+    return _dequantize_4bit_compute(packed.view(torch.uint8).reshape(-1), absmax, code, quant_state.blocksize,
+                                    quant_state.shape, quant_state.dtype)
