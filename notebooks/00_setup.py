@@ -13,8 +13,11 @@
 #
 # **Prerequisites:** Python and PyTorch basics. No GPU is needed: every lesson also runs on a CPU.
 #
-# **Install, locally:** `conda env create -f environment.yml && conda activate qlora-course`, or
-# `pip install -e ".[test,lab]"` in the repository root. Then open this notebook from `notebooks/`.
+# **Install, locally:** `make lab` in the repository root sets everything up and opens JupyterLab; `make test`
+# runs the course's own checks. Both install exactly the versions in `requirements.lock` (one version of every
+# package, with its hash), so that your outputs are the ones printed here. With conda: `conda env create -f
+# environment.yml && conda activate qlora-course` installs the same versions. Then open this notebook from
+# `notebooks/`.
 #
 # **Install, on Colab:** open the notebook with the *Open in Colab* badge above, pick *Runtime → Change runtime
 # type → T4 GPU*, and run the first code cell. On Colab only, it clones the course into `/content/qlora-course`,
@@ -23,11 +26,15 @@
 # by itself. Section 5 lists what can go wrong, and the fix.
 
 # %%
+import logging
 import os
 import sys
 
 # Before importing torch: bitsandbytes would otherwise torch.compile its CPU code paths, which is slow.
 os.environ["TORCH_COMPILE_DISABLE"] = "1"
+# bitsandbytes, imported on a CPU with AVX512-BF16, tries to fetch a kernel from the Hugging Face hub and logs a
+# warning to stderr when it cannot. The course runs offline: that logger is kept quiet (lesson 0, section 4).
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 IN_COLAB = "google.colab" in sys.modules
 if IN_COLAB:  # clone the course and install it next to Colab's own torch (lesson 0, "Troubleshooting")
@@ -56,15 +63,19 @@ _ = torch.manual_seed(0)  # `_ =` keeps the generator's repr (a memory address) 
 # ## 1. Versions
 #
 # This cell's output depends on your machine, so the course's automatic checks ignore it (it starts with
-# `# NBVAL_IGNORE_OUTPUT`). Paste it into any bug report. The course pins only bitsandbytes (0.50.2: the
-# lessons check our code against it byte for byte); the other packages are unpinned.
+# `# NBVAL_IGNORE_OUTPUT`). Paste it into any bug report. The course's outputs were recorded with the versions in
+# `requirements.lock`; the last line lists every installed package that differs from it (Colab's own torch,
+# numpy and friends will: torch is not in the lock, and a line may then print differently from the one stored).
 
 # %%
 # NBVAL_IGNORE_OUTPUT
 import platform
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
-print(f"[{'OK' if sys.version_info >= (3, 10) else 'FAIL'}] python {platform.python_version()} (the course needs >= 3.10)")
+from qlora_ref.environment import lock_differences, locked_pins
+
+print(f"[{'OK' if sys.version_info >= (3, 11) else 'FAIL'}] python {platform.python_version()} (the course needs >= 3.11)")
 
 PINNED = {"bitsandbytes": "0.50.2"}
 OPTIONAL = {"triton"}  # the Triton lessons need it; lessons 0-4 do not
@@ -77,6 +88,14 @@ for package in ["torch", "bitsandbytes", "triton", "numpy", "scipy", "matplotlib
     wanted = PINNED.get(package)
     status = "OK" if wanted is None or installed == wanted else "FAIL"
     print(f"[{status}] {package} {installed}" + (f" (the course pins {wanted})" if wanted else ""))
+
+LOCK = Path("..") / "requirements.lock"  # the lessons run from notebooks/
+if LOCK.exists():
+    differences = lock_differences(LOCK)
+    print(f"[{'--' if differences else 'OK'}] {len(locked_pins(LOCK))} locked packages:",
+          "; ".join(differences) if differences else "every one at its locked version")
+else:
+    print(f"[--] no {LOCK}: the course is not installed from a clone")
 
 # %% [markdown]
 # ## 2. The device, and the compute dtype that goes with it
@@ -150,8 +169,17 @@ if triton is not None:
 # `qlora_ref` is this course's own implementation of QLoRA's quantization, written from the papers and
 # checked against bitsandbytes 0.50.2. To see at a glance whether two tensors match we use a tiny helper,
 # `compare(name, ours, reference)`, in the spirit of the `cmp` helper of Karpathy's *makemore* lectures.
-# It prints one line: **exact** (every value equal), **close** (equal up to a few float32 rounding steps,
-# with the largest difference) or **DIFFERENT** (how many values differ, and the first one).
+# It prints one line, and the line says which claim was made:
+#
+# - by default, **equality**: **exact** (every value equal, and every zero of the same sign) or **DIFFERENT**
+#   (how many values differ, and the first one);
+# - given a tolerance (`rtol`, `atol`), **closeness**: **close** when every value is within
+#   `atol + rtol·|reference|`, the same line whether or not the two happen to be equal, or DIFFERENT.
+#
+# Why not print how far apart two close tensors are? A sum of float32 products comes out a few rounding steps
+# apart on another CPU, with another number of threads, or with another BLAS library, and every printed line
+# that the course's checks compare must read the same on every machine. So a lesson claims exactness where the
+# arithmetic is the same everywhere (a table lookup, one product, a cast), and states a tolerance elsewhere.
 
 # %%
 import bitsandbytes as bnb
@@ -159,8 +187,9 @@ import bitsandbytes.functional as bnbF
 
 compare("NF4 table", qlora_ref.nf4_codebook(), bnbF.get_4bit_type("nf4", device="cpu"))
 compare("a near miss", torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0 + 2e-7]))
+compare("a near miss, within float32 rounding", torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0 + 2e-7]), rtol=1e-6)
 # compare() also returns its line; `_ =` keeps Jupyter from echoing it a second time.
-_ = compare("a real miss", torch.tensor([0.12, 0.5]), torch.tensor([0.13, 0.5]))
+_ = compare("a real miss", torch.tensor([0.12, 0.5]), torch.tensor([0.13, 0.5]), rtol=1e-6)
 
 # %% [markdown]
 # Now the self-check. Every line below must say `[OK]` on every machine: it runs on CPU tensors, where
@@ -195,6 +224,53 @@ for double_quant in (False, True):
     )
 
 # %% [markdown]
+# ### bitsandbytes computes differently on different CPUs
+#
+# bitsandbytes' CPU backend picks its code by what the CPU can do (`qlora_ref/bnb_cpu.py` lists the paths, from
+# bitsandbytes' own source). Quantizing is the same PyTorch code everywhere: the bytes above are equal on every
+# machine. Dequantizing 4-bit codes has four paths: a scalar loop; a loop in AVX-512 instructions, which x86 CPUs
+# that have them take when a row is a multiple of 16 values; a NEON loop on ARM; and a portable PyTorch version,
+# taken for odd rows. They agree but for two things: the sign of FP4's zero (lesson 2), and a mistake in the
+# AVX-512 loop, which reads each row's scales as if every row began a new block of 64. A weight whose rows are
+# 96 or 160 values long then decodes with other blocks' scales. (The self-check above uses rows of 100 values,
+# which every CPU decodes with the scalar loop.)
+#
+# Which path does each kind of CPU take?
+
+# %%
+from qlora_ref import bnb_cpu
+
+CPUS = {  # what bitsandbytes' checks answer on three kinds of CPU
+    "x86 with AVX-512": {"machine": "x86_64", "avx512f": True, "avx512bf16": True, "torch": "AVX512"},
+    "x86 with AVX2": {"machine": "x86_64", "avx512f": False, "avx512bf16": False, "torch": "AVX2"},
+    "ARM": {"machine": "aarch64", "avx512f": False, "avx512bf16": False, "torch": "DEFAULT"},
+}
+SHAPES = [(4096, 4096), (64, 100), (128, 160), (3, 333)]
+print(f"{'weight':>12}" + "".join(f"{cpu:>20}" for cpu in CPUS))
+for shape in SHAPES:
+    paths = [bnb_cpu.dequantize_4bit_path(shape, 64, features) for features in CPUS.values()]
+    wrong = [" (misread)" if path == "avx512" and bnb_cpu.avx512_reads_wrong_scales(shape, 64) else "" for path in paths]
+    print(f"{str(shape):>12}" + "".join(f"{path + note:>20}" for path, note in zip(paths, wrong)))
+
+# %% [markdown]
+# So "bitsandbytes' values" depend on the CPU. Where a lesson compares dequantized values with bitsandbytes in a
+# checked cell, it uses the portable path, `bnb_cpu.dequantize_4bit_portable`: bitsandbytes' own code, the same on
+# every CPU. Where bitsandbytes' native decoder differs on your CPU, the lesson says so in a cell that the
+# automatic checks ignore, like this one, which asks this machine:
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+features = bnb_cpu.cpu_features()
+print(f"this CPU: {features['machine']}, AVX-512F {'yes' if features['avx512f'] else 'no'}, "
+      f"AVX512-BF16 {'yes' if features['avx512bf16'] else 'no'}, torch's CPU capability {features['torch']}")
+print(bnb_cpu.native_decoder_report(torch.randn(128, 96, generator=torch.Generator().manual_seed(0))))
+
+# %% [markdown]
+# One more thing bitsandbytes does by CPU: imported on a CPU with AVX512-BF16 (recent Xeons and EPYCs), it tries to
+# fetch a faster CPU kernel from the Hugging Face hub through the `kernels` package, and logs a warning to stderr
+# when it cannot. The course runs offline and does not install that package, so the attempt always fails; every
+# lesson's first cell keeps that one logger quiet, so that nothing lands on stderr.
+#
 # ## 5. Troubleshooting
 #
 # The usual problems, each with its fix: a Colab notebook without a GPU runtime; a T4, which has no bfloat16
@@ -217,8 +293,8 @@ def troubleshoot(python, torch_version, triton_version, gpu, in_colab):
     (triton None when it is not installed), gpu None or (name, (major, minor) compute capability), in_colab."""
     new_runtime = "use Colab's latest runtime" if in_colab else "upgrade it"
     lines = []
-    ok = python >= (3, 10)
-    fix = "" if ok else f": the course needs 3.10 or newer; {new_runtime}"
+    ok = python >= (3, 11)
+    fix = "" if ok else f": the course needs 3.11 or newer; {new_runtime}"
     lines.append(f"[{'OK' if ok else 'FAIL'}] python {python[0]}.{python[1]}{fix}")
     ok = TORCH_FOR_BNB.contains(torch_version.split("+")[0])  # "2.8.0+cu126": the local label is not a version
     fix = "" if ok else f": bitsandbytes 0.50.2 needs torch {TORCH_FOR_BNB}; {new_runtime}"
@@ -245,7 +321,7 @@ T4 = ("Tesla T4", (7, 5))
 EXAMPLES = {  # made-up environments, one per problem
     "Colab with a T4": dict(python=(3, 12), torch_version="2.8.0+cu126", triton_version="3.4.0", gpu=T4, in_colab=True),
     "Colab without a GPU runtime": dict(python=(3, 12), torch_version="2.8.0+cu126", triton_version="3.4.0", gpu=None, in_colab=True),
-    "an old runtime": dict(python=(3, 9), torch_version="2.3.1+cu121", triton_version="2.3.1", gpu=T4, in_colab=True),
+    "an old runtime": dict(python=(3, 10), torch_version="2.3.1+cu121", triton_version="2.3.1", gpu=T4, in_colab=True),
     "a laptop without triton": dict(python=(3, 11), torch_version="2.13.0", triton_version=None, gpu=None, in_colab=False),
     "an H100": dict(python=(3, 11), torch_version="2.13.0+cu130", triton_version="3.9.0", gpu=("NVIDIA H100 80GB HBM3", (9, 0)),
                     in_colab=False),
@@ -267,12 +343,16 @@ for line in troubleshoot(sys.version_info[:2], torch.__version__, triton.__versi
 # %% [markdown]
 # ## Summary
 #
-# - Install with conda (`environment.yml`) or pip (`pip install -e ".[test,lab]"`); on Colab open a lesson with
-#   its badge, pick a T4 runtime and run the first cell, which installs the course next to Colab's torch.
+# - Install with `make lab` (or conda's `environment.yml`): both install the versions of `requirements.lock`; on
+#   Colab open a lesson with its badge, pick a T4 runtime and run the first cell, which installs the course next
+#   to Colab's torch.
 # - One line picks the device (CUDA if there is one, else the CPU) and one the compute dtype: bfloat16,
 #   except float16 on GPUs older than sm_80 such as the T4. Do not trust `is_bf16_supported()` alone.
 # - Triton kernels run on a CPU through the interpreter, `TRITON_INTERPRET=1`.
-# - `compare(name, ours, reference)` says exact / close / DIFFERENT; the self-check above must be all `[OK]`.
+# - `compare(name, ours, reference)` says exact / DIFFERENT, or close / DIFFERENT when given a tolerance; the
+#   self-check above must be all `[OK]`.
+# - bitsandbytes decodes 4-bit weights with other code on other CPUs, and its AVX-512 loop misreads the scales of
+#   rows that are not whole blocks: the lessons check against its portable path, the same on every CPU.
 # - `troubleshoot` names the usual problems (no GPU runtime, a T4 without bfloat16, an old Python or torch,
 #   triton missing) and their fix.
 #
@@ -281,6 +361,8 @@ for line in troubleshoot(sys.version_info[:2], torch.__version__, triton.__versi
 # 1. Why does the version cell start with `# NBVAL_IGNORE_OUTPUT`, but the self-check cell does not?
 # 2. On a T4, `torch.cuda.is_bf16_supported()` returns True. What does it actually check, and which dtype
 #    should a QLoRA run on a T4 compute in?
-# 3. `compare` reports "close, max |diff| 2.4e-07" for two float32 tensors of values near 1. Is that a bug
-#    in our code? (Hint: how far apart are neighbouring float32 numbers near 1?)
-# 4. Why can a Triton kernel be tested on a laptop without a GPU, and what does it cost?
+# 3. Two float32 tensors of values near 1 differ by at most 2.4e-07. Is that a bug in our code? Which `rtol`
+#    would you state, and why not claim exactness? (Hint: how far apart are neighbouring float32 numbers near 1?)
+# 4. Your CPU has AVX-512 and bitsandbytes decodes a weight of shape (128, 160) differently from ours, from
+#    the same bytes. Whose values are right, and how would you show it?
+# 5. Why can a Triton kernel be tested on a laptop without a GPU, and what does it cost?

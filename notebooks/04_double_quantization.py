@@ -24,11 +24,15 @@
 # arXiv:2110.02861).
 
 # %%
+import logging
 import os
 import sys
 
 # Before importing torch: bitsandbytes would otherwise torch.compile its CPU code paths, which is slow.
 os.environ["TORCH_COMPILE_DISABLE"] = "1"
+# bitsandbytes, imported on a CPU with AVX512-BF16, tries to fetch a kernel from the Hugging Face hub and logs a
+# warning to stderr when it cannot. The course runs offline: that logger is kept quiet (lesson 0, section 4).
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 IN_COLAB = "google.colab" in sys.modules
 if IN_COLAB:  # clone the course and install it next to Colab's own torch (lesson 0, "Troubleshooting")
@@ -54,6 +58,7 @@ import torch
 from IPython.display import display
 
 from qlora_ref import (
+    bnb_cpu,
     constant_bits_per_parameter,
     constants_memory_table,
     dequantize_4bit,
@@ -87,7 +92,10 @@ print("torch", torch.__version__, "| bitsandbytes", bitsandbytes.__version__)
 # of 64 as in lesson 3:
 
 # %%
-W = torch.randn(4096, 4096, generator=gen)
+# Drawn in float64, then rounded to float32: torch's float32 randn computes its logarithms and cosines with
+# vector instructions on x86 and without them elsewhere, so its last bits differ by CPU; the counts of codes
+# printed below would differ with them.
+W = torch.randn(4096, 4096, generator=gen, dtype=torch.float64).float()
 packed, state = quantize_4bit(W, blocksize=64)
 code_bytes = packed.numel() * packed.element_size()
 absmax_bytes = state.absmax.numel() * state.absmax.element_size()
@@ -105,8 +113,8 @@ print(f"for a 65B-parameter model: {65e9 * 32 / 64 / 8e9:.2f} GB of absmax value
 
 # %%
 absmax = state.absmax
-print(f"{absmax.numel():,} values: min {absmax.min():.3f}, mean {absmax.mean():.3f}, max {absmax.max():.3f}, "
-      f"std / mean {absmax.std() / absmax.mean():.3f}")
+print(f"{absmax.numel():,} values: min {absmax.min():.3f}, mean {absmax.double().mean():.3f}, max {absmax.max():.3f}, "
+      f"std / mean {absmax.double().std() / absmax.double().mean():.3f}")
 
 # %% [markdown]
 # 8 bits are plenty for numbers like these; what matters is how the 256 codes are spread.
@@ -136,6 +144,24 @@ print(f"plus 0 and 1.0: {2 * positive[positive < 1].numel()} + 2 = {DYN.numel()}
 # The largest negative level is -0.99297 (the midpoint of the last linspace step), the largest positive
 # one is exactly 1: the signed map is slightly asymmetric. In the top decade, 64 levels sit 0.014 apart.
 #
+# A caveat about these 256 numbers: they come from `torch.linspace` in float32, and torch computes it with other
+# instructions on other CPUs (vector code on an x86 with AVX2, scalar code elsewhere), which round some results
+# differently in the last bit. bitsandbytes builds its map the same way, so on each machine its map and ours agree
+# (the `True` above), but two machines need not. Counted here, by building the map again in a process that runs
+# torch's scalar code (`ATEN_CPU_CAPABILITY=default`; the output depends on the machine):
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+import json
+import subprocess
+
+scalar_build = "import torch, qlora_ref; print(qlora_ref.dynamic_map(signed=True).tolist())"
+scalar_map = subprocess.run([sys.executable, "-c", scalar_build], env=os.environ | {"ATEN_CPU_CAPABILITY": "default"},
+                            capture_output=True, text=True, check=True).stdout
+scalar_map = torch.tensor(json.loads(scalar_map))
+print(f"torch's CPU code here: {torch.backends.cpu.get_cpu_capability()}; levels that its scalar code puts elsewhere: "
+      f"{int((scalar_map != DYN).sum())} of {DYN.numel()}, by at most {(scalar_map - DYN).abs().max().item():.1e}")
+#
 # ## 4. Subtract the mean first
 #
 # The absmax values are all positive. Quantized as they are, they only use the positive half of the map,
@@ -143,11 +169,13 @@ print(f"plus 0 and 1.0: {2 * positive[positive < 1].numel()} + 2 = {DYN.numel()}
 # mean (the `offset`) first, so that they are centred on zero and use both halves. Both ways, in blocks of 256:
 
 # %%
-offset = absmax.mean()
+# The mean summed in float64: a float32 sum of 262,144 values ends in other bits on another CPU (more on that
+# in section 5).
+offset = absmax.double().mean().float()
 for name, values in [("absmax as it is   ", absmax), ("absmax - mean     ", absmax - offset)]:
     q, st = quantize_blockwise(values, blocksize=256)
     restored = dequantize_blockwise(q, st) + (absmax - values)  # add the offset back where it was taken
-    rel = (restored - absmax).abs() / absmax
+    rel = ((restored - absmax).abs() / absmax).double()
     print(f"{name}: codes used {q.unique().numel():3d} of 256, relative error of absmax^: mean {rel.mean():.5f}, max {rel.max():.5f}")
 print(f"offset = {offset:.4f}")
 
@@ -180,11 +208,30 @@ compare("state2.absmax          ", state_dq.state2.absmax, bnb_state.state2.absm
 compare("state2.code            ", state_dq.state2.code, bnb_state.state2.code)
 print(f"state2.blocksize        : ours {state_dq.state2.blocksize}, bitsandbytes {bnb_state.state2.blocksize}")
 W_hat_dq = dequantize_4bit(packed_dq, state_dq)
-_ = compare("dequantized weights    ", W_hat_dq, bnbF.dequantize_4bit(bnb_packed, bnb_state))
+_ = compare("dequantized weights    ", W_hat_dq, bnb_cpu.dequantize_4bit_portable(bnb_packed, bnb_state))
 
 # %% [markdown]
-# Every byte agrees. To get there, one detail of bitsandbytes had to be reproduced that a textbook
-# quantizer would get "wrong".
+# Every byte agrees (bitsandbytes' values from its portable decoder, lesson 0, section 4).
+#
+# One caveat, about bitsandbytes rather than about us: the offset is torch's float32 `mean`, and a float32 sum
+# of 262,144 values ends in other bits when the additions run in another order, which they do with another
+# number of threads or another CPU. So bitsandbytes' nested bytes for the same weight can differ from machine
+# to machine, though ours and bitsandbytes' agree on each one (we take the same mean, on purpose). Here, with
+# one thread against all of them (the output depends on the machine):
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+threads = torch.get_num_threads()
+torch.set_num_threads(1)
+_, state_one_thread = quantize_4bit(W, blocksize=64, quant_type="nf4", double_quant=True)
+torch.set_num_threads(threads)
+changed = int((state_one_thread.absmax != state_dq.absmax).sum())
+print(f"offset with {threads} threads {state_dq.offset.item():.9f}, with 1 thread {state_one_thread.offset.item():.9f}: "
+      f"{changed:,} of {state_dq.absmax.numel():,} nested codes differ")
+
+# %% [markdown]
+# To get equal bytes, one detail of bitsandbytes had to be reproduced that a textbook quantizer would get
+# "wrong".
 #
 # ## 6. bitsandbytes' CPU rounding is a lookup table, not the nearest code
 #
@@ -195,19 +242,20 @@ _ = compare("dequantized weights    ", W_hat_dq, bnbF.dequantize_4bit(bnb_packed
 # (1.5e-5) of a midpoint between two levels, the grid point can fall on the other side of the midpoint.
 #
 # `quantize_blockwise(..., rounding="lut")` (the default) does this; `rounding="nearest"` is the true
-# nearest code. Counted on the nested absmax above, and on 2^22 values of N(0, 1) in blocks of 256:
+# nearest code. Counted on the nested absmax above, and on 2^22 values of N(0, 1) in blocks of 256. (The shares
+# are printed to two digits, not as counts: on another CPU some of the map's levels are one float32 step away,
+# section 3, and a few values land on the other side of a midpoint.)
 
 # %%
 centred = state.absmax - offset
-sample = torch.randn(2**22, generator=gen)
+sample = torch.randn(2**22, generator=gen, dtype=torch.float64).float()  # float64 first, as W
 for name, values in [("nested absmax (4096x4096 weight)", centred), ("2^22 values of N(0, 1)", sample)]:
     q_lut, st_lut = quantize_blockwise(values, blocksize=256, rounding="lut")
     q_near, _ = quantize_blockwise(values, blocksize=256, rounding="nearest")
     q_bnb, _ = bnbF.quantize_blockwise(values, blocksize=256)
-    differ = int((q_lut != q_near).sum())
-    print(f"{name}: LUT and nearest differ on {differ:,} of {values.numel():,} codes ({differ / values.numel():.3%})")
+    print(f"{name}: LUT and nearest differ on {100 * (q_lut != q_near).double().mean().item():.2g}% of the codes")
     compare("  bitsandbytes vs LUT    ", q_bnb, q_lut)
-    compare("  bitsandbytes vs nearest", q_bnb, q_near)
+    print(f"  bitsandbytes vs nearest: equal {torch.equal(q_bnb, q_near)}")
 
 # %% [markdown]
 # One of the disagreements on the normal sample, step by step:
@@ -231,9 +279,12 @@ print(f"|u - level|        : {abs(u[i] - DYN[q_lut[i].long()]).item():.8f} for t
 
 # %%
 steps, counts = torch.unique(q_lut.long() - q_near.long(), return_counts=True)
-print("LUT - nearest, in codes:", {int(s): int(c) for s, c in zip(steps, counts)})
-err_lut = (DYN[q_lut.long()] - u).abs().mean().item()
-err_near = (DYN[q_near.long()] - u).abs().mean().item()
+print("LUT - nearest, in codes: share of the values")
+for step, count in zip(steps.tolist(), counts.tolist()):
+    percent = 100 * count / u.numel()
+    print(f"  {step:+d}: {percent:.1f}%" if percent > 1 else f"  {step:+d}: {percent:.2g}%")
+err_lut = (DYN[q_lut.long()] - u).double().abs().mean().item()
+err_near = (DYN[q_near.long()] - u).double().abs().mean().item()
 print(f"mean |u - level|: LUT {err_lut:.7f}, nearest {err_near:.7f} (relative difference {err_lut / err_near - 1:.1e})")
 
 # %% [markdown]
@@ -242,12 +293,15 @@ print(f"mean |u - level|: LUT {err_lut:.7f}, nearest {err_near:.7f} (relative di
 # nearest code instead of the table, dequantized and compared with bitsandbytes:
 
 # %%
-q_near_absmax, state2_near = quantize_blockwise(centred, blocksize=256, rounding="nearest")
+# The nested state's own offset (section 5's caveat: its last bits, and so the exact counts, depend on the
+# machine; the shares printed are rounded well above that).
+q_near_absmax, state2_near = quantize_blockwise(state.absmax - state_dq.offset, blocksize=256, rounding="nearest")
 state_near = dataclasses.replace(state_dq, absmax=q_near_absmax, state2=state2_near)
-_ = compare("nested absmax, nearest vs bitsandbytes", q_near_absmax, bnb_state.absmax)
-differ = dequantize_4bit(packed_dq, state_near) != bnbF.dequantize_4bit(bnb_packed, bnb_state)
-print(f"dequantized weights that differ from bitsandbytes': {int(differ.sum()):,} of {W.numel():,}, "
-      f"in {int(differ.reshape(-1, 64).any(dim=1).sum())} blocks of 64")
+codes_differ = (q_near_absmax != bnb_state.absmax).double().mean().item()
+differ = dequantize_4bit(packed_dq, state_near) != bnb_cpu.dequantize_4bit_portable(bnb_packed, bnb_state)
+print(f"nested codes that differ from bitsandbytes': {100 * codes_differ:.1g}%; dequantized weights that differ: "
+      f"{100 * differ.double().mean().item():.1g}%, all of them in blocks whose nested code differs: "
+      f"{bool((differ.reshape(-1, 64).any(dim=1) <= (q_near_absmax != bnb_state.absmax)).all())}")
 
 # %% [markdown]
 # So "bit-exact with bitsandbytes on a CPU" means reproducing its table, grid and all: `qlora_ref` does it
@@ -311,7 +365,7 @@ for source, claim, value in [
 
 # %%
 absmax_hat = decompress_absmax(state_dq.absmax, state_dq.offset, state_dq.state2)
-rel = (absmax_hat - state.absmax).abs() / state.absmax
+rel = ((absmax_hat - state.absmax).abs() / state.absmax).double()
 print(f"absmax^ vs absmax: relative error mean {rel.mean():.2e}, max {rel.max():.2e}; "
       f"{(absmax_hat == state.absmax).float().mean():.1%} exact")
 err = {}

@@ -37,7 +37,14 @@ from math import prod
 
 import torch
 
-__all__ = ["avx512_reads_wrong_scales", "cpu_features", "decoder_rows", "dequantize_4bit_path", "dequantize_4bit_portable"]
+__all__ = [
+    "avx512_reads_wrong_scales",
+    "cpu_features",
+    "decoder_rows",
+    "dequantize_4bit_path",
+    "dequantize_4bit_portable",
+    "native_decoder_report",
+]
 
 
 def cpu_features() -> dict:
@@ -67,11 +74,11 @@ def decoder_rows(shape):
     return prod(shape[:-1]) if len(shape) > 1 else 1, shape[-1]
 
 
-def dequantize_4bit_path(shape, blocksize: int) -> str:
-    """Which path bitsandbytes' CPU dequantize_4bit takes here for a weight of this shape:
-    "portable", "avx512", "neon" or "scalar" (the table in this module's docstring)."""
+def dequantize_4bit_path(shape, blocksize: int, features: dict = None) -> str:
+    """Which path bitsandbytes' CPU dequantize_4bit takes for a weight of this shape, on this CPU or on one with
+    these `features` (cpu_features()'s keys): "portable", "avx512", "neon" or "scalar" (this module's table)."""
     _, n = decoder_rows(shape)
-    features = cpu_features()
+    features = features or cpu_features()
     if n % 2 or (blocksize >= 2048 and features["torch"] == "AVX512"):
         return "portable"
     if features["machine"] in ("aarch64", "arm64"):
@@ -104,3 +111,27 @@ def dequantize_4bit_portable(packed: torch.Tensor, quant_state) -> torch.Tensor:
     code = _get_4bit_code(quant_state.quant_type, packed.device)
     return _dequantize_4bit_compute(packed.view(torch.uint8).reshape(-1), absmax, code, quant_state.blocksize,
                                     quant_state.shape, quant_state.dtype)
+
+
+def native_decoder_report(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64) -> str:
+    """One sentence on what bitsandbytes' own dequantize_4bit makes of `weight`'s bytes on this CPU, against ours:
+    the path it takes and, where its values differ from ours, how many and how large its error is."""
+    import bitsandbytes.functional as bnbF
+
+    from .fourbit import dequantize_4bit, quantize_4bit
+    from .linear import quantization_error
+
+    packed, state = quantize_4bit(weight, blocksize=blocksize, quant_type=quant_type)
+    packed_bnb, state_bnb = bnbF.quantize_4bit(weight, blocksize=blocksize, quant_type=quant_type)
+    native = bnbF.dequantize_4bit(packed_bnb, state_bnb).reshape(weight.shape)
+    ours = dequantize_4bit(packed, state)
+    path = dequantize_4bit_path(weight.shape, blocksize)
+    rows = f"{quant_type}, {tuple(weight.shape)} at blocksize {blocksize}: bitsandbytes' {path} path"
+    if torch.equal(native, ours):
+        return f"{rows} gives our values from our bytes"
+    source = "bytes equal to ours" if torch.equal(packed, packed_bnb) else "other bytes than ours"
+    mean = weight.double().abs().mean().item()
+    theirs_error, our_error = (quantization_error(weight, values)["mae"] / mean for values in (native, ours))
+    return (f"{rows} misreads the scales: from {source} it decodes {int((native != ours).sum()):,} of "
+            f"{ours.numel():,} values differently, mean error {theirs_error:.2f} of the mean |w| against "
+            f"{our_error:.2f} for ours")

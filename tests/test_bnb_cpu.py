@@ -42,6 +42,7 @@ SHAPES = [(4, 96), (4, 160), (3, 32), (130, 96), (16, 128), (96, 130), (4, 100),
     (ARM, (4, 96), 64, "scalar"),
 ])
 def test_the_path_each_cpu_takes(monkeypatch, features, shape, blocksize, path):
+    assert bnb_cpu.dequantize_4bit_path(shape, blocksize, features) == path
     monkeypatch.setattr(bnb_cpu, "cpu_features", lambda: features)
     assert bnb_cpu.dequantize_4bit_path(shape, blocksize) == path
 
@@ -133,3 +134,12 @@ def test_on_a_cpu_without_avx512_the_decoder_gives_our_values_bit_for_bit():
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "our values, bit for bit" in done.stdout
+
+
+def test_the_native_decoder_report_names_the_path_and_says_when_it_misreads():
+    report = bnb_cpu.native_decoder_report(torch.randn(4, 96, generator=torch.Generator().manual_seed(5)))
+    path = bnb_cpu.dequantize_4bit_path((4, 96), 64)
+    assert f"bitsandbytes' {path} path" in report
+    assert ("misreads the scales: from bytes equal to ours" in report) == (path == "avx512"), report
+    whole = bnb_cpu.native_decoder_report(torch.randn(16, 128, generator=torch.Generator().manual_seed(5)), "fp4")
+    assert whole.endswith("gives our values from our bytes"), whole
