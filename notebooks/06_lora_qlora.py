@@ -193,7 +193,7 @@ for label, scale in [("alpha/r", lambda r: ALPHA / r), ("alpha/sqrt(r)", lambda 
     row = []
     for batch in (1, 32):
         c8, c64 = (sum(first_step_change(r, scale(r), batch, seed) for seed in range(10)) / 10 for r in (8, 64))
-        row.append(f"{c8:.5f}  {c64:.5f}  {c64 / c8:6.2f}x")
+        row.append(f"{c8:7.3g}  {c64:7.3g}  {c64 / c8:6.2f}x")  # 3 digits: the float32 sums differ by CPU beyond
     print(f"{label:14s}  " + "    ".join(row))
 
 # %% [markdown]
@@ -307,7 +307,8 @@ print("floating-point tensors with out*in =", OUT * IN, "values:",
 W_hat = qlayer.base_weight()  # a fresh dequantization, for the checks below
 _ = compare("base_weight() vs dequantize_4bit(quantize_4bit(W0))", W_hat,
             dequantize_4bit(*quantize_4bit(base.weight.detach(), double_quant=True)))
-print(f"W0^ differs from W0 by {(W_hat - base.weight).abs().mean():.5f} on average (|W0| averages {base.weight.abs().mean():.5f})")
+print(f"W0^ differs from W0 by {(W_hat - base.weight).double().abs().mean():.5f} on average "
+      f"(|W0| averages {base.weight.double().abs().mean():.5f})")
 
 # %% [markdown]
 # ### The autograd function
@@ -434,15 +435,19 @@ formulas = {
     "grad B": s * G64.T @ (X64 @ A64.T),
 }
 for name, value in formulas.items():
-    largest = value.abs().max().item()
-    _ = compare(f"{name:6s} QLoRALinear vs float64 formulas", ours[name], value, rtol=0, atol=1e-6 * largest)
-    print(f"         largest |diff| / largest |value| = {(ours[name].double() - value).abs().max().item() / largest:.1e}")
+    _ = compare(f"{name:6s} QLoRALinear vs float64 formulas", ours[name], value, atol=1e-6 * value.abs().max().item())
 
 # %% [markdown]
 # The tolerance is relative to the *largest* value, not to each value: a float32 sum rounds at the size
 # of its terms, so an entry that is small because its terms cancel (grad A and grad B have such entries)
-# keeps an absolute error of that size, which is large relative to the entry itself. All four agree to
-# about 3e-7 of their largest value, a few float32 roundings (float32 eps is 1.2e-7).
+# keeps an absolute error of that size, which is large relative to the entry itself. How far inside the
+# tolerance they land depends on the order in which the BLAS adds, so on the CPU and the number of threads;
+# here (the output depends on the machine) all four are a few float32 roundings away (float32 eps is 1.2e-7):
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+for name, value in formulas.items():
+    print(f"{name:6s} largest |diff| / largest |value| = {(ours[name].double() - value).abs().max().item() / value.abs().max().item():.1e}")
 #
 # **Why not `torch.autograd.gradcheck`?** It compares autograd's gradients with finite differences,
 # (f(θ + ε) - f(θ - ε)) / 2ε with ε = 1e-6, and it wants float64 inputs. In float32 each f is rounded to
@@ -460,16 +465,27 @@ def loss_at(delta, dtype):
 
 
 eps, true = 1e-6, formulas["grad A"][0, 0].item()
-for dtype in (torch.float32, torch.float64):
-    fd = (loss_at(eps, dtype) - loss_at(-eps, dtype)) / (2 * eps)
-    print(f"{str(dtype):14s} finite difference {fd:+.6f} vs the gradient {true:+.6f}: error {abs(fd - true):.1e}")
-print(f"the loss: {loss_at(0.0, torch.float64):.4f}; float32 numbers near it are "
-      f"{torch.finfo(torch.float32).eps * 2 ** math.floor(math.log2(abs(loss_at(0.0, torch.float64)))):.1e} apart, "
-      f"while the change 2 ε · gradient is {2 * eps * true:.1e}")
+loss = loss_at(0.0, torch.float64)
+spacing = torch.finfo(torch.float32).eps * 2 ** math.floor(math.log2(abs(loss)))  # between float32s near the loss
+fd64 = (loss_at(eps, torch.float64) - loss_at(-eps, torch.float64)) / (2 * eps)
+print(f"the gradient: {true:+.4f}; float64 finite difference {fd64:+.4f}, within 1e-6 of it: {abs(fd64 - true) < 1e-6}")
+print(f"the loss: {loss:.2f}; float32 numbers near it are {spacing:.1e} apart, while the change 2 ε · gradient is "
+      f"{2 * eps * true:.1e}")
+print(f"so a float32 finite difference is a whole number of steps of {spacing / (2 * eps):.2f}: the gradient is "
+      f"{true / (spacing / (2 * eps)):.2f} of them")
 
 # %% [markdown]
-# In float32 both losses round to the same number and the finite difference is 0. So gradcheck has to
-# run in float64, and `QLoRALinear` computes only in float32, bfloat16 or float16
+# A float32 finite difference can only be 0 or a whole number of those steps: which one depends on how each loss
+# rounds, so on the order of the BLAS's additions, and none of them is the gradient. Here (the output depends on
+# the machine):
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+fd32 = (loss_at(eps, torch.float32) - loss_at(-eps, torch.float32)) / (2 * eps)
+print(f"float32 finite difference {fd32:+.6f} vs the gradient {true:+.6f}")
+
+# %% [markdown]
+# So gradcheck has to run in float64, and `QLoRALinear` computes only in float32, bfloat16 or float16
 # (the dtypes of training). The layer is therefore checked against float64 *values* of the formulas
 # instead, as above. The autograd function alone does accept a float64 input (it dequantizes to x's
 # dtype), so gradcheck can check it directly on a small layer:
@@ -487,7 +503,9 @@ print("gradcheck, DequantizeMatmul on float64:",
 # dequantizes and calls `F.linear`, and its backward is dL/dy · W0^, as ours. Add a LoRA branch in plain
 # PyTorch with the same A and B: the output and the gradients of A and B must be equal bit for bit. dL/dx
 # may differ in its last bits: ours adds s · (g B) A onto g W0^ inside one `addmm`, which accumulates onto
-# the existing sum, while plain autograd rounds the two products separately and then adds them:
+# the existing sum, while plain autograd rounds the two products separately and then adds them. Whether any
+# bit differs depends on the BLAS and the number of threads, so dL/dx is held to 4 float32 roundings of its
+# largest value:
 
 # %%
 bnb_layer = bnb.nn.Linear4bit(IN, OUT, bias=True, compute_dtype=torch.float32, compress_statistics=True,
@@ -504,7 +522,8 @@ x_ref = X.clone().requires_grad_(True)
 y_ref = bnb_layer(x_ref) + (x_ref @ A_ref.T) @ B_ref.T * qlayer.scaling  # PEFT's order: B(A(x)) * scaling
 (y_ref * G).sum().backward()
 for name, value in [("output", y_ref.detach()), ("grad x", x_ref.grad), ("grad A", A_ref.grad), ("grad B", B_ref.grad)]:
-    _ = compare(f"{name:6s} QLoRALinear vs bnb Linear4bit + LoRA", ours[name], value)
+    tolerance = {"atol": 4 * torch.finfo(torch.float32).eps * value.abs().max().item()} if name == "grad x" else {}
+    _ = compare(f"{name:6s} QLoRALinear vs bnb Linear4bit + LoRA", ours[name], value, **tolerance)
 
 # %% [markdown]
 # ## 5. Memory of one layer
@@ -543,14 +562,14 @@ del big
 tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
 with torch.no_grad():
-    print(f"loss before: {model(input_ids=tokens, labels=tokens).loss.item():.4f}")
+    print(f"loss before: {model(input_ids=tokens, labels=tokens).loss.item():.3f}")
 for _ in range(2):
     opt.zero_grad()
     model(input_ids=tokens, labels=tokens).loss.backward()
     opt.step()
 with torch.no_grad():
     logits_ours = model(input_ids=tokens).logits
-    print(f"loss after:  {model(input_ids=tokens, labels=tokens).loss.item():.4f}")
+    print(f"loss after:  {model(input_ids=tokens, labels=tokens).loss.item():.3f}")
 
 tmp = tempfile.TemporaryDirectory()
 adapter_dir = Path(tmp.name)
@@ -737,8 +756,8 @@ print(f"the first design (one [rows, sub-blocks, bytes] tile, codebook gathers f
 #   runs cap any 4-bit layer at 1.16-1.31x there; one-token decoding is more accurate than bitsandbytes'
 #   kernel and, by GPU time, 1.51-1.68x faster.
 # - Checked: outputs and the gradients of x, A and B equal a dense fp32 reference on W0^ bit for bit, and
-#   bitsandbytes' `Linear4bit` + LoRA too except dL/dx (a few float32 ulps: where the low-rank product is
-#   added), and float64 formulas to ~3e-7 of their largest value (gradcheck needs float64).
+#   bitsandbytes' `Linear4bit` + LoRA too except dL/dx (within 4 float32 roundings: where the low-rank product
+#   is added), and float64 formulas within 1e-6 of their largest value (gradcheck needs float64).
 # - Adapters are saved in PEFT's safetensors layout; PEFT loads them and gives the same logits exactly.
 #   Merging folds them into the weights, equal up to float32 rounding.
 #

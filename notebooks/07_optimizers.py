@@ -263,8 +263,8 @@ for name, x, code in [("m, dynamic signed", m, SIGNED), ("m, linear int8", m, LI
                       ("v, dynamic unsigned", v, UNSIGNED), ("v, dynamic signed", v, SIGNED),
                       ("v, linear unsigned k/255", v, LINEAR_U), ("v, linear int8", v, LINEAR_S)]:
     codes, restored[name] = round_trip(x, code)
-    rel = (restored[name] - x).abs() / x.abs()
-    print(f"{name:28s} {rel.mean():15.4f} {rel.median():7.4f} {(restored[name] == 0).float().mean():12.2%} "
+    rel = ((restored[name] - x).abs() / x.abs()).double()
+    print(f"{name:28s} {rel.mean():15.4f} {rel.median():7.4f} {(restored[name] == 0).double().mean():12.2%} "
           f"{codes.unique().numel():11d}")
 
 # %% [markdown]
@@ -293,7 +293,7 @@ update = (m / c1) / (v.sqrt() / c2 + 1e-8)
 for name, (m_name, v_name) in {"dynamic maps": ("m, dynamic signed", "v, dynamic unsigned"),
                                "linear maps ": ("m, linear int8", "v, linear unsigned k/255")}.items():
     u_hat = (restored[m_name] / c1) / (restored[v_name].sqrt() / c2 + 1e-8)
-    err = (u_hat - update).abs()
+    err = (u_hat - update).abs().double()
     print(f"{name}: max |u| {update.abs().max():.2f} -> {u_hat.abs().max():.3g}; mean |u^ - u| {err.mean():.3g}; "
           f"elements off by more than 1: {int((err > 1).sum()):,} of {update.numel():,}")
 
@@ -313,7 +313,7 @@ for name, (m_name, v_name) in {"dynamic maps": ("m, dynamic signed", "v, dynamic
 # %%
 print(f"{'block size':>10s} {'bytes/param':>12s} {'m mean rel. error':>18s} {'v mean rel. error':>18s}")
 for blocksize in (64, 256, 2048, 4096):
-    errors = [float(((round_trip(x, code, blocksize)[1] - x).abs() / x.abs()).mean()) for x, code in ((m, SIGNED), (v, UNSIGNED))]
+    errors = [float(((round_trip(x, code, blocksize)[1] - x).abs() / x.abs()).double().mean()) for x, code in ((m, SIGNED), (v, UNSIGNED))]
     print(f"{blocksize:10d} {bytes_per_parameter(8, blocksize):12.5f} {errors[0]:18.4f} {errors[1]:18.4f}")
 
 # %% [markdown]
@@ -431,21 +431,24 @@ def run_both(weight_decay, steps=100):
 
 
 ours, opt_o, theirs, opt_t = run_both(weight_decay=0.0)
+grouping = 100 * 6 * 2**-23 * 4 * 1e-3  # 6 float32 roundings of the largest update (4 lr) per step, for 100 steps
 for p, q in zip(ours, theirs):
     mine, ref = opt_o.state[p], opt_t.state[q]
-    keys = ("state1", "absmax1", "state2", "absmax2") if "absmax1" in mine else ("state1", "state2")
+    eight_bit = "absmax1" in mine
+    keys = ("state1", "absmax1", "state2", "absmax2") if eight_bit else ("state1", "state2")
     print(f"{str(tuple(p.shape)):10s} {mine['state1'].dtype} moments, step {mine['step']} (bnb {ref['step']})")
     for key in keys:
         compare(f"    {key:8s}", mine[key], ref[key])
-    compare("    p       ", p, q)
+    compare("    p       ", p, q, **({"rtol": 100 * 2**-23, "atol": grouping} if eight_bit else {}))
 print(f"absmax values of the 4097-value tensor in bnb's state: {opt_t.state[theirs[0]]['absmax1'].numel()} "
       f"= ceil(4097 / 256) = {math.ceil(4097 / 256)}: bitsandbytes' block size is 256")
 
 # %% [markdown]
 # The moments agree byte for byte, codes and absmax: they never depend on the parameters, and every
 # float32 operation that makes them is the same, down to the CPU's lookup-table rounding (lesson 4).
-# The float32 tensor's parameters agree exactly too. The 8-bit tensors' parameters differ by a few
-# float32 roundings, because bitsandbytes' CPU path groups the same step differently:
+# The float32 tensor's parameters agree exactly too. The 8-bit tensors' parameters are held to a tolerance,
+# an ulp of p and 6 roundings of the update per step (`tests/test_optim8bit.py` derives it), because
+# bitsandbytes' CPU path groups the same step differently:
 #
 #     ours (the CUDA kernel's order):   p + (-lr c2 / c1) · m / (√v + c2 ε)
 #     bitsandbytes' CPU path:           p - (lr / c1) · m / (√v / c2 + ε)
@@ -469,7 +472,16 @@ adamw_update_(ours_grouping, g, m_before.clone(), v_before.clone(), step, lr, be
 q.grad = g.clone()
 opt_t.step()
 compare("bnb's step vs its formula by hand    ", q, by_hand)
-_ = compare("bnb's step vs ours (kernel grouping) ", q, ours_grouping)
+_ = compare("bnb's step vs ours (kernel grouping) ", q, ours_grouping, rtol=2**-23)
+
+# %% [markdown]
+# Exact by hand; ours within one float32 step of p. How many of the 4097 weights move depends on how the CPU
+# rounds (here, the output depends on the machine):
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+print(f"{int((q != ours_grouping).sum())} of {q.numel():,} weights a rounding apart, by at most "
+      f"{(q - ours_grouping).abs().max().item():.1e}")
 
 # %% [markdown]
 # One step moves a few of the 4097 weights by one float32 rounding. Over 100 steps these roundings add
@@ -486,7 +498,6 @@ _ = compare("bnb's step vs ours (kernel grouping) ", q, ours_grouping)
 # %%
 ours_wd, opt_o_wd, theirs_wd, opt_t_wd = run_both(weight_decay=1e-2)
 decay_order = 100 * 1e-3**2 * 1e-2 * 4
-grouping = 100 * 6 * 2**-23 * 4 * 1e-3
 for p, q in zip(ours_wd[:2], theirs_wd[:2]):
     for key in ("state1", "absmax1", "state2", "absmax2"):
         compare(f"{str(tuple(p.shape)):10s} {key:8s}", opt_o_wd.state[p][key], opt_t_wd.state[q][key])
@@ -494,7 +505,12 @@ for p, q in zip(ours_wd[:2], theirs_wd[:2]):
 print(f"tolerance for p: {decay_order:.0e} (order of the decay) + {grouping:.1e} (grouping) + 100 ulps of p")
 
 # %% [markdown]
-# Measured: 7.2e-7, three times the difference without weight decay and well inside the bound.
+# Measured here (the output depends on the machine), the largest difference in p with and without weight decay:
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+for label, pairs in [("weight decay 0.01", zip(ours_wd[:2], theirs_wd[:2])), ("weight decay 0   ", zip(ours[:2], theirs[:2]))]:
+    print(f"{label}: " + ", ".join(f"{str(tuple(p.shape))} {(p - q).abs().max().item():.1e}" for p, q in pairs))
 
 # %% [markdown]
 # ### The memory, measured

@@ -232,16 +232,25 @@ for label, result in results.items():
     print(f"{label:<6} {result.seconds:5.1f} s, {result.seconds / result.run.step * 1000:.0f} ms a step")
 
 # %%
-print(f"{'method':<8}{'exact match':>12}{'eval loss':>11}{'train loss (last 10)':>22}")
+print(f"{'method':<8}{'exact match':>12}")
 for label, result in results.items():
-    last = result.evals[-1]
-    tail = sum(result.losses[-10:]) / 10
-    print(f"{label:<8}{last['exact_match']:>12.3f}{last['eval_loss']:>11.4f}{tail:>22.4f}")
+    print(f"{label:<8}{result.evals[-1]['exact_match']:>12.3f}")
 gap = 100 * (results["QLoRA"].evals[-1]["exact_match"] - results["LoRA"].evals[-1]["exact_match"])
 print(f"QLoRA minus LoRA: {gap:+.1f} points (the paper's claim, tested: within 2 points)")
 for prompt, answer, expected in results["QLoRA"].samples:
     print(f"QLoRA: {prompt!r} -> {answer!r}  (expected {expected!r})")
 display(training_curves_figure({label: (r.losses, r.evals) for label, r in results.items()}))
+
+# %% [markdown]
+# The losses, to four digits. 150 steps of float32 arithmetic carry the last bits of every sum forward, and a
+# sum's last bits depend on the CPU and the number of threads, and training amplifies them, so these digits are
+# this machine's (the output depends on it):
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+print(f"{'method':<8}{'eval loss':>11}{'train loss (last 10)':>22}")
+for label, result in results.items():
+    print(f"{label:<8}{result.evals[-1]['eval_loss']:>11.4f}{sum(result.losses[-10:]) / 10:>22.4f}")
 
 # %% [markdown]
 # On this task QLoRA matches LoRA: the 4-bit base costs no exact-match points at the end, as the paper

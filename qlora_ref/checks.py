@@ -70,6 +70,8 @@ import random
 
 import torch
 
+from .compare import distinguish
+
 __all__ = [
     "check_absmax_quantizer",
     "check_zeropoint_quantizer",
@@ -181,9 +183,19 @@ def _first_mismatch(expected, got, exact=True, rtol=1e-6):
     return int(differ.sum()), idx, ev, gv
 
 
+def _expected_got(expected, got) -> str:
+    """"expected X, got Y": whole numbers as _fmt writes them, other floats with just enough digits to tell the
+    two apart (compare.distinguish), since the digits beyond those change from CPU to CPU."""
+    texts = [_fmt(expected), _fmt(got)]
+    if all(isinstance(v, float) and not math.isnan(v) for v in (expected, got)):
+        short = distinguish(expected, got)
+        texts = [text if "." in text and text.endswith(".0") else fine for text, fine in zip(texts, short)]
+    return f"expected {texts[0]}, got {texts[1]}"
+
+
 def _mismatch_line(what, case, found, n):
     count, idx, ev, gv = found
-    return f"MISMATCH in {what} ({case}): {count:,} of {n:,} differ, first at index {idx}: expected {_fmt(ev)}, got {_fmt(gv)}"
+    return f"MISMATCH in {what} ({case}): {count:,} of {n:,} differ, first at index {idx}: {_expected_got(ev, gv)}"
 
 
 # ---------------------------------------------------------------------------------------------- lesson 1
@@ -770,13 +782,16 @@ def launch_dequantize_kernel(kernel, packed, state, tile: int = 64) -> torch.Ten
 
 
 def _bnb_dequantize_4bit(x, quant_type, blocksize):
-    """bitsandbytes' (packed, dequantized values) for x, or None when bitsandbytes is not installed."""
+    """bitsandbytes' (packed, dequantized values) for x, or None when bitsandbytes is not installed. The values
+    come from its portable decoder, the same on every CPU (its native one depends on the CPU: qlora_ref.bnb_cpu)."""
     try:
         import bitsandbytes.functional as bnbF
     except Exception:
         return None
+    from .bnb_cpu import dequantize_4bit_portable
+
     packed, state = bnbF.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type)
-    return packed, bnbF.dequantize_4bit(packed, state)
+    return packed, dequantize_4bit_portable(packed, state)
 
 
 def check_dequantize_kernel(kernel) -> bool:
@@ -787,8 +802,8 @@ def check_dequantize_kernel(kernel) -> bool:
     out[2j] = code[byte_j >> 4] * absmax[2j // BLOCKSIZE] and out[2j + 1] = code[byte_j & 0xF] * absmax[...],
     multiplied in float32 and stored in out's dtype (float32 or float16), nothing stored at or past out[n].
     It runs in Triton's interpreter on CPU tensors (any machine, no GPU) on four inputs: odd counts, short
-    last blocks, NF4 and FP4. The values must equal qlora_ref's bit for bit, and bitsandbytes' CPU
-    dequantize_4bit where it is installed. Prints one line; True on success.
+    last blocks, NF4 and FP4. The values must equal qlora_ref's bit for bit, and bitsandbytes' portable
+    decoder's where it is installed. Prints one line; True on success.
     """
     from .blockwise import unpack_4bit
     from .fourbit import dequantize_4bit, quantize_4bit
@@ -820,7 +835,7 @@ def check_dequantize_kernel(kernel) -> bool:
             bnb = _bnb_dequantize_4bit(x, quant_type, blocksize)
             if bnb is not None and torch.equal(bnb[0], packed):  # the same bytes: its values are a second reference
                 bnb_seen = True
-                references.append(("bitsandbytes' dequantize_4bit", bnb[1].reshape(-1)))
+                references.append(("bitsandbytes' portable dequantize_4bit", bnb[1].reshape(-1)))
             found = None
             for reference, values in references:
                 found = _first_mismatch(values, got)
@@ -850,7 +865,7 @@ def check_dequantize_kernel(kernel) -> bool:
                         hint = candidate_hint
                         break
                 raise _Fail(_mismatch_line(f"the values vs {reference}", case, found, n), hint)
-        versus = "qlora_ref.dequantize_4bit and bitsandbytes' dequantize_4bit" if bnb_seen else "qlora_ref.dequantize_4bit"
+        versus = "qlora_ref.dequantize_4bit and bitsandbytes' portable dequantize_4bit" if bnb_seen else "qlora_ref.dequantize_4bit"
         return f"equal to {versus}, exactly (4 cases: odd counts, short last blocks, NF4 and FP4, float32 and float16)"
 
     return _run("check_dequantize_kernel", body)
@@ -949,7 +964,7 @@ def check_qlora_backward(backward) -> bool:
                 differ = ~close.reshape(-1)
                 idx = int(differ.nonzero()[0])
                 line = (f"MISMATCH in {name} ({case}): {int(differ.sum()):,} of {exp.numel():,} differ, first at "
-                        f"index {idx}: expected {_fmt(exp.reshape(-1)[idx].item())}, got {_fmt(got.reshape(-1)[idx].item())}")
+                        f"index {idx}: {_expected_got(exp.reshape(-1)[idx].item(), got.reshape(-1)[idx].item())}")
                 if name == "dL/dx":
                     base_path = grad_out @ weight
                     lora_path = (gB @ A).reshape(x.shape)
@@ -1081,7 +1096,7 @@ def check_adamw_update(update) -> bool:
                         continue
                     idx = int(differ.nonzero()[0])
                     line = (f"MISMATCH in {which} ({label}): {int(differ.sum()):,} of {n:,} differ, first at index "
-                            f"{idx}: expected {_fmt(exp.reshape(-1)[idx].item())}, got {_fmt(got.reshape(-1)[idx].item())}")
+                            f"{idx}: {_expected_got(exp.reshape(-1)[idx].item(), got.reshape(-1)[idx].item())}")
                     if which != "p":
                         hint = _moment_hint(which, got, m_old, v_old, g, p_old, hyper["beta1"], hyper["beta2"],
                                             hyper["weight_decay"])

@@ -23,7 +23,7 @@ at the end of the line; a different number of values is DIFFERENT straight away.
 
 import torch
 
-__all__ = ["compare"]
+__all__ = ["compare", "distinguish"]
 
 
 def _as_tensor(value) -> torch.Tensor:
@@ -52,13 +52,14 @@ def _index(flat_index: int, shape: torch.Size) -> str:
     return f"index {tuple(reversed(position))}"
 
 
-def _pair(a: float, b: float) -> str:
-    """The two numbers with just enough digits to tell them apart (4 significant digits when that is enough)."""
+def distinguish(a: float, b: float) -> tuple:
+    """The two numbers with just enough digits to tell them apart, 4 significant digits when that is enough:
+    digits beyond those would be the ones that change from CPU to CPU."""
     for digits in (4, 6, 9, 17):
         left, right = f"{a:.{digits}g}", f"{b:.{digits}g}"
         if left != right:
-            return f"ours {left} vs {right}"
-    return f"ours {a!r} vs {b!r}"
+            return left, right
+    return repr(a), repr(b)
 
 
 def _tolerance(rtol: float, atol: float) -> str:
@@ -111,7 +112,7 @@ def compare(name: str, ours: torch.Tensor, reference: torch.Tensor, *, rtol: flo
         beyond = f" by more than {_tolerance(rtol, atol)}" if tolerance else ""
         line = (
             f"{name}: DIFFERENT, {outside.numel():,} of {n:,} differ{beyond}, first at {where}: "
-            f"{_pair(float(a[first]), float(b[first]))}{shape_note}"
+            "ours {} vs {}".format(*distinguish(float(a[first]), float(b[first]))) + shape_note
         )
     print(line)
     return line

@@ -15,11 +15,15 @@
 # value that differs with a hint, or `not implemented yet`. `solutions/` holds the same notebook, solved.
 
 # %%
+import logging
 import os
 import sys
 
 # Before importing torch: bitsandbytes would otherwise torch.compile its CPU code paths, which is slow.
 os.environ["TORCH_COMPILE_DISABLE"] = "1"
+# bitsandbytes, imported on a CPU with AVX512-BF16, tries to fetch a kernel from the Hugging Face hub and logs a
+# warning to stderr when it cannot. The course runs offline: that logger is kept quiet (lesson 0, section 4).
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 IN_COLAB = "google.colab" in sys.modules
 if IN_COLAB:  # clone the course and install it next to Colab's own torch (lesson 0, "Troubleshooting")

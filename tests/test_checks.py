@@ -16,6 +16,7 @@ from scipy.stats import norm
 
 from qlora_ref import dequantize_4bit, dynamic_map, nf4_codebook, quantize_4bit
 from qlora_ref.blockwise import unpack_4bit
+from qlora_ref.compare import distinguish
 from qlora_ref.checks import (
     _STEP_CASES,
     _STEP_CONFIG,
@@ -608,7 +609,8 @@ def test_kernel_swapped_nibbles_names_the_first_value(capsys):
     ok, out = run(capsys, check_dequantize_kernel, swapped_nibbles)
     assert not ok
     assert f"MISMATCH in the values vs qlora_ref.dequantize_4bit ({FIRST_KERNEL_CASE}): " in out
-    assert f"first at index {first}: expected {float(expected[first]):.9g}, got {float(wrong[first]):.9g}" in out
+    expected_text, got_text = distinguish(float(expected[first]), float(wrong[first]))
+    assert f"first at index {first}: expected {expected_text}, got {got_text}" in out
     assert "nibble order" in out
 
 
@@ -875,7 +877,8 @@ def test_adamw_update_first_mismatch_names_expected_and_got(capsys):
     adamw_update_(expected, g, torch.zeros_like(p), torch.zeros_like(p), 1, **hyper)
     _adamw_with(decay_first=True)(wrong, g, torch.zeros_like(p), torch.zeros_like(p), 1, **hyper)
     ok, out = run(capsys, check_adamw_update, _adamw_with(decay_first=True))
-    assert not ok and f"first at index 0: expected {float(expected[0]):.9g}, got {float(wrong[0]):.9g}" in out
+    expected_text, got_text = distinguish(float(expected[0]), float(wrong[0]))
+    assert not ok and f"first at index 0: expected {expected_text}, got {got_text}" in out
 
 
 # ------------------------------------------------------------------------------------- lesson 7: the pager

@@ -24,17 +24,33 @@ def test_exact_across_float_dtypes_when_values_are_equal():
     assert compare("cast", x, x.double()) == "cast: exact (64 values)"
 
 
-def test_close_reports_max_diff_and_count():
+def test_without_a_tolerance_equality_is_claimed_and_a_rounding_step_is_different():
     ref = torch.ones(16)
     ours = ref.clone()
     ours[[1, 4]] += 1.2e-7
-    line = compare("dequantized", ours, ref)
-    assert line.startswith("dequantized: close, max |diff| 1.2e-07, 2 of 16 values differ")
+    assert compare("dequantized", ours, ref) == "dequantized: DIFFERENT, 2 of 16 differ, first at index 1: ours 1.00000012 vs 1"
 
 
-def test_signed_zero_is_not_exact_but_close():
+def test_with_a_tolerance_the_line_is_the_same_whether_equal_or_not():
+    """What a checked notebook prints must not depend on the CPU: exact and within tolerance read alike."""
+    ref = torch.ones(16)
+    ours = ref.clone()
+    ours[[1, 4]] += 1.2e-7
+    close = "dequantized: close (every value within 1e-06·|reference|; 16 values)"
+    assert compare("dequantized", ours, ref, rtol=1e-6) == close
+    assert compare("dequantized", ref.clone(), ref, rtol=1e-6) == close
+    assert compare("both", ours, ref, rtol=1e-6, atol=1e-8) == "both: close (every value within 1e-08 + 1e-06·|reference|; 16 values)"
+
+
+def test_outside_the_tolerance_is_different_and_says_by_how_much_it_was_allowed():
+    line = compare("far", torch.tensor([1.0, 2.0]), torch.tensor([1.0, 3.0]), rtol=1e-5, atol=1e-6)
+    assert line == "far: DIFFERENT, 1 of 2 differ by more than 1e-06 + 1e-05·|reference|, first at index 1: ours 2 vs 3"
+
+
+def test_signed_zero_is_not_exact_and_is_named():
     line = compare("zero", torch.tensor([0.0, 1.0]), torch.tensor([-0.0, 1.0]))
-    assert line == "zero: close, max |diff| 0, 1 of 2 values differ (only the sign of zero)"
+    assert line == "zero: equal values, but 1 of 2 are zeros of opposite signs (-0.0 vs 0.0)"
+    assert compare("zero", torch.tensor([0.0, 1.0]), torch.tensor([-0.0, 1.0]), atol=0.5).startswith("zero: close")
 
 
 def test_nan_matches_nan():
