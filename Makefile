@@ -1,5 +1,5 @@
 # make lab        open the course in JupyterLab (http://127.0.0.1:8888, token auth)
-# make test       every test: pytest tests/ + strict nbval over notebooks/
+# make test       every test: pytest tests/ + strict nbval over notebooks/, solutions/ (CPU_PATHS=avx2|scalar: as another CPU)
 # make notebooks  re-execute the notebooks in place (after editing a lesson)
 # make exercises  re-execute solutions/ and regenerate exercises/ from them
 # make lock       regenerate requirements.lock, requirements-uv.lock and environment.yml (tools/lock.py)
@@ -34,8 +34,26 @@ export PYTHONHASHSEED := 0
 unexport MPLBACKEND
 
 PYTEST_ARGS ?=
+# What `make test` runs: the unit tests, and every lesson and solution under strict nbval.
+TEST_PATHS ?= tests notebooks solutions
 NBVAL_ARGS := --nbval --nbval-current-env --nbval-cell-timeout=600 \
 	--nbval-sanitize-with notebooks/nbval_sanitize.cfg
+
+# The CPU code the tests run, so that one machine can check what another would print (README, "On another CPU"):
+#   native  this CPU's own paths;
+#   avx2    those of an x86 CPU without AVX-512: torch's AVX2 kernels, MKL and oneDNN at AVX2;
+#   scalar  those of a CPU without AVX2 either (an ARM laptop's, as far as torch's own kernels go): torch's scalar
+#           kernels, MKL at SSE4.2, oneDNN at SSE4.1.
+# avx2 and scalar also make bitsandbytes' Python check for AVX512-BF16 answer no (tests/cpu_paths/sitecustomize.py).
+CPU_PATHS ?= native
+CPU_ENV_native :=
+CPU_ENV_avx2 := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \
+	PYTHONPATH=$(CURDIR)/tests/cpu_paths
+CPU_ENV_scalar := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41 \
+	PYTHONPATH=$(CURDIR)/tests/cpu_paths
+ifeq ($(filter $(CPU_PATHS),native avx2 scalar),)
+$(error CPU_PATHS must be native, avx2 or scalar, not '$(CPU_PATHS)')
+endif
 
 .DEFAULT_GOAL := help
 .PHONY: help lab test notebooks exercises lock venv clean
@@ -52,7 +70,7 @@ lab: $(STAMP)
 # nbval colours its diffs unless told --color=no.
 test: $(STAMP)
 	@if [ -t 1 ]; then color=; else color=--color=no; fi; \
-	$(VPY) -m pytest $$color $(NBVAL_ARGS) $(PYTEST_ARGS) tests notebooks solutions; rc=$$?; \
+	env $(CPU_ENV_$(CPU_PATHS)) $(VPY) -m pytest $$color $(NBVAL_ARGS) $(PYTEST_ARGS) $(TEST_PATHS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest ran no tests (exit 5), which counts as a failure" >&2; fi; \
 	exit $$rc
 

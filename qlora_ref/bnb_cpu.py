@@ -48,23 +48,23 @@ __all__ = [
 
 
 def cpu_features() -> dict:
-    """The checks bitsandbytes' CPU backend makes, as it makes them: {"avx512f", "avx512bf16", "torch"}.
+    """The checks bitsandbytes' CPU backend makes, as it makes them: {"machine", "avx512f", "avx512bf16", "torch"}.
 
-    avx512f and avx512bf16 are the C++ library's own CPUID answers; "torch" is
+    avx512f is its C++ library's own CPUID answer (the decoder asks it); avx512bf16 its Python check
+    (bitsandbytes.functional.has_avx512bf16, read when it registers its CPU kernels); "torch" is
     torch.backends.cpu.get_cpu_capability() (ATEN_CPU_CAPABILITY=avx2 lowers it, and it alone).
     """
+    import bitsandbytes.functional as bnbF
     from bitsandbytes.cextension import lib
 
-    def ask(name):
-        try:
-            return bool(getattr(lib, name)())
-        except (AttributeError, OSError, RuntimeError):  # no such symbol: an ARM or a library-less build
-            return False
-
+    try:
+        avx512f = bool(lib.has_avx512f_cpu())
+    except (AttributeError, OSError, RuntimeError):  # no such symbol: an ARM or a library-less build
+        avx512f = False
     return {
         "machine": platform.machine(),
-        "avx512f": ask("has_avx512f_cpu"),
-        "avx512bf16": ask("has_avx512bf16_cpu"),
+        "avx512f": avx512f,
+        "avx512bf16": bool(bnbF.has_avx512bf16()),
         "torch": torch.backends.cpu.get_cpu_capability(),
     }
 

@@ -4,6 +4,7 @@
 - every code cell has been executed: nbval does not compare a cell whose execution_count is null,
   so an unexecuted notebook would silently turn the strict run lax (fix: `make notebooks`);
 - no tqdm in cells whose output nbval compares (progress bars never compare equal);
+- nothing on stderr in any cell of a lesson or a solution, checked or not;
 - no checked cell ends in `;`: nbval runs cells with store_history=False, where IPython's trailing-`;`
   output suppression does not work, so `plt.plot(...);` stores no repr but shows one under nbval;
 - `make notebooks` and `make test` give the kernel the same environment;
@@ -76,6 +77,15 @@ def test_every_code_cell_was_executed(ipynb):
         f"{ipynb.name}: code cells {missing} (0-based) have no execution_count, so strict nbval would skip them. "
         f"Run `make notebooks` and commit the result."
     )
+
+
+@pytest.mark.parametrize("ipynb", NOTEBOOKS + sorted((ROOT / "solutions").glob("*.ipynb")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_nothing_on_stderr(ipynb):
+    """Warnings, library logging and progress bars stay out of the course, even where nbval would not compare."""
+    offending = [i for i, cell in code_cells(ipynb)
+                 if any(out.output_type == "stream" and out.name == "stderr" for out in cell.outputs)]
+    assert not offending, f"{ipynb.parent.name}/{ipynb.name}: cells {offending} (0-based) wrote to stderr"
 
 
 @notebook_params
