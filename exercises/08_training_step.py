@@ -192,9 +192,9 @@ whole = collate([run.train_examples[i] for part in ids for i in part], run.token
 one_batch = gradients([whole], 1.0)
 accumulated = gradients(micro, 1 / 2)
 summed = gradients(micro, 1.0)
-same = torch.allclose(accumulated, one_batch, rtol=0, atol=1e-6 * one_batch.abs().max().item())
+same = torch.allclose(accumulated, one_batch, rtol=0, atol=1e-5 * one_batch.abs().max().item())
 print(f"gradient norm, one batch of 16: {one_batch.norm():.4f}; two micro-batches of 8, loss / 2: "
-      f"{accumulated.norm():.4f} (equal within 1e-6 of the largest gradient: {same})")
+      f"{accumulated.norm():.4f} (equal within 1e-5 of the largest gradient: {same})")
 print(f"without the / 2: norm {summed.norm():.4f}, {float(summed.norm() / one_batch.norm()):.4f} times as large")
 
 # %% [markdown]
@@ -232,9 +232,9 @@ reference = gradients([whole], 1.0, max_norm=0.4)
 after = gradients(micro, 1 / 2, max_norm=0.4)
 each = gradients(micro, 1 / 2, max_norm=0.4, clip_each=True)
 cosine = float(each @ reference / (each.norm() * reference.norm()))
-tolerance = 1e-6 * reference.abs().max().item()
+tolerance = 1e-5 * reference.abs().max().item()
 print(f"the batch of 16, clipped to 0.4: norm {reference.norm():.4f}")
-print(f"clipped once after both micro-batches: equal within 1e-6 of the largest gradient: "
+print(f"clipped once after both micro-batches: equal within 1e-5 of the largest gradient: "
       f"{torch.allclose(after, reference, rtol=0, atol=tolerance)}")
 print(f"clipped after each micro-batch: max |difference| {(each - reference).abs().max():.1e}, "
       f"norm {each.norm():.4f}, cosine with the batch's direction {cosine:.4f}")

@@ -23,6 +23,22 @@ csrc/cpu_ops.cpp, the paths that matter to the course:
     import               AVX512-BF16                                       tries to fetch that kernel from the Hugging
                                                                             Face hub (the `kernels` package) and logs
                                                                             a warning when it cannot
+    quantize_blockwise   x86                                               C++, one build for every x86 (compiled
+    (8-bit: double                                                          for AVX2 and FMA; a CPU without AVX2 would
+    quantization, the                                                       stop on an illegal instruction): a 65,536-
+    8-bit optimizers)                                                       point lookup table (lesson 4)
+                         aarch64                                           NEON, the same table; its grid index is
+                                                                            rounded by other instructions (not checked
+                                                                            here: no ARM machine)
+    int8 matmul          torch's CPU capability AVX512                     torch._int_mm (the course does not use it)
+    the 8-bit map,       always                                            torch.linspace in float32, whose last bit
+    create_dynamic_map                                                      differs between torch's vector and scalar
+                                                                            kernels for some levels
+    offset of double     always                                            torch's float32 mean, whose last bits
+    quantization                                                            depend on the order of the additions (the
+                                                                            vector width, the number of threads)
+
+No path checks for AMX; torch's bfloat16 matrix products use it through oneDNN where the CPU has it.
 
 The AVX-512 loop's mistake: value j of row r (rows of n values) belongs to block (r*n + j) // B, but the loop
 reads absmax[r * (n // B) + j // B]. The two agree only when n is a whole number of blocks (or there is one
