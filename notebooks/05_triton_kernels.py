@@ -542,24 +542,43 @@ def ptx_counts(kernel, pattern=r"\b(st\.global[.\w]*|st\.shared[.\w]*|bar\.sync|
     return target, {name: found.count(name) for name in sorted(set(found))}
 
 
-for label, kernel in [
-    ("H100, bf16, nested            ", compile_ahead(90, torch.bfloat16, nested=True)),
-    ("H100, bf16, nested, fp fusion ", compile_ahead(90, torch.bfloat16, nested=True, fp_fusion=True)),
-    ("H100, bf16, two strided stores", compile_ahead(90, torch.bfloat16, nested=True, join=False)),
-    ("T4,   fp16, nested            ", compile_ahead(75, torch.float16, nested=True)),
-]:
+def store_bytes(instruction):
+    """Bytes one global store moves: st.global.v4.b32 -> 16, st.global.b16 -> 2."""
+    vector, bits = re.fullmatch(r"st\.global(?:\.v(\d))?\.b(\d+)", instruction).groups()
+    return int(vector or 1) * int(bits) // 8
+
+
+kernels = {
+    "H100, bf16, nested            ": compile_ahead(90, torch.bfloat16, nested=True),
+    "H100, bf16, nested, fp fusion ": compile_ahead(90, torch.bfloat16, nested=True, fp_fusion=True),
+    "H100, bf16, two strided stores": compile_ahead(90, torch.bfloat16, nested=True, join=False),
+    "T4,   fp16, nested            ": compile_ahead(75, torch.float16, nested=True),
+}
+for label, kernel in kernels.items():
     target, counts = ptx_counts(kernel)
-    print(f"{label}: {target}, {counts}")
+    widest = max((name for name in counts if name.startswith("st.global")), key=store_bytes)
+    rounding = sorted({name.split(".")[1] for name in counts if name.startswith("cvt")})
+    print(f"{label}: {target}; widest global store {widest} ({store_bytes(widest)} bytes); "
+          f"fma: {'yes' if 'fma.rn.f32' in counts else 'no'}; to 16 bits by cvt.{'/'.join(rounding)}")
 
 # %% [markdown]
 # Read it line by line:
 # - the default H100 kernel stores with `st.global.v4.b32`: 16 bytes per instruction, and has no `fma`;
 # - with Triton's default `enable_fp_fusion=True` the nested absmax becomes `fma.rn.f32` (not bit-exact);
-# - with two strided stores, as in our naive kernel, the stores become 2-byte scalars (`st.global.b16`),
-#   after a shuffle through shared memory (`st.shared`, `bar.sync`);
-# - `cvt.rn.bf16x2.f32` converts two float32 to bfloat16, rounding to nearest (`rn`): the GPU's rounding that
+# - with two strided stores, as in our naive kernel, the stores become 2-byte scalars (`st.global.b16`);
+# - `cvt.rn...` converts float32 to bfloat16 or float16, rounding to nearest (`rn`): the GPU's rounding that
 #   section 4 reproduced by hand;
 # - for a T4 (sm_75, no bfloat16 arithmetic) the same kernel compiles for float16 output: a Colab T4 can run it.
+#
+# The instruction counts themselves depend on Triton's version (the output depends on it): Triton 3.9 converts
+# two values at a time (`cvt.rn.bf16x2.f32`) and, for the strided stores, shuffles through shared memory first
+# (`st.shared`, `bar.sync`); older versions convert one at a time and store straight from registers.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+print("triton", triton.__version__)
+for label, kernel in kernels.items():
+    print(label, *ptx_counts(kernel))
 
 # %%
 # NBVAL_IGNORE_OUTPUT
