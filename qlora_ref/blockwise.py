@@ -76,6 +76,8 @@ def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def dequantize_codes(codes: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """x^ = code[q] * absmax, in float32 (the caller casts to the output dtype, rounding once)."""
+    """x^ = code[q] * absmax, in float32 (the caller casts to the output dtype, rounding once), on the codes'
+    device: the table and absmax are moved there if they are elsewhere."""
     n = codes.numel()
+    code, absmax = code.to(codes.device), absmax.to(codes.device)
     return code[codes.reshape(-1).long()] * absmax.repeat_interleave(blocksize)[:n]

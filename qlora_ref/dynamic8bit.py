@@ -95,6 +95,7 @@ def shared_dynamic_map(signed: bool, device: torch.device) -> torch.Tensor:
     return dynamic_map(signed=signed).to(device)
 
 
+@torch.no_grad()  # the state holds constants: no autograd history of x in absmax, even when x requires grad
 def quantize_blockwise(x: torch.Tensor, code=None, blocksize: int = 256, rounding: str = "lut", backend: str = "auto"):
     """8-bit codes of `x` (uint8, x's shape) and their QuantState (absmax per block, code, dtype).
 

@@ -16,9 +16,10 @@ from .codebooks import codebook_4bit
 from .double_quant import compress_absmax, decompress_absmax
 from .dynamic8bit import resolve_backend
 from .state import QuantState
-from .validation import check_blocksize, check_float_tensor
+from .validation import check_blocksize, check_bool, check_float_tensor
 
 
+@torch.no_grad()  # the state holds constants: no autograd history of x in absmax, even when x requires grad
 def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = False,
                   backend: str = "auto"):
     """Packed 4-bit codes ([(n + 1) // 2, 1] uint8) and the QuantState that undoes them.
@@ -27,6 +28,7 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     one-launch kernel, bitsandbytes' CUDA bytes (NF4 and FP4; CPU tensors run in Triton's
     interpreter). "auto": triton for a CUDA tensor (NF4/FP4, triton installed), torch otherwise.
     """
+    check_bool(double_quant, "double_quant")
     if resolve_backend(backend, x if quant_type in ("nf4", "fp4") else None) == "triton":
         from .kernels.quantize_4bit import quantize_4bit_triton
 
@@ -54,7 +56,8 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, backend: str = "aut
     """W^ = code[q] * absmax (absmax first rebuilt from its 8-bit codes if nested), in W's shape and dtype.
 
     backend: "torch", "triton" (qlora_ref.kernels.dequantize_4bit_triton, one launch) or "auto"
-    (triton for CUDA tensors). Both give the same values.
+    (triton for CUDA tensors). Both give the same values, on packed's device (the state's tensors are
+    moved there if they are elsewhere).
     """
     if resolve_backend(backend, packed) == "triton":
         from .kernels.dequantize_4bit import dequantize_4bit_triton

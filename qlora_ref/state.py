@@ -59,6 +59,16 @@ class QuantState:
         if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
             got = codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__
             raise TypeError(f"quantized data must be a uint8 tensor, got {got}")
+        for what, tensor in (("the quantized data", codes), ("state.absmax", self.absmax), ("state.code", self.code)):
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "meta":
+                raise ValueError(f"{what} is a meta tensor (a shape without values, e.g. from a model built on "
+                                 "device='meta'): load the quantized weights first")
+        levels = 2 ** self.bits_per_code
+        if not isinstance(self.code, torch.Tensor) or self.code.dtype != torch.float32 or self.code.shape != (levels,):
+            got = (f"{self.code.dtype} of shape {tuple(self.code.shape)}" if isinstance(self.code, torch.Tensor)
+                   else type(self.code).__name__)
+            raise ValueError(f"state.code must be the float32 table of the {levels} levels the {self.bits_per_code}-bit "
+                             f"codes index, got {got}")
         if self.blocksize not in BLOCKSIZES:
             raise ValueError(f"state.blocksize must be one of {BLOCKSIZES}, got {self.blocksize!r}")
         if self.dtype not in FLOAT_DTYPES:

@@ -1,4 +1,4 @@
-"""Input checks shared by every quantizer: a learner's typo gets one sentence that names the problem."""
+"""Input checks shared by every quantizer (and the trainer): a learner's typo gets one sentence that names the problem."""
 
 import torch
 
@@ -21,6 +21,9 @@ def check_float_tensor(x, name: str = "x") -> None:
             f"{name} has dtype {x.dtype}; quantization takes float32, float16 or bfloat16 "
             f"(convert integers first, e.g. {name}.float())"
         )
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor (a shape without values, e.g. a model built on device='meta'): "
+                         "load its weights first")
     if x.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}): there is nothing to quantize")
     finite = torch.isfinite(x)
@@ -38,3 +41,9 @@ def check_blocksize(blocksize) -> None:
     """Raise unless `blocksize` is one of bitsandbytes' block sizes (powers of two, 32..4096)."""
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+
+
+def check_bool(value, name: str) -> None:
+    """Raise unless `value` is True or False: a string such as "False" is truthy, so it would mean the opposite."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")

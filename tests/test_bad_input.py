@@ -32,6 +32,16 @@ class TestInputs:
         with pytest.raises(TypeError, match="must be a torch.Tensor, got list"):
             quantize([1.0, 2.0])
 
+    def test_meta_tensor_is_refused(self, quantize):
+        with pytest.raises(ValueError, match="x is a meta tensor"):
+            quantize(torch.empty(64, 64, device="meta"))
+
+    def test_a_tensor_that_requires_grad_leaves_no_autograd_history_in_the_state(self, quantize):
+        x = torch.randn(64 * 300, requires_grad=True)
+        _, state = quantize(x) if quantize is Q.quantize_blockwise else quantize(x, double_quant=True)
+        nested = [state.offset, state.state2.absmax] if state.nested else []
+        assert all(t.grad_fn is None and not t.requires_grad for t in [state.absmax, *nested])
+
     @pytest.mark.parametrize("blocksize", [0, 16, 48, 8192, 64.0, "64", True])
     def test_unsupported_blocksize(self, quantize, blocksize):
         with pytest.raises(ValueError, match="blocksize must be one of"):
@@ -41,6 +51,12 @@ class TestInputs:
 def test_unknown_quant_type():
     with pytest.raises(ValueError, match="got 'NF4'"):
         Q.quantize_4bit(torch.randn(64), quant_type="NF4")
+
+
+@pytest.mark.parametrize("value", ["no", "False", 1, None])
+def test_double_quant_must_be_a_bool(value):
+    with pytest.raises(TypeError, match=f"double_quant must be True or False, got {type(value).__name__} {value!r}"):
+        Q.quantize_4bit(torch.randn(64), double_quant=value)
 
 
 def test_unknown_rounding():
@@ -106,3 +122,20 @@ def test_double_quantization_that_would_overflow_says_so():
     x = torch.full((256,), 3e38)
     with pytest.raises(ValueError, match="double quantization overflowed.*double_quant=False"):
         Q.quantize_4bit(x, double_quant=True)
+
+
+def test_a_state_whose_code_is_not_its_table_of_levels():
+    packed, state = Q.quantize_4bit(torch.randn(640))
+    state.code = state.code[:4]
+    with pytest.raises(ValueError, match=r"state.code must be the float32 table of the 16 levels .* got torch.float32 "
+                                         r"of shape \(4,\)"):
+        Q.dequantize_4bit(packed, state)
+
+
+def test_meta_data_or_state_is_refused_not_read_as_memory():
+    packed, state = Q.quantize_4bit(torch.randn(640))
+    with pytest.raises(ValueError, match="the quantized data is a meta tensor"):
+        Q.dequantize_4bit(packed.to("meta"), state, backend="torch")
+    state.absmax = state.absmax.to("meta")
+    with pytest.raises(ValueError, match="state.absmax is a meta tensor"):
+        Q.dequantize_4bit(packed, state, backend="torch")

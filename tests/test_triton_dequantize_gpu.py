@@ -83,6 +83,9 @@ def test_matches_the_cpu_reference(dtype):
     packed, state = Q.quantize_4bit(x, blocksize=64, quant_type="nf4", double_quant=True)
     on_gpu = dequantize_4bit_triton(packed.cuda(), state)  # the state's tensors follow packed to the GPU
     assert_same(on_gpu.cpu(), Q.dequantize_4bit(packed, state))
+    torch_path = Q.dequantize_4bit(packed.cuda(), state, backend="torch")  # the same rule without Triton
+    assert torch_path.device.type == "cuda"
+    assert_same(torch_path.cpu(), Q.dequantize_4bit(packed, state))
 
 
 def test_cached_launches_follow_alignment_and_size():
