@@ -11,6 +11,8 @@ Saved files follow PEFT's LoRA format, so `peft.PeftModel.from_pretrained(base_m
 them: tensor names `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`, and a config with
 peft_type "LORA", r, lora_alpha, lora_dropout, target_modules, bias "none". safetensors only: nothing is
 ever pickled, and both files are written to a temporary file first and moved into place (os.replace).
+Loading checks everything before it copies anything: a damaged file or a setting these layers do not
+implement (PEFT's alpha_pattern, rank_pattern, layers_to_transform, modules_to_save) is named, with its file.
 """
 
 import json
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
@@ -32,6 +35,10 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PEFT's name for the wrapped model inside PeftModel
 ALL_LINEAR = "all-linear"
 LORA_LAYERS = (LoRALinear, QLoRALinear)
+# PEFT settings that change what is loaded; these layers have one r and one lora_alpha and adapt every targeted layer.
+PEFT_OPTIONS_NOT_IMPLEMENTED = {"alpha_pattern": "a lora_alpha per layer", "rank_pattern": "an r per layer",
+                                "layers_to_transform": "adapters on some layers only",
+                                "modules_to_save": "whole modules trained beside the adapters"}
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,11 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
     total = sum(p.numel() for p in model.parameters())
     total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QLoRALinear))
     return TrainableSummary(trainable=trainable, total=total)
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"the model must be a torch.nn.Module, got {type(model).__name__} {model!r:.80}")
 
 
 def _matches(name: str, target: str) -> bool:
@@ -84,15 +96,12 @@ def find_target_modules(model: nn.Module, target_modules: Union[str, Sequence[st
     suffixes matched on whole dotted parts ("q_proj" matches "model.layers.0.self_attn.q_proj").
     Every suffix must match at least one module; a match that is not an nn.Linear is an error.
     """
+    check_target_modules(target_modules)
     linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
     if isinstance(target_modules, str):
-        if target_modules.lower() != ALL_LINEAR:
-            raise ValueError(f"target_modules must be {ALL_LINEAR!r} or a list of module names, got {target_modules!r}")
         excluded = _output_embedding_names(model)
         return [n for n in linear_names if n not in excluded]
     targets = list(target_modules)
-    if not targets or not all(isinstance(t, str) and t for t in targets):
-        raise ValueError(f"target_modules must be a non-empty list of module names, got {target_modules!r}")
     modules = dict(model.named_modules())
     existing = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
     for target in targets:
@@ -105,6 +114,17 @@ def find_target_modules(model: nn.Module, target_modules: Union[str, Sequence[st
             raise TypeError(f"target module {target!r} matches {not_linear[0]!r}, a "
                             f"{type(modules[not_linear[0]]).__name__}; only nn.Linear layers can take LoRA here")
     return [n for n in linear_names if any(_matches(n, t) for t in targets)]
+
+
+def check_target_modules(target_modules) -> None:
+    """Raise unless target_modules is "all-linear" or a non-empty list (tuple, set) of module names."""
+    if isinstance(target_modules, str):
+        if target_modules.lower() != ALL_LINEAR:
+            raise ValueError(f"target_modules must be {ALL_LINEAR!r} or a list of module names, got {target_modules!r}")
+        return
+    if (not isinstance(target_modules, (list, tuple, set, frozenset)) or not target_modules
+            or not all(isinstance(t, str) and t for t in target_modules)):
+        raise ValueError(f"target_modules must be a non-empty list of module names, got {target_modules!r}")
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -122,6 +142,7 @@ def prepare_model(model: nn.Module, r: int = 8, alpha: float = 16, dropout: floa
     Every other parameter is frozen: afterwards only lora_A and lora_B train. Returns the summary
     (print it). The settings are remembered on the model (`model._lora_settings`) for save_adapters.
     """
+    _check_model(model)
     check_lora_hyperparameters(r, alpha, dropout)
     if any(isinstance(m, LORA_LAYERS) for m in model.modules()):
         raise ValueError("this model already has LoRA layers (prepare_model was called on it before)")
@@ -146,6 +167,7 @@ def prepare_model(model: nn.Module, r: int = 8, alpha: float = 16, dropout: floa
 
 def lora_layers(model: nn.Module) -> dict:
     """{module path: LoRALinear or QLoRALinear} of a prepared model."""
+    _check_model(model)
     return {n: m for n, m in model.named_modules() if isinstance(m, LORA_LAYERS)}
 
 
@@ -191,6 +213,54 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def writable_directory(path, what: str) -> Path:
+    """Make `path` a directory (parents too) and check, by writing a temporary file in it, that it takes files:
+    a run learns that it cannot save before its first step, not after its last. `what` names it in errors."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        raise NotADirectoryError(f"{what} {str(path)!r} cannot be a directory: {str(blocker)!r} is a file; "
+                                 "give the path of a directory (it is made if missing)") from None
+    except OSError as error:
+        raise PermissionError(f"{what} {str(path)!r} is not writable ({error.strerror}): give a directory you can "
+                              "write to") from None
+    return path
+
+
+def read_json_object(path, what: str) -> dict:
+    """The JSON object in file `path`; a missing file, bad JSON or another kind of value raises naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        value = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{what} {path} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ValueError(f"{what} {path} nests JSON too deeply to be read") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} {path} must hold a JSON object {{...}}, got a {type(value).__name__}")
+    return value
+
+
+def read_safetensors(path) -> dict:
+    """{name: tensor} of a safetensors file; a missing, empty or cut-short file raises naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): it was never written or was emptied")
+    try:
+        return load_file(str(path))
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a whole safetensors file ({error}): it was cut short or is not "
+                         "safetensors") from None
+
+
 def adapter_state_dict(model: nn.Module) -> dict:
     """{PEFT name: tensor} of the adapters: base_model.model.<path>.lora_A.weight and .lora_B.weight."""
     tensors = {}
@@ -228,8 +298,7 @@ def save_adapters(model: nn.Module, directory, base_model_name_or_path: Optional
         "modules_to_save": None,
         "inference_mode": True,
     }
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = writable_directory(directory, "the adapters' directory")
     atomic_write(directory / WEIGHTS_NAME, save(adapter_state_dict(model), metadata={"format": "pt"}))
     atomic_write(directory / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     return directory
@@ -241,12 +310,24 @@ def load_adapters(model: nn.Module, directory) -> nn.Module:
     The model must already have LoRA layers at the saved paths with the saved shapes and the saved
     alpha/r; every layer gets its A and B from the file. Mismatches raise before anything is copied.
     """
+    tensors = read_adapters(model, directory)
+    with torch.no_grad():
+        for name, layer in lora_layers(model).items():
+            for part in ("lora_A", "lora_B"):
+                param = getattr(layer, part).weight
+                param.copy_(tensors[f"{PREFIX}{name}.{part}.weight"].to(device=param.device, dtype=param.dtype))
+    return model
+
+
+def read_adapters(model: nn.Module, directory) -> dict:
+    """{PEFT name: tensor} of the adapters in `directory`, checked against the model's LoRA layers (names,
+    shapes, alpha/r, finite values) and its config against what these layers implement; nothing is copied."""
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist (save_adapters writes {CONFIG_NAME} and {WEIGHTS_NAME})")
-    config = json.loads(config_path.read_text())
+    config = read_json_object(config_path, "the adapter config")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{config_path}: peft_type is {config.get('peft_type')!r}, only 'LORA' adapters load here")
     for flag in ("use_rslora", "use_dora"):
@@ -254,10 +335,23 @@ def load_adapters(model: nn.Module, directory) -> nn.Module:
             raise ValueError(f"{config_path}: {flag} is set; these layers implement plain LoRA only")
     if config.get("bias", "none") != "none":
         raise ValueError(f"{config_path}: bias is {config['bias']!r}; only bias 'none' is supported")
+    for key, meaning in PEFT_OPTIONS_NOT_IMPLEMENTED.items():
+        if config.get(key):
+            raise ValueError(f"{config_path}: {key} is {config[key]!r} ({meaning}), which these layers do not "
+                             "implement: loading it here would be wrong; load it with PEFT "
+                             "(peft.PeftModel.from_pretrained)")
+    missing_keys = [key for key in ("r", "lora_alpha") if key not in config]
+    if missing_keys:
+        raise ValueError(f"{config_path} lacks {' and '.join(missing_keys)}: the scale alpha/r needs both")
+    r, alpha = config["r"], config["lora_alpha"]
+    try:
+        check_lora_hyperparameters(r, alpha, 0.0)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{config_path}: r = {r!r}, lora_alpha = {alpha!r}: {error}") from None
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers: call prepare_model (same targets and r) before load_adapters")
-    tensors = load_file(str(weights_path))
+    tensors = read_safetensors(weights_path)
     expected = set(adapter_state_dict_names(layers))
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if unexpected:
@@ -267,21 +361,21 @@ def load_adapters(model: nn.Module, directory) -> nn.Module:
         raise ValueError(f"{weights_path} lacks adapters for {missing[:3]} (the model was prepared with "
                          "more target modules than the adapter was saved with)")
     for name, layer in layers.items():
-        scaling = config["lora_alpha"] / config["r"]
-        if not math.isclose(scaling, layer.scaling, rel_tol=1e-12):
-            raise ValueError(f"{name}: the adapter was saved with lora_alpha/r = {config['lora_alpha']}/{config['r']} "
+        if not math.isclose(alpha / r, layer.scaling, rel_tol=1e-12):
+            raise ValueError(f"{name}: the adapter was saved with lora_alpha/r = {alpha}/{r} "
                              f"but the layer has alpha/r = {layer.alpha}/{layer.r}")
         for part in ("lora_A", "lora_B"):
-            tensor, param = tensors[f"{PREFIX}{name}.{part}.weight"], getattr(layer, part).weight
+            key = f"{PREFIX}{name}.{part}.weight"
+            tensor, param = tensors[key], getattr(layer, part).weight
             if tensor.shape != param.shape:
                 raise ValueError(f"{name}.{part}: the saved adapter has shape {tuple(tensor.shape)} but the "
                                  f"model's layer has shape {tuple(param.shape)}")
-    with torch.no_grad():
-        for name, layer in layers.items():
-            for part in ("lora_A", "lora_B"):
-                param = getattr(layer, part).weight
-                param.copy_(tensors[f"{PREFIX}{name}.{part}.weight"].to(device=param.device, dtype=param.dtype))
-    return model
+            if not tensor.is_floating_point():
+                raise ValueError(f"{weights_path}: {key} is {tensor.dtype}; adapters are floating point")
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{weights_path}: {key} holds NaN or Inf: the adapter is damaged (or was trained "
+                                 "into NaN)")
+    return tensors
 
 
 def adapter_state_dict_names(layers: dict) -> list:

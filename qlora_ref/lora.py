@@ -72,6 +72,8 @@ class _LoRABranch(nn.Module):
 
     def _init_lora(self, in_features, out_features, r, alpha, dropout, dtype, device):
         check_lora_hyperparameters(r, alpha, dropout)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"adapter_dtype must be a floating-point torch.dtype (the adapters are trained), got {dtype!r}")
         self.in_features, self.out_features = in_features, out_features
         self.r, self.alpha, self.dropout_p = r, alpha, float(dropout)
         self.scaling = alpha / r

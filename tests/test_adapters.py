@@ -230,6 +230,102 @@ def test_loading_adapters_that_do_not_fit_names_the_module_and_both_shapes(tmp_p
         Q.load_adapters(tiny(), tmp_path)
 
 
+def saved_adapters(directory):
+    model = tiny()
+    Q.prepare_model(model, r=4, alpha=8, target_modules=["q_proj"])
+    Q.save_adapters(model, directory)
+    fresh = tiny()
+    Q.prepare_model(fresh, r=4, alpha=8, target_modules=["q_proj"])
+    return fresh
+
+
+def edit_config(directory, edit):
+    path = directory / "adapter_config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"r": 4,', r"adapter_config.json is not valid JSON: Expecting property name"),
+    ("[]", r"adapter_config.json must hold a JSON object \{...\}, got a list"),
+    ('{"r": ' + "[" * 100_000 + "]" * 100_000 + "}", r"adapter_config.json nests JSON too deeply to be read"),
+])
+def test_a_config_that_is_not_a_json_object_is_named(tmp_path, text, message):
+    model = saved_adapters(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        Q.load_adapters(model, tmp_path)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("r", None, "adapter_config.json lacks r: the scale alpha/r needs both"),
+    ("lora_alpha", None, "adapter_config.json lacks lora_alpha"),
+    ("r", 0, r"adapter_config.json: r = 0, lora_alpha = 8: r \(the LoRA rank\) must be >= 1"),
+    ("r", "4", r"adapter_config.json: r = '4', lora_alpha = 8: r \(the LoRA rank\) must be an int, got str"),
+    ("r", 4.0, r"r = 4.0, .* must be an int, got float"),
+    ("lora_alpha", 0, r"adapter_config.json: r = 4, lora_alpha = 0: alpha must be a positive finite number"),
+    ("lora_alpha", "8", r"adapter_config.json: r = 4, lora_alpha = '8': alpha must be a positive"),
+])
+def test_a_missing_or_bad_r_or_lora_alpha_names_the_file_and_the_field(tmp_path, key, value, message):
+    model = saved_adapters(tmp_path)
+    edit_config(tmp_path, lambda config: config.pop(key) if value is None else config.update({key: value}))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=message):
+        Q.load_adapters(model, tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("key, value", [("alpha_pattern", {"layers.0.q_proj": 16}), ("rank_pattern", {"q_proj": 8}),
+                                        ("layers_to_transform", [0]), ("modules_to_save", ["lm_head"])])
+def test_peft_options_these_layers_do_not_implement_are_refused_not_ignored(tmp_path, key, value):
+    model = saved_adapters(tmp_path)
+    edit_config(tmp_path, lambda config: config.update({key: value}))
+    with pytest.raises(ValueError, match=f"adapter_config.json: {key} is .* which these layers do not implement"):
+        Q.load_adapters(model, tmp_path)
+    edit_config(tmp_path, lambda config: config.update({key: {} if "pattern" in key else None}))  # PEFT's defaults
+    Q.load_adapters(model, tmp_path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: b"", "adapter_model.safetensors is empty"),
+    (lambda data: data[:len(data) // 2], "adapter_model.safetensors is not a whole safetensors file"),
+    (lambda data: data[:5], "adapter_model.safetensors is not a whole safetensors file"),
+])
+def test_an_empty_or_cut_short_weights_file_is_named(tmp_path, damage, message):
+    model = saved_adapters(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(ValueError, match=message):
+        Q.load_adapters(model, tmp_path)
+
+
+def test_adapters_with_nan_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = saved_adapters(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    tensors["base_model.model.layers.1.q_proj.lora_A.weight"][0, 0] = float("nan")
+    save_file(tensors, str(path))
+    with pytest.raises(ValueError, match=r"layers.1.q_proj.lora_A.weight holds NaN or Inf: the adapter is damaged"):
+        Q.load_adapters(model, tmp_path)
+
+
+def test_what_is_not_a_model_or_a_directory_is_named(tmp_path):
+    with pytest.raises(TypeError, match="the model must be a torch.nn.Module, got str 'a string'"):
+        Q.prepare_model("a string")
+    with pytest.raises(TypeError, match="the model must be a torch.nn.Module, got dict"):
+        Q.save_adapters({}, tmp_path)
+    model = tiny()
+    Q.prepare_model(model, r=4, alpha=8, target_modules=["q_proj"])
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="'.*a-file' cannot be a directory: '.*a-file' is a file"):
+        Q.save_adapters(model, tmp_path / "a-file")
+    with pytest.raises(NotADirectoryError, match="'.*a-file/out' cannot be a directory: '.*a-file' is a file"):
+        Q.save_adapters(model, tmp_path / "a-file" / "out")
+
+
 def test_a_failed_save_leaves_the_old_files_and_no_temporary_file(tmp_path, monkeypatch):
     model = tiny()
     Q.prepare_model(model, r=4, alpha=8, target_modules=["q_proj"])

@@ -365,6 +365,11 @@ def test_bad_layer_settings():
         Q.QLoRALinear(make_base(), quant_type="int8")
     with pytest.raises(ValueError, match="blocksize"):
         Q.QLoRALinear(make_base(), blocksize=48)
+    with pytest.raises(TypeError, match="double_quant must be True or False, got str 'no'"):
+        Q.QLoRALinear(make_base(), double_quant="no")
+    for cls in (Q.LoRALinear, Q.QLoRALinear):
+        with pytest.raises(TypeError, match="adapter_dtype must be a floating-point torch.dtype .* got torch.int32"):
+            cls(make_base(), adapter_dtype=torch.int32)
 
 
 def test_dequantize_matmul_alone_matches_f_linear():
