@@ -61,13 +61,16 @@ API for subclasses (qlora_ref.paging.PagedAdamW8bit)
         ...the update of p and its state, in place (by `backend`; the tensors stay where they are)...
         self._after_update(p, state)      # no-op here
     _new_state(p) -> dict: {"step": 0, "state1": m, "state2": v}, plus "absmax1", "absmax2" for 8-bit
-        moments (bitsandbytes' key names). Every tensor comes from self._allocate(shape, dtype, device),
-        which must return a zero-filled tensor (zero codes with a zero absmax decode to m = v = 0):
+        moments (bitsandbytes' key names), laid out as _state_layout(p) says. Every tensor comes from
+        self._allocate(shape, dtype, device), which must return a zero-filled tensor (zero codes with a
+        zero absmax decode to m = v = 0):
           p.numel() >= min_8bit_size: state1, state2: uint8 codes of p.shape; absmax1, absmax2:
                                       float32 [ceil(n / blocksize)]
           otherwise:                  state1, state2: float32 of p.shape
-        load_state_dict and load_optimizer_state_tensors go through self._load_state(p, saved), which
-        makes a new state with _new_state (so through _allocate) and copies the saved tensors into it.
+        load_state_dict and load_optimizer_state_tensors first check every saved state against
+        _state_layout (and the hyperparameters against their ranges), then go through
+        self._load_state(p, saved), which makes a new state with _new_state (so through _allocate) and
+        copies the saved tensors into it.
     _allocate(shape, dtype, device) -> torch.zeros(shape, dtype=dtype, device=device); override it to
         place the states elsewhere (managed / paged memory).
 
@@ -83,6 +86,7 @@ import struct
 import weakref
 from collections.abc import Mapping
 from itertools import chain
+from numbers import Real
 from types import MappingProxyType
 
 import torch
@@ -98,6 +102,7 @@ __all__ = [
     "adamw8bit_update_",
     "adamw_update_",
     "bytes_per_parameter",
+    "check_optimizer_state_tensors",
     "load_optimizer_state_tensors",
     "optimizer_state_bytes",
     "optimizer_state_tensors",
@@ -434,17 +439,19 @@ class AdamW8bit(torch.optim.Optimizer):
             state.update(self._new_state(p))
         return state
 
-    def _new_state(self, p) -> dict:
-        """Zero moments for p: 8-bit codes with float32 absmax, or float32 below min_8bit_size."""
-        state = {"step": 0}
+    def _state_layout(self, p) -> dict:
+        """{key: (shape, dtype)} of p's state tensors: 8-bit codes with float32 absmax, float32 below min_8bit_size."""
         if p.numel() >= self.min_8bit_size:
-            blocks = -(-p.numel() // self.blocksize)
-            for name in ("1", "2"):
-                state["state" + name] = self._allocate(p.shape, torch.uint8, p.device)
-                state["absmax" + name] = self._allocate((blocks,), torch.float32, p.device)
-        else:
-            for name in ("1", "2"):
-                state["state" + name] = self._allocate(p.shape, torch.float32, p.device)
+            blocks = (-(-p.numel() // self.blocksize),)
+            return {"state1": (p.shape, torch.uint8), "absmax1": (blocks, torch.float32),
+                    "state2": (p.shape, torch.uint8), "absmax2": (blocks, torch.float32)}
+        return {"state1": (p.shape, torch.float32), "state2": (p.shape, torch.float32)}
+
+    def _new_state(self, p) -> dict:
+        """Zero moments for p, as _state_layout(p) lays them out."""
+        state = {"step": 0}
+        for key, (shape, dtype) in self._state_layout(p).items():
+            state[key] = self._allocate(shape, dtype, p.device)
         return state
 
     def _before_update(self, p, state) -> None:
@@ -455,30 +462,51 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's loader, except that state tensors keep their dtype (torch would cast uint8 codes and
-        float32 absmax to the parameter's dtype) and are allocated through self._allocate."""
-        super().load_state_dict({**state_dict, "state": {}})
+        float32 absmax to the parameter's dtype) and are allocated through self._allocate; everything is
+        checked before anything changes."""
+        for g, group in enumerate(state_dict["param_groups"]):
+            _check_group(group, f"param_groups[{g}]")
         saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
         param_of = dict(zip(saved_ids, _parameters(self)))
         for index, saved in state_dict["state"].items():
+            self._check_saved_state(param_of[index], saved, f"state[{index}]")
+        super().load_state_dict({**state_dict, "state": {}})
+        for index, saved in state_dict["state"].items():
             self._load_state(param_of[index], saved)
 
-    def _load_state(self, p, saved: dict) -> None:
-        """Make p's state a copy of `saved` in tensors from _new_state (so from _allocate), checking that
-        its keys, shapes and dtypes are the ones this optimizer would have made."""
-        expected = self._new_state(p)
-        if set(saved) != set(expected):
-            raise ValueError(f"the saved state of a parameter of shape {tuple(p.shape)} has keys {sorted(saved)}, "
-                             f"this optimizer expects {sorted(expected)} (different min_8bit_size?)")
-        for key, tensor in expected.items():
-            if key == "step":
-                expected[key] = int(saved[key])
-                continue
+    def _check_saved_state(self, p, saved: dict, name: str) -> None:
+        """Raise, naming `name`, unless `saved` is a state this optimizer would have made for p: its keys,
+        shapes and dtypes (_state_layout), a step >= 0, and finite float values."""
+        layout = self._state_layout(p)
+        if set(saved) != {"step", *layout}:
+            raise ValueError(f"{name}: the saved state of a parameter of shape {tuple(p.shape)} has keys "
+                             f"{sorted(saved)}, this optimizer expects {sorted(['step', *layout])} (different "
+                             "min_8bit_size?)")
+        step = saved["step"]
+        if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point():
+            step = step.item()
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"{name}.step must be an int >= 0 (the steps taken), got {saved['step']!r}")
+        for key, (shape, dtype) in layout.items():
             value = saved[key]
-            if value.shape != tensor.shape or value.dtype != tensor.dtype:
-                raise ValueError(f"saved {key} has shape {tuple(value.shape)} and dtype {value.dtype}, this optimizer "
-                                 f"expects {tuple(tensor.shape)} {tensor.dtype} (different blocksize?)")
-            tensor.copy_(value)
-        self.state[p] = expected
+            if not isinstance(value, torch.Tensor) or value.shape != shape or value.dtype != dtype:
+                got = (f"shape {tuple(value.shape)} and dtype {value.dtype}" if isinstance(value, torch.Tensor)
+                       else type(value).__name__)
+                raise ValueError(f"{name}.{key}: saved {got}, this optimizer expects {tuple(shape)} {dtype} "
+                                 "(different blocksize?)")
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{name}.{key} holds NaN or Inf: the optimizer state is damaged")
+
+    def _load_state(self, p, saved: dict) -> None:
+        """Make p's state a copy of `saved` (checked by _check_saved_state) in tensors from _new_state (so from
+        _allocate)."""
+        state = self._new_state(p)
+        for key, tensor in state.items():
+            if key == "step":
+                state[key] = int(saved[key])
+            else:
+                tensor.copy_(saved[key])
+        self.state[p] = state
 
 
 def _parameters(optimizer) -> list:
@@ -487,17 +515,27 @@ def _parameters(optimizer) -> list:
 
 
 def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
-    if not isinstance(lr, (int, float)) or not lr >= 0:
-        raise ValueError(f"lr must be a number >= 0, got {lr!r}")
+    """Raise unless every hyperparameter is a finite number in its range: an infinite lr or weight_decay makes
+    the parameters non-finite in one step, an infinite eps freezes them (m / (sqrt(v) + inf) = 0)."""
+
+    def check(value, name, in_range, rule):
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or not in_range(value):
+            raise ValueError(f"{name} must be a finite number {rule}, got {value!r}")
+
+    check(lr, "lr", lambda x: x >= 0, ">= 0")
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     for i, beta in enumerate(betas):
-        if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
-            raise ValueError(f"betas[{i}] must lie in [0, 1), got {beta!r}")
-    if not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps must be a number > 0 (it keeps m / sqrt(v) finite), got {eps!r}")
-    if not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+        check(beta, f"betas[{i}]", lambda x: 0 <= x < 1, "in [0, 1)")
+    check(eps, "eps", lambda x: x > 0, "> 0 (it keeps m / (sqrt(v) + eps) finite)")
+    check(weight_decay, "weight_decay", lambda x: x >= 0, ">= 0")
+
+
+def _check_group(group: dict, name: str) -> None:
+    try:
+        _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
 
 
 def bytes_per_parameter(bits: int = 8, blocksize: int = 256) -> float:
@@ -563,22 +601,50 @@ def optimizer_state_tensors(optimizer) -> dict:
 
 
 def load_optimizer_state_tensors(optimizer, tensors: dict) -> None:
-    """Restore what optimizer_state_tensors saved into an optimizer over the same parameters."""
+    """Restore what optimizer_state_tensors saved into an AdamW8bit (or PagedAdamW8bit) over the same parameters.
+
+    Everything is checked before anything changes (check_optimizer_state_tensors): a ValueError names the
+    first tensor that is not what this optimizer would have saved."""
+    groups, states = _read_state_tensors(optimizer, tensors)
+    for group, values in zip(optimizer.param_groups, groups):
+        group.update(values)
     params = _parameters(optimizer)
+    for index, saved in states.items():
+        optimizer._load_state(params[index], saved)
+
+
+def check_optimizer_state_tensors(optimizer, tensors: dict) -> None:
+    """Raise, naming the tensor, unless load_optimizer_state_tensors can load `tensors`: known names, finite
+    hyperparameters in range, and per parameter the state's keys, shapes, dtypes, step and finite values."""
+    _read_state_tensors(optimizer, tensors)
+
+
+def _read_state_tensors(optimizer, tensors: dict) -> tuple:
+    """([hyperparameters per param group], {parameter index: saved state}) of `tensors`, all checked."""
+    if not isinstance(optimizer, AdamW8bit):
+        raise TypeError(f"optimizer state tensors load into AdamW8bit or PagedAdamW8bit, got {type(optimizer).__name__}")
+    params = _parameters(optimizer)
+    groups = [{} for _ in optimizer.param_groups]
     states = {}
     for name, value in tensors.items():
         kind, index, key = _split_name(name)
         if kind == "param_groups":
-            if index >= len(optimizer.param_groups) or key not in optimizer.param_groups[index]:
+            if index >= len(groups) or key not in optimizer.param_groups[index] or key in ("params", "param_names"):
                 raise ValueError(f"{name}: this optimizer has no such hyperparameter")
+            if not value.is_floating_point() or value.dim() > 1:
+                raise ValueError(f"{name}: a hyperparameter is saved as a float64 number or pair, got {value.dtype} "
+                                 f"of shape {tuple(value.shape)}")
             number = value.tolist()
-            optimizer.param_groups[index][key] = tuple(number) if isinstance(number, list) else number
+            groups[index][key] = tuple(number) if isinstance(number, list) else number
         else:
             if index >= len(params):
                 raise ValueError(f"{name}: the saved optimizer had more parameters than this one ({len(params)})")
             states.setdefault(index, {})[key] = value
+    for g, (group, values) in enumerate(zip(optimizer.param_groups, groups)):
+        _check_group({**group, **values}, f"param_groups.{g}")
     for index, saved in states.items():
-        optimizer._load_state(params[index], saved)
+        optimizer._check_saved_state(params[index], saved, f"state.{index}")
+    return groups, states
 
 
 def _split_name(name: str):

@@ -331,6 +331,54 @@ def test_load_optimizer_state_tensors_errors():
         load_optimizer_state_tensors(opt, bad)
 
 
+def stepped_optimizer(cls=AdamW8bit):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(10))]
+    options = dict(paging="pager", budget_bytes=1 << 20) if cls is PagedAdamW8bit else {}
+    opt = cls(params, **options)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("cls", [AdamW8bit, PagedAdamW8bit])
+@pytest.mark.parametrize("name, value, message", [
+    ("param_groups.0.betas", torch.tensor([1.5, 0.999], dtype=torch.float64),
+     r"param_groups.0: betas\[0\] must be a finite number in \[0, 1\), got 1.5"),
+    ("param_groups.0.eps", torch.tensor(math.nan, dtype=torch.float64),
+     r"param_groups.0: eps must be a finite number > 0 .* got nan"),
+    ("param_groups.0.lr", torch.tensor(math.inf, dtype=torch.float64), "param_groups.0: lr must be a finite number"),
+    ("param_groups.0.lr", torch.tensor(1), "param_groups.0.lr: a hyperparameter is saved as a float64 number"),
+    ("state.0.state1", torch.zeros(3, dtype=torch.uint8),
+     r"state.0.state1: saved shape \(3,\) and dtype torch.uint8, this optimizer expects \(5000,\) torch.uint8"),
+    ("state.0.absmax1", torch.zeros(20, dtype=torch.float64), r"state.0.absmax1: saved .* dtype torch.float64"),
+    ("state.0.absmax2", torch.full((20,), math.nan), "state.0.absmax2 holds NaN or Inf"),
+    ("state.1.state2", torch.full((10,), math.inf), "state.1.state2 holds NaN or Inf"),
+    ("state.1.step", torch.tensor(-1), r"state.1.step must be an int >= 0 \(the steps taken\)"),
+    ("state.1.step", torch.tensor(2.0), "state.1.step must be an int >= 0"),
+])
+def test_a_damaged_state_is_named_and_nothing_is_loaded(cls, name, value, message):
+    saved = optimizer_state_tensors(stepped_optimizer(cls))
+    opt = cls([torch.nn.Parameter(torch.zeros(5000)), torch.nn.Parameter(torch.zeros(10))],
+              **(dict(paging="pager", budget_bytes=1 << 20) if cls is PagedAdamW8bit else {}))
+    before = {k: v.clone() for k, v in optimizer_state_tensors(opt).items()}
+    with pytest.raises(ValueError, match=message):
+        load_optimizer_state_tensors(opt, {**{k: v.clone() for k, v in saved.items()}, name: value})
+    after = optimizer_state_tensors(opt)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    load_optimizer_state_tensors(opt, saved)  # the undamaged state loads
+    assert opt.state[opt.param_groups[0]["params"][0]]["step"] == 1
+
+
+def test_load_state_dict_checks_too():
+    opt = stepped_optimizer()
+    state_dict = opt.state_dict()
+    state_dict["param_groups"][0]["eps"] = math.inf
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: eps must be a finite number"):
+        AdamW8bit(opt.param_groups[0]["params"]).load_state_dict(state_dict)
+
+
 def test_memory_measured_equals_predicted():
     shapes = [(4096, 4), (4097,), (70000,), (100,), (33, 7)]
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
@@ -357,19 +405,30 @@ def test_memory_measured_equals_predicted():
 @pytest.mark.parametrize(
     "options, error, message",
     [
-        (dict(lr=-1e-3), ValueError, "lr must be a number >= 0"),
-        (dict(betas=(0.9, 1.0)), ValueError, r"betas\[1\] must lie in \[0, 1\)"),
-        (dict(betas=(-0.1, 0.999)), ValueError, r"betas\[0\] must lie in \[0, 1\)"),
+        (dict(lr=-1e-3), ValueError, "lr must be a finite number >= 0, got -0.001"),
+        (dict(lr=math.inf), ValueError, "lr must be a finite number >= 0, got inf"),
+        (dict(lr=math.nan), ValueError, "lr must be a finite number >= 0, got nan"),
+        (dict(lr="1e-3"), ValueError, "lr must be a finite number >= 0, got '1e-3'"),
+        (dict(lr=True), ValueError, "lr must be a finite number >= 0, got True"),
+        (dict(betas=(0.9, 1.0)), ValueError, r"betas\[1\] must be a finite number in \[0, 1\), got 1.0"),
+        (dict(betas=(-0.1, 0.999)), ValueError, r"betas\[0\] must be a finite number in \[0, 1\)"),
+        (dict(betas=(math.nan, 0.999)), ValueError, r"betas\[0\] must be a finite number in \[0, 1\), got nan"),
         (dict(betas=0.9), ValueError, "betas must be a pair"),
-        (dict(eps=0.0), ValueError, "eps must be a number > 0"),
-        (dict(weight_decay=-0.1), ValueError, "weight_decay must be a number >= 0"),
+        (dict(eps=0.0), ValueError, "eps must be a finite number > 0"),
+        (dict(eps=math.inf), ValueError, "eps must be a finite number > 0 .* got inf"),
+        (dict(weight_decay=-0.1), ValueError, "weight_decay must be a finite number >= 0"),
+        (dict(weight_decay=math.inf), ValueError, "weight_decay must be a finite number >= 0, got inf"),
         (dict(blocksize=100), ValueError, "blocksize must be one of"),
         (dict(min_8bit_size=-1), ValueError, "min_8bit_size must be a non-negative int"),
     ],
 )
 def test_bad_hyperparameters(options, error, message):
+    """Non-finite values included: lr or weight_decay inf made the parameters non-finite in one step, eps inf froze
+    them. The paged optimizer is an AdamW8bit and refuses the same."""
     with pytest.raises(error, match=message):
         AdamW8bit([torch.nn.Parameter(torch.randn(10))], **options)
+    with pytest.raises(error, match=message):
+        PagedAdamW8bit([torch.nn.Parameter(torch.randn(10))], **options, paging="pager", budget_bytes=1 << 20)
 
 
 def test_bad_parameters_and_gradients():
