@@ -58,6 +58,7 @@ from typing import Optional
 
 import torch
 
+from .adapters import read_json_object
 from .double_quant import NESTED_BLOCKSIZE
 from .memory import PeakMemory
 from .optim8bit import predicted_state_bytes
@@ -234,7 +235,7 @@ def from_hf_config(path_or_dict, name: Optional[str] = None) -> ModelShape:
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist (give a config.json, its folder, or a dict)")
-        config, source = json.loads(path.read_text()), str(path)
+        config, source = read_json_object(path, "the model config"), str(path)
     model_type = config.get("model_type")
     if model_type not in _LLAMA_LIKE:
         raise ValueError(f"{source} has model_type {model_type!r}; this estimator models the Llama layout "
@@ -255,9 +256,16 @@ def from_hf_config(path_or_dict, name: Optional[str] = None) -> ModelShape:
             raise ValueError(f"{source} has no head_dim and hidden_size {hidden} is not a multiple of "
                              f"num_attention_heads {heads}")
         head_dim = hidden // heads
-    return ModelShape(config["vocab_size"], hidden, config["intermediate_size"], config["num_hidden_layers"],
-                      heads, config.get("num_key_value_heads") or heads, head_dim,
-                      bool(config.get("tie_word_embeddings", False)), name or config.get("_name_or_path") or "custom")
+    tied = config.get("tie_word_embeddings", False)
+    if not isinstance(tied, bool):
+        raise ValueError(f"{source}: tie_word_embeddings must be true or false, got {tied!r}")
+    kv_heads = config.get("num_key_value_heads")
+    try:
+        return ModelShape(config["vocab_size"], hidden, config["intermediate_size"], config["num_hidden_layers"],
+                          heads, heads if kv_heads is None else kv_heads, head_dim, tied,
+                          name or config.get("_name_or_path") or "custom")
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
 
 
 def _resolve_model(model) -> ModelShape:

@@ -104,7 +104,9 @@ def test_tied_embeddings_count_once():
     ({"hidden_size": 100}, "not a multiple of num_attention_heads"),
     ({"num_key_value_heads": 5}, "multiple of num_key_value_heads"),
     ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive int"),
-    ({"vocab_size": "32000"}, "vocab_size must be a positive int"),
+    ({"vocab_size": "32000"}, "the config: vocab_size must be a positive int"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive int, got 0"),  # was read as "absent"
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, got 'false'"),  # was True
 ])
 def test_from_hf_config_refuses_what_it_cannot_model(change, message):
     config = {**_hf_config(PRESETS["Llama-2-7B"]).to_dict(), "head_dim": None, **change}
@@ -120,6 +122,17 @@ def test_from_hf_config_names_missing_fields_and_files(tmp_path):
         from_hf_config(tmp_path)
     with pytest.raises(ValueError, match="one of the presets"):
         estimate("Llama-9-1B")
+    (tmp_path / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        estimate(tmp_path)
+    (tmp_path / "config.json").write_text('[{"model_type": "llama"}]')
+    with pytest.raises(ValueError, match=r"config.json must hold a JSON object \{...\}, got a list"):
+        from_hf_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 10, "hidden_size": 8,
+                                                      "intermediate_size": 16, "num_hidden_layers": -1,
+                                                      "num_attention_heads": 2}))
+    with pytest.raises(ValueError, match="config.json: num_hidden_layers must be a positive int, got -1"):
+        from_hf_config(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------
