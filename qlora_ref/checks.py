@@ -11,7 +11,9 @@ qlora_ref (and with bitsandbytes where it has the same thing and is installed), 
 It returns True on success and False otherwise. It never raises for a wrong or unfinished answer: a function
 that raises NotImplementedError (an exercise stub) gives the "not implemented yet" line, a wrong result the
 first mismatch (where, expected vs got) and a hint. Any other exception in the learner's code propagates with
-its traceback, since that is a bug to read.
+its traceback, since that is a bug to read. A call of the learner's code that runs longer than TIME_LIMIT_S
+seconds (an endless loop) is stopped and gives a "stopped after" line, instead of hanging the notebook (by
+SIGALRM, so in the main thread on Linux and macOS, where notebooks run their cells; elsewhere no limit).
 
 The contracts (what the learner's functions take and return):
 
@@ -67,6 +69,9 @@ The contracts (what the learner's functions take and return):
 
 import math
 import random
+import signal
+import threading
+from contextlib import contextmanager
 
 import torch
 
@@ -97,6 +102,40 @@ class _Fail(Exception):
         self.hint = hint
 
 
+TIME_LIMIT_S = 120  # the longest one call of a learner's function may run (the checkers' own take seconds)
+
+
+class _TimedOut(BaseException):
+    """A learner's call ran past TIME_LIMIT_S (a BaseException, so that `except Exception` in a loop cannot
+    swallow it)."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+@contextmanager
+def _time_limit(fn):
+    """Stop the block with _TimedOut after TIME_LIMIT_S seconds: a SIGALRM timer, where there is one to take
+    (the main thread, a platform with SIGALRM, no timer already running for someone else)."""
+    if (not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread()
+            or signal.getitimer(signal.ITIMER_REAL)[0] > 0):
+        yield
+        return
+    name = getattr(getattr(fn, "fn", fn), "__name__", "your function")
+
+    def stop(signum, frame):
+        raise _TimedOut(name)
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, TIME_LIMIT_S)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 class _NotImplemented(Exception):
     """A learner's stub raised NotImplementedError: its message, or which function still has a TODO."""
 
@@ -106,7 +145,8 @@ class _NotImplemented(Exception):
 
 def _call(fn, *args):
     try:
-        return fn(*args)
+        with _time_limit(fn):
+            return fn(*args)
     except NotImplementedError as err:
         raise _NotImplemented(err, getattr(fn, "__name__", "your function"))
 
@@ -123,6 +163,10 @@ def _run(name, body):
         print(f"{name}: {fail.line}")
         if fail.hint:
             print(f"  hint: {fail.hint}")
+        return False
+    except _TimedOut as stopped:
+        print(f"{name}: stopped after {TIME_LIMIT_S} s: {stopped.name} never returned (an endless loop?); "
+              "qlora_ref.checks.TIME_LIMIT_S sets the limit")
         return False
     print(f"{name}: OK — {ok_line}")
     return True
@@ -755,7 +799,8 @@ def _launch_guarded(kernel, packed, absmax, code, n, blocksize, dtype, tile):
     out = torch.full((n + 2 * guard,), float("nan"), dtype=dtype)
     grid = ((n_bytes + tile - 1) // tile,)
     try:
-        _interpreted(kernel)[grid](packed_buf, absmax_buf, code.float(), out, n, BLOCKSIZE=blocksize, TILE=tile)
+        with _time_limit(kernel):
+            _interpreted(kernel)[grid](packed_buf, absmax_buf, code.float(), out, n, BLOCKSIZE=blocksize, TILE=tile)
     except InterpreterError as err:
         cause = err.__cause__
         if isinstance(cause, NotImplementedError):

@@ -6,6 +6,8 @@ import contextlib
 import io
 import math
 import re
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from scipy.stats import norm
 from qlora_ref import dequantize_4bit, dynamic_map, nf4_codebook, quantize_4bit
 from qlora_ref.blockwise import unpack_4bit
 from qlora_ref.compare import distinguish
+from qlora_ref import checks
 from qlora_ref.checks import (
     _STEP_CASES,
     _STEP_CONFIG,
@@ -590,6 +593,39 @@ if triton is not None:
 def test_a_stub_kernel_gives_one_friendly_line(capsys, kernel_name, message):
     ok, out = run(capsys, check_dequantize_kernel, globals()[kernel_name])
     assert ok is False and out == f"check_dequantize_kernel: not implemented yet: fill in the TODO in {message}\n"
+
+
+def test_an_endless_loop_is_stopped_with_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(checks, "TIME_LIMIT_S", 1)
+
+    def learning_rate(config, step):
+        while True:
+            try:
+                time.sleep(0.01)
+            except Exception:  # a catch-all in the loop cannot swallow the stop
+                pass
+
+    handler = signal.getsignal(signal.SIGALRM)
+    start = time.perf_counter()
+    ok, out = run(capsys, check_learning_rate, learning_rate)
+    assert ok is False and out == ("check_learning_rate: stopped after 1 s: learning_rate never returned (an endless "
+                                   "loop?); qlora_ref.checks.TIME_LIMIT_S sets the limit\n")
+    assert time.perf_counter() - start < 10
+    assert signal.getitimer(signal.ITIMER_REAL)[0] == 0 and signal.getsignal(signal.SIGALRM) is handler
+
+
+@needs_triton
+def test_an_endless_kernel_is_stopped_too(capsys, monkeypatch):
+    monkeypatch.setattr(checks, "TIME_LIMIT_S", 1)
+
+    @triton.jit
+    def endless_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, BLOCKSIZE: tl.constexpr, TILE: tl.constexpr):
+        i = 0
+        while i >= 0:
+            i += 1
+
+    ok, out = run(capsys, check_dequantize_kernel, endless_kernel)
+    assert ok is False and out.startswith("check_dequantize_kernel: stopped after 1 s: endless_kernel never returned")
 
 
 @needs_triton
