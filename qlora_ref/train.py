@@ -35,6 +35,7 @@ import difflib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -48,16 +49,16 @@ from safetensors.torch import load_file, save
 from torch import nn
 from tqdm import tqdm
 
-from .adapters import (ALL_LINEAR, atomic_write, load_adapters, merge_adapters, prepare_model,
-                       save_adapters)
+from .adapters import (ALL_LINEAR, atomic_write, check_target_modules, load_adapters, merge_adapters, prepare_model,
+                       read_json_object, save_adapters)
 from .llama import BASE_MODEL_DIR, LlamaForCausalLM
-from .lora import check_lora_hyperparameters
+from .lora import QUANT_TYPES, check_lora_hyperparameters
 from .memory import PeakMemory, tensor_bytes
 from .optim8bit import (AdamW8bit, load_optimizer_state_tensors, optimizer_state_bytes, optimizer_state_tensors,
                         predicted_state_bytes)
 from .paging import PagedAdamW8bit
 from .tasks import BYTES, Example, HFTokenizer, collate, date_task, exact_match, generate_answers
-from .validation import check_blocksize
+from .validation import check_blocksize, check_bool
 
 METHODS = ("qlora", "lora", "full")
 OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw")
@@ -72,7 +73,11 @@ RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "output_dir", "resume"
 
 @dataclass
 class TrainConfig:
-    """Everything a run depends on (a JSON file of these keys configures the command)."""
+    """Everything a run depends on (a JSON file of these keys configures the command).
+
+    Each setting has the type written here, checked (check_config) the same way whether it comes from the API,
+    a JSON file or --set: a bool is true or false, never a string such as "False" (which Python reads as true).
+    """
 
     model: str = "base"                 # "base" (models/base) or a Hugging Face model id / local directory
     method: str = "qlora"               # "qlora", "lora" or "full"
@@ -120,16 +125,14 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path) -> "TrainConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"config file {path} is not valid JSON: {error}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"config file {path} must hold a JSON object of settings, got {type(values).__name__}")
-        return cls.from_dict(values)
+        return cls.from_dict(read_json_object(path, "config file"))
+
+
+# Settings whose value is text (a name, a path): --set keeps what follows "=" as it is.
+TEXT_SETTINGS = {f.name for f in fields(TrainConfig) if f.type in (str, Optional[str])}
+BOOL_SETTINGS = [f.name for f in fields(TrainConfig) if f.type is bool]
+PATH_SETTINGS = ("train_file", "eval_file", "output_dir")
+DEVICES = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def _check_int(config, name: str, low: int) -> None:
@@ -139,12 +142,28 @@ def _check_int(config, name: str, low: int) -> None:
 
 
 def check_config(config: TrainConfig) -> None:
-    """Raise with what to change for any setting that cannot work (those that need the model: see setup)."""
-    for name, allowed in (("method", METHODS), ("optimizer", OPTIMIZERS), ("dtype", ("auto", *DTYPES))):
-        if getattr(config, name) not in allowed:
+    """Raise with what to change for any setting of the wrong type or out of range (those that need the model:
+    see setup)."""
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"expected a TrainConfig, got {type(config).__name__}: TrainConfig.from_dict(...) makes one")
+    for name in BOOL_SETTINGS:
+        check_bool(getattr(config, name), name)
+    for name, allowed in (("method", METHODS), ("optimizer", OPTIMIZERS), ("dtype", ("auto", *DTYPES)),
+                          ("quant_type", QUANT_TYPES)):
+        if not isinstance(getattr(config, name), str) or getattr(config, name) not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {getattr(config, name)!r}")
-    if config.method != "full":
-        check_lora_hyperparameters(config.r, config.alpha, config.dropout)
+    if not isinstance(config.model, str) or not config.model:
+        raise ValueError(f"model must be 'base', a Hugging Face model id or a model directory, got {config.model!r}")
+    if not isinstance(config.device, str) or not DEVICES.fullmatch(config.device):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {config.device!r}")
+    for name in PATH_SETTINGS:
+        value = getattr(config, name)
+        if value is not None and (not isinstance(value, str) or not value):
+            hint = f": pass str({name})" if isinstance(value, os.PathLike) else ""
+            raise TypeError(f"{name} must be a path written as a str (or None), got {type(value).__name__} "
+                            f"{value!r}{hint}")
+    check_lora_hyperparameters(config.r, config.alpha, config.dropout)
+    check_target_modules(config.target_modules)
     check_blocksize(config.blocksize)
     for name, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup_steps", 0), ("n_train", 1),
                       ("n_eval", 1), ("eval_every", 0), ("save_every", 0), ("seed", 0), ("samples", 0)):
@@ -229,9 +248,14 @@ def load_model(config: TrainConfig, device, dtype):
     except ImportError:
         raise ImportError(f"model {config.model!r} is a Hugging Face model, which needs transformers: "
                           "pip install transformers (or set model 'base')") from None
-    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=weights_dtype).to(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=weights_dtype).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+    except OSError as error:
+        raise FileNotFoundError(f"model {config.model!r} is not 'base', a model directory, or a Hugging Face model "
+                                f"id that transformers could fetch ({str(error).splitlines()[0]})") from None
     model.config.use_cache = False  # no KV cache in training; generate() turns it on by itself
-    return model, HFTokenizer(AutoTokenizer.from_pretrained(config.model))
+    return model, HFTokenizer(tokenizer)
 
 
 def context_length(model) -> Optional[int]:
@@ -527,17 +551,26 @@ def step_memory(config: TrainConfig, steps: int = 2) -> dict:
             "optimizer_state": optimizer_state_bytes(run.optimizer), "peak": peak}
 
 
+PYTHON_LITERALS = {"True": "true", "False": "false", "None": "null"}
+
+
 def parse_overrides(pairs: list) -> dict:
-    """["steps=20", "method=lora"] -> {"steps": 20, "method": "lora"} (values read as JSON, else as text)."""
+    """["steps=20", "method=lora", "double_quant=False"] -> {"steps": 20, "method": "lora", "double_quant": False}.
+
+    A value is read as JSON (Python's True, False and None as JSON's true, false and null), else kept as text;
+    a text setting (TEXT_SETTINGS: a name, a path) keeps the text, so output_dir=2024 is the directory "2024".
+    Types are checked by check_config, as for a config file: "gradient_checkpointing=maybe" is refused there.
+    """
     values = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"--set takes key=value, got {pair!r}")
         try:
-            values[key] = json.loads(text)
-        except json.JSONDecodeError:
-            values[key] = text
+            value = json.loads(PYTHON_LITERALS.get(text, text))
+        except (json.JSONDecodeError, RecursionError):
+            value = text
+        values[key] = text if key in TEXT_SETTINGS and value is not None and not isinstance(value, str) else value
     return values
 
 
@@ -553,7 +586,7 @@ def main(argv=None) -> int:
         values = asdict(TrainConfig.from_file(args.config)) if args.config else {}
         config = TrainConfig.from_dict({**values, **parse_overrides(args.set)})
         result = train(config)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
+    except (ValueError, TypeError, OSError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     final = result.evals[-1]

@@ -4,6 +4,7 @@ Hugging Face path on a local model directory."""
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +16,8 @@ from qlora_ref.lora import QLoRALinear
 from qlora_ref.optim8bit import optimizer_state_tensors
 from qlora_ref.paging import PagedAdamW8bit
 from qlora_ref.tasks import date_task
-from qlora_ref.train import (TrainConfig, batch_indices, evaluate, latest_checkpoint, learning_rate, main, setup,
-                             step_memory, train, train_step)
+from qlora_ref.train import (TrainConfig, batch_indices, evaluate, latest_checkpoint, learning_rate, main,
+                             parse_overrides, setup, step_memory, train, train_step)
 
 # Small and fast: a few steps of batches of 8 on the shipped base (886k parameters).
 TINY = TrainConfig(n_train=64, n_eval=16, batch_size=8, steps=6, warmup_steps=2, eval_every=3, progress=False,
@@ -111,6 +112,21 @@ def test_qlora_learns_the_task():
     ({"batch_size": 0}, "batch_size must be an int >= 1"),
     ({"resume": True}, "resume needs output_dir"),
     ({"dtype": "half"}, "dtype must be one of"),
+    # every setting has a type: "False" is a str, which Python reads as true
+    ({"double_quant": "False"}, "double_quant must be True or False, got str 'False'"),
+    ({"gradient_checkpointing": "maybe"}, "gradient_checkpointing must be True or False, got str 'maybe'"),
+    ({"resume": 0}, "resume must be True or False, got int 0"),
+    ({"progress": None}, "progress must be True or False, got NoneType None"),
+    ({"device": "tpu"}, "device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got 'tpu'"),
+    ({"quant_type": "int8"}, "quant_type must be one of"),
+    ({"model": ""}, "model must be 'base', a Hugging Face model id or a model directory"),
+    ({"output_dir": Path("runs/x")}, r"output_dir must be a path written as a str \(or None\), got PosixPath .*: "
+                                     r"pass str\(output_dir\)"),
+    ({"train_file": 3}, "train_file must be a path written as a str"),
+    ({"target_modules": 5}, "target_modules must be a non-empty list of module names, got 5"),
+    ({"steps": "6"}, "steps must be an int >= 1, got '6'"),
+    ({"lr": float("inf")}, "lr must be a finite number >= 0, got inf"),
+    ({"alpha": "8"}, "alpha must be a positive finite number"),
 ])
 def test_bad_settings_stop_with_what_to_change(change, message):
     with pytest.raises((ValueError, FileNotFoundError, TypeError), match=message):
@@ -158,6 +174,48 @@ def test_the_command_trains_merges_and_saves_a_model_that_loads(tmp_path, capsys
     assert "error: r (the LoRA rank) must be >= 1" in capsys.readouterr().err
     assert main(["--config", str(tmp_path / "missing.json")]) == 2
     assert "config file" in capsys.readouterr().err
+
+
+def test_set_reads_json_and_python_literals_and_keeps_text_settings_as_text():
+    assert parse_overrides(["double_quant=False", "resume=True", "progress=false", "output_dir=None", "steps=20",
+                            "lr=1e-3", "target_modules=[\"q_proj\"]", "method=lora"]) == {
+        "double_quant": False, "resume": True, "progress": False, "output_dir": None, "steps": 20, "lr": 1e-3,
+        "target_modules": ["q_proj"], "method": "lora"}
+    assert parse_overrides(["output_dir=2024", "model=null", "gradient_checkpointing=maybe"]) == {
+        "output_dir": "2024", "model": None, "gradient_checkpointing": "maybe"}  # "maybe" is refused by check_config
+    with pytest.raises(ValueError, match="--set takes key=value, got 'steps'"):
+        parse_overrides(["steps"])
+
+
+CLI_TINY = ["n_train=64", "n_eval=16", "batch_size=8", "steps=1", "warmup_steps=0", "eval_every=0", "samples=0",
+            "progress=False", "r=4", "alpha=8", "device=cpu"]
+
+
+def test_the_command_types_settings_as_the_api_does(tmp_path, capsys):
+    assert main(["--set", *CLI_TINY, "double_quant=False", f"output_dir={tmp_path / 'run'}"]) == 0
+    state = json.loads((latest_checkpoint(tmp_path / "run") / "trainer_state.json").read_text())
+    assert state["config"]["double_quant"] is False and state["config"]["progress"] is False
+    capsys.readouterr()
+    assert main(["--set", *CLI_TINY, "resume=False", f"output_dir={tmp_path / 'run'}"]) == 2
+    assert "already holds checkpoint-000001: set resume=true" in capsys.readouterr().err
+    assert main(["--set", *CLI_TINY, "gradient_checkpointing=maybe"]) == 2
+    assert "error: gradient_checkpointing must be True or False, got str 'maybe'" in capsys.readouterr().err
+    assert main(["--set", *CLI_TINY, "device=tpu"]) == 2
+    assert "error: device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got 'tpu'" in capsys.readouterr().err
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"double_quant": "false"}))
+    assert main(["--config", str(config)]) == 2
+    assert "error: double_quant must be True or False, got str 'false'" in capsys.readouterr().err
+    config.write_text('{"target_modules": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert main(["--config", str(config)]) == 2
+    assert f"error: config file {config} nests JSON too deeply to be read" in capsys.readouterr().err
+
+
+def test_a_model_that_is_neither_base_nor_found_is_named(capsys):
+    pytest.importorskip("transformers")
+    assert main(["--set", *CLI_TINY, "model=/nonexistent"]) == 2
+    assert "error: model '/nonexistent' is not 'base', a model directory, or a Hugging Face model id" in (
+        capsys.readouterr().err)
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
