@@ -50,7 +50,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .adapters import (ALL_LINEAR, atomic_write, check_target_modules, load_adapters, merge_adapters, prepare_model,
-                       read_json_object, save_adapters)
+                       read_json_object, save_adapters, writable_directory)
 from .llama import BASE_MODEL_DIR, LlamaForCausalLM
 from .lora import QUANT_TYPES, check_lora_hyperparameters
 from .memory import PeakMemory, tensor_bytes
@@ -184,6 +184,9 @@ def check_config(config: TrainConfig) -> None:
                                     "of {\"prompt\": ..., \"answer\": ...}, or leave it out for the date task")
     if config.resume and config.output_dir is None:
         raise ValueError("resume needs output_dir: the directory whose latest checkpoint to continue from")
+    if config.optimizer == "adamw" and config.output_dir is not None:
+        raise ValueError("optimizer 'adamw' (torch's) keeps a state that these checkpoints do not save: with output_dir "
+                         "use 'adamw_8bit' or 'paged_adamw_8bit', or leave output_dir unset")
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -493,11 +496,19 @@ class TrainResult:
 
 
 def train(config: TrainConfig, stop_after: Optional[int] = None) -> TrainResult:
-    """Fine-tune as the config says; stop_after=k ends the run after step k (as if it were interrupted there)."""
+    """Fine-tune as the config says; stop_after=k ends the run after step k (as if it were interrupted there).
+
+    Everything that can be checked is checked before the first step: the settings, and that output_dir is a
+    directory that takes files (a run that could not save would otherwise train to the end and lose it all)."""
+    check_config(config)
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 0):
+        raise ValueError(f"stop_after must be None or an int >= 0, got {stop_after!r}")
     existing = latest_checkpoint(config.output_dir) if config.output_dir else None
     if existing is not None and not config.resume:
         raise ValueError(f"output_dir {config.output_dir!r} already holds {existing.name}: set resume=true to "
                          "continue that run, or choose a new output_dir")
+    if config.output_dir:
+        writable_directory(config.output_dir, "output_dir")
     run = setup(config)
     if existing is not None:
         load_checkpoint(run, existing)

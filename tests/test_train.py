@@ -211,6 +211,27 @@ def test_the_command_types_settings_as_the_api_does(tmp_path, capsys):
     assert f"error: config file {config} nests JSON too deeply to be read" in capsys.readouterr().err
 
 
+def test_an_output_dir_that_cannot_take_files_is_refused_before_the_first_step(tmp_path, monkeypatch):
+    steps = []
+    monkeypatch.setattr("qlora_ref.train.setup", lambda config: steps.append(config))  # the run must not start
+    (tmp_path / "a-file").write_text("x")
+    for output_dir in (tmp_path / "a-file", tmp_path / "a-file" / "run"):
+        with pytest.raises(NotADirectoryError, match=f"output_dir '{output_dir}' cannot be a directory: "
+                                                     f"'{tmp_path / 'a-file'}' is a file"):
+            train(replace(TINY, output_dir=str(output_dir)))
+
+    def read_only(*args, **kwargs):  # what the OS says for a read-only directory (chmod would not stop root)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("qlora_ref.adapters.tempfile.TemporaryFile", read_only)
+    with pytest.raises(PermissionError, match=f"output_dir '{tmp_path / 'ro'}' is not writable \\(Permission "
+                                              "denied\\): give a directory you can write to"):
+        train(replace(TINY, output_dir=str(tmp_path / "ro")))
+    with pytest.raises(ValueError, match="optimizer 'adamw' .* with output_dir use 'adamw_8bit' or 'paged_adamw_8bit'"):
+        train(replace(TINY, method="full", optimizer="adamw", output_dir=str(tmp_path / "run")))
+    assert steps == []
+
+
 def test_a_model_that_is_neither_base_nor_found_is_named(capsys):
     pytest.importorskip("transformers")
     assert main(["--set", *CLI_TINY, "model=/nonexistent"]) == 2
