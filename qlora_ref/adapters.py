@@ -310,12 +310,16 @@ def load_adapters(model: nn.Module, directory) -> nn.Module:
     The model must already have LoRA layers at the saved paths with the saved shapes and the saved
     alpha/r; every layer gets its A and B from the file. Mismatches raise before anything is copied.
     """
-    tensors = read_adapters(model, directory)
-    with torch.no_grad():
-        for name, layer in lora_layers(model).items():
-            for part in ("lora_A", "lora_B"):
-                param = getattr(layer, part).weight
-                param.copy_(tensors[f"{PREFIX}{name}.{part}.weight"].to(device=param.device, dtype=param.dtype))
+    return assign_adapters(model, read_adapters(model, directory))
+
+
+@torch.no_grad()
+def assign_adapters(model: nn.Module, tensors: dict) -> nn.Module:
+    """Copy {PEFT name: tensor} (from read_adapters, which checked them) into the model's LoRA layers."""
+    for name, layer in lora_layers(model).items():
+        for part in ("lora_A", "lora_B"):
+            param = getattr(layer, part).weight
+            param.copy_(tensors[f"{PREFIX}{name}.{part}.weight"].to(device=param.device, dtype=param.dtype))
     return model
 
 
