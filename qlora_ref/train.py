@@ -31,7 +31,8 @@ the adapters inside are PEFT's layout. Every file is safetensors or JSON; nothin
 the highest step among folders named exactly `checkpoint-<digits>` (so not a copy `checkpoint-000006.old`)
 whose every file reads back and fits the run; a damaged one (a file cut short, garbage, a value out of range)
 is named with its file and the reason in a warning, renamed `<name>.damaged`, and the one before it is tried.
-A run never deletes or overwrites a checkpoint folder it did not write.
+A run never deletes or overwrites a checkpoint folder it did not write. A NaN or Inf loss stops the run
+(NonFiniteLossError; the command exits 1) before anything of that step is saved.
 
 model "base" is the course's pretrained model (models/base, byte tokenizer). Any other value is a Hugging Face
 model id or local directory, loaded with transformers' AutoModelForCausalLM and AutoTokenizer (an optional
@@ -652,6 +653,20 @@ def resume_latest(run: Run, directory) -> Optional[Path]:
 # ---------------------------------------------------------------------------------------------------
 
 
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or Inf: the run stopped at that step and saved nothing from it."""
+
+
+def _diverged(run: Run, loss: float) -> str:
+    config = run.config
+    kept = latest_checkpoint(config.output_dir) if config.output_dir else None
+    return (f"step {run.step}: the training loss is {loss}; training diverged (lr {config.lr:g} too high? "
+            + ("no gradient clipping, max_grad_norm is 0" if config.max_grad_norm == 0 else
+               f"max_grad_norm {config.max_grad_norm:g}") + "). The run stopped without saving this step; "
+            + (f"its last checkpoint, {kept}, is kept" if kept else "it wrote no checkpoint")
+            + ": start again with a lower lr")
+
+
 @dataclass
 class TrainResult:
     """A finished (or stopped) run: the model with its adapters, and what was measured on the way."""
@@ -698,6 +713,8 @@ def train(config: TrainConfig, stop_after: Optional[int] = None) -> TrainResult:
               file=sys.stderr, dynamic_ncols=True) as bar:
         while run.step < last:
             loss = train_step(run)
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(_diverged(run, loss))
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate(config, run.step - 1):.2e}")
             if run.step == config.steps or (config.eval_every and run.step % config.eval_every == 0):
@@ -776,6 +793,9 @@ def main(argv=None) -> int:
         values = asdict(TrainConfig.from_file(args.config)) if args.config else {}
         config = TrainConfig.from_dict({**values, **parse_overrides(args.set)})
         result = train(config)
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except (ValueError, TypeError, OSError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qlora_ref.train import (DamagedCheckpointError, TrainConfig, checkpoints, latest_checkpoint,
+from qlora_ref.train import (DamagedCheckpointError, NonFiniteLossError, TrainConfig, checkpoints, latest_checkpoint,
                              main, save_checkpoint, setup, train, train_step)
 
 # Checkpoints at steps 2 and 4 of a 5-step run: a resume from step 2 has three steps to get right.
@@ -194,6 +194,19 @@ def test_the_thread_count_is_recorded_and_a_resume_at_another_count_warns(stoppe
                     f"{torch.get_num_threads() + 1}) (or OMP_NUM_THREADS={torch.get_num_threads() + 1}) before "
                     "resuming makes them equal bit for bit"]
     assert result.losses == losses  # here the count did not really change
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    config = replace(TINY, lr=1e30, warmup_steps=0, save_every=1, output_dir=str(tmp_path))  # step 1 blows it up
+    with pytest.raises(NonFiniteLossError, match=f"step 2: the training loss is nan; training diverged .* its last "
+                                                 f"checkpoint, {tmp_path / 'checkpoint-000001'}, is kept"):
+        train(config)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-000001"]
+    state = json.loads((tmp_path / "checkpoint-000001" / "trainer_state.json").read_text())
+    assert state["step"] == 1 and math.isfinite(state["losses"][0])
+    assert main(["--set", "n_train=64", "n_eval=16", "batch_size=8", "steps=3", "warmup_steps=0", "eval_every=0",
+                 "samples=0", "progress=false", "device=cpu", "method=full", "optimizer=adamw", "lr=1e30"]) == 1
+    assert "error: step 3: the training loss is nan" in capsys.readouterr().err  # it printed "loss nan" and exited 0
 
 
 # A run killed (SIGKILL) at chosen points of its second checkpoint: on its os.replace calls (each file of the
