@@ -36,6 +36,10 @@ unexport MPLBACKEND
 PYTEST_ARGS ?=
 # What `make test` runs: the unit tests, and every lesson and solution under strict nbval.
 TEST_PATHS ?= tests notebooks solutions
+# Processes the tests are spread over (pytest-xdist); each notebook's cells stay together in one (loadscope).
+# Nothing the tests compare depends on it. JOBS=1 runs them in this process.
+JOBS ?= 2
+XDIST_ARGS := $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadscope,-p no:xdist)
 NBVAL_ARGS := --nbval --nbval-current-env --nbval-cell-timeout=600 \
 	--nbval-sanitize-with notebooks/nbval_sanitize.cfg
 
@@ -70,7 +74,7 @@ lab: $(STAMP)
 # nbval colours its diffs unless told --color=no.
 test: $(STAMP)
 	@if [ -t 1 ]; then color=; else color=--color=no; fi; \
-	env $(CPU_ENV_$(CPU_PATHS)) $(VPY) -m pytest $$color $(NBVAL_ARGS) $(PYTEST_ARGS) $(TEST_PATHS); rc=$$?; \
+	env $(CPU_ENV_$(CPU_PATHS)) $(VPY) -m pytest $$color $(XDIST_ARGS) $(NBVAL_ARGS) $(PYTEST_ARGS) $(TEST_PATHS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest ran no tests (exit 5), which counts as a failure" >&2; fi; \
 	exit $$rc
 
