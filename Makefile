@@ -37,9 +37,12 @@ PYTEST_ARGS ?=
 # What `make test` runs: the unit tests, and every lesson and solution under strict nbval.
 TEST_PATHS ?= tests notebooks solutions
 # Processes the tests are spread over (pytest-xdist); each notebook's cells stay together in one (loadscope).
-# Nothing the tests compare depends on it. JOBS=1 runs them in this process.
+# Nothing the tests compare depends on it. JOBS=1 runs them in this process. With several, each process runs torch
+# on one thread unless OMP_NUM_THREADS says otherwise: JOBS processes of as many threads each would only wait for
+# one another.
 JOBS ?= 2
 XDIST_ARGS := $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadscope,-p no:xdist)
+XDIST_ENV := $(if $(filter-out 1,$(JOBS)),OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1})
 NBVAL_ARGS := --nbval --nbval-current-env --nbval-cell-timeout=600 \
 	--nbval-sanitize-with notebooks/nbval_sanitize.cfg
 
@@ -74,7 +77,7 @@ lab: $(STAMP)
 # nbval colours its diffs unless told --color=no.
 test: $(STAMP)
 	@if [ -t 1 ]; then color=; else color=--color=no; fi; \
-	env $(CPU_ENV_$(CPU_PATHS)) $(VPY) -m pytest $$color $(XDIST_ARGS) $(NBVAL_ARGS) $(PYTEST_ARGS) $(TEST_PATHS); rc=$$?; \
+	env $(XDIST_ENV) $(CPU_ENV_$(CPU_PATHS)) $(VPY) -m pytest $$color $(XDIST_ARGS) $(NBVAL_ARGS) $(PYTEST_ARGS) $(TEST_PATHS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest ran no tests (exit 5), which counts as a failure" >&2; fi; \
 	exit $$rc
 
