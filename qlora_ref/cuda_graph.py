@@ -33,13 +33,9 @@ The numbers are those of the eager step with the optimizer in the backward: same
 import torch
 from torch import nn
 
-__all__ = ["CapturedStep", "is_capturing"]
+from .optim8bit import AdamW8bit
 
-
-def is_capturing(tensor) -> bool:
-    """True while a CUDA graph is being captured on the current stream and `tensor` is a CUDA tensor: the
-    moment when code must neither read GPU values back (checks) nor do anything a replay would not repeat."""
-    return isinstance(tensor, torch.Tensor) and tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+__all__ = ["CapturedStep"]
 
 
 class CapturedStep:
@@ -58,8 +54,6 @@ class CapturedStep:
 
     def __init__(self, model: nn.Module, optimizer, input_ids: torch.Tensor, labels: torch.Tensor,
                  warmup_steps: int = 2):
-        from .optim8bit import AdamW8bit
-
         if not isinstance(optimizer, AdamW8bit):
             raise TypeError(f"CapturedStep captures qlora_ref's AdamW8bit (its update can read its per-step numbers "
                             f"from the GPU); got {type(optimizer).__name__}")

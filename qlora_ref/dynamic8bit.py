@@ -16,39 +16,13 @@ import functools
 
 import torch
 
+from .backend import resolve_backend
 from .blockwise import block_absmax, dequantize_codes, nearest_code, scale_to_unit
 from .codebooks import derived_table, dynamic_map
 from .state import QuantState
-from .validation import check_blocksize, check_float_tensor
+from .validation import check_blocksize, check_code_8bit, check_float_tensor
 
 LUT_SIZE = 65536
-BACKENDS = ("auto", "torch", "triton")
-
-
-def resolve_backend(backend: str, tensor) -> str:
-    """'torch' or 'triton' for `backend` and the tensor to work on.
-
-    "torch": this package's PyTorch code (bitsandbytes' CPU bytes). "triton": the Triton kernels of
-    qlora_ref.kernels (bitsandbytes' CUDA bytes; CPU tensors run in Triton's interpreter). "auto":
-    Triton for a CUDA tensor when the triton package is installed, else torch.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if not (isinstance(tensor, torch.Tensor) and tensor.is_cuda):
-            return "torch"
-        backend = "triton" if _triton_available() else "torch"
-    elif backend == "triton" and not _triton_available():
-        raise ImportError("backend='triton' needs the triton package (pip install triton; Linux), "
-                          "or use backend='torch'")
-    return backend
-
-
-@functools.lru_cache(maxsize=None)  # asked on every call of a layer's forward and backward
-def _triton_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
 
 
 def lut_table(code: torch.Tensor, device) -> torch.Tensor:
@@ -76,13 +50,6 @@ def lut_code_index(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int, cod
     index = torch.nan_to_num((unit.clamp(-1, 1) + 1.0) * 0.5 * (LUT_SIZE - 1) + 0.5, nan=0.0).to(torch.int32)
     codes = table[index]
     return torch.where((absmax == 0).repeat_interleave(blocksize)[:n], 0, codes)
-
-
-def check_code_8bit(code) -> None:
-    if not isinstance(code, torch.Tensor) or code.dtype != torch.float32 or code.shape != (256,):
-        raise ValueError("code must be a float32 tensor of 256 levels (e.g. qlora_ref.dynamic_map())")
-    if not bool((code[1:] >= code[:-1]).all()):
-        raise ValueError("code must be sorted in ascending order")
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,10 +11,10 @@ input (and the transpose when the packed data is one byte); dequantize_4bit retu
 
 import torch
 
+from .backend import resolve_backend
 from .blockwise import block_absmax, dequantize_codes, nearest_code, pack_4bit, scale_to_unit, unpack_4bit
 from .codebooks import codebook_4bit
 from .double_quant import compress_absmax, decompress_absmax
-from .dynamic8bit import resolve_backend
 from .state import QuantState
 from .validation import check_blocksize, check_bool, check_float_tensor
 

@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .adapters import LORA_LAYERS, atomic_write
-from .cuda_graph import is_capturing
+from .backend import is_capturing
 
 BASE_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "base"
 IGNORE_INDEX = -100  # labels with this value are not predicted (the prompt, the padding)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dynamic8bit import resolve_backend
+from .backend import resolve_backend
 from .fourbit import dequantize_4bit, quantize_4bit
 from .state import QuantState
 from .validation import FLOAT_DTYPES, check_blocksize

@@ -12,40 +12,13 @@ m takes the signed dynamic map, v (never negative) the unsigned one, which spend
 saving is small and the quantization error not worth it. `predicted_state_bytes` counts this,
 `optimizer_state_bytes` measures what an optimizer actually holds.
 
-One step, per element (bitsandbytes' CUDA kernel kOptimizerStatic8bit2StateBlockwise, in its order)
---------------------------------------------------------------------------------------------------
-    m, v  = code1[q1] * absmax1, code2[q2] * absmax2          decode the stored moments
-    v     = beta2 * v + (1 - beta2) * g^2
-    m     = beta1 * m + (1 - beta1) * g
-    p     = p - lr * c2 / c1 * m / (sqrt(v) + c2 * eps)       c1 = 1 - beta1^t, c2 = sqrt(1 - beta2^t)
-    p     = p * (1 - lr * weight_decay)                       decoupled weight decay, after the step
-    absmax1, q1 = max |m| per block, nearest code of m / absmax1  (likewise v); the new absmax is
-                                                               the new moments' own maximum
-A NaN or Inf gradient element leaves its parameter alone and sets its m and v to 0: one NaN would
-otherwise make its block's absmax NaN and take all 256 moments of the block with it. (bitsandbytes'
-32-bit kernel, used below min_8bit_size, has no such rule: a NaN there stays in its element; so here.)
-`adamw_update_` is this step on float32 moments; the optimizer wraps it in decode and re-encode.
-
-Where bitsandbytes 0.50.2's CPU path differs (read in backends/cpu/ops.py; our choice in brackets)
-  * Weight decay first, p * (1 - lr * wd) before the step [the kernel's order: after].
-  * The 8-bit step is grouped p - (lr / c1) * m / (sqrt(v) / c2 + eps): the same number, rounded
-    differently in float32 [the kernel's grouping; its 32-bit CPU path groups as we do]. Parameters
-    then differ from bitsandbytes' CPU ones by a float32 rounding or two; the moments' bytes are equal.
-  * NaN/Inf gradients are not skipped: they spread through the block [skipped, as on the GPU].
-  * Re-encoding rounds through a 65536-point table, qlora_ref's rounding="lut" [the same on a CPU].
-    The table's grid has no point at 0: a zero moment is stored as the level nearest 1/65535, i.e.
-    2.1e-5 * absmax for m and 1.6e-5 * absmax for v (the kernel's search keeps it 0).
-On a GPU the kernel searches the sorted code (a binary search, kernels/cuda_semantics.py) and then
-nudges a code of m whose level has the wrong sign one step towards the value's sign. Scalars such as
-1 - beta2 are rounded as each path rounds them: float64 then float32 on the CPU (Python floats), float32
-throughout in the kernel, whose fused multiply-adds for m and v we also reproduce (read in its sm_90
-machine code; p's update is one fma too). So the moments' bytes equal bitsandbytes' on either device;
-the parameters differ by float32 roundings (the kernel's beta^t, square root and division are fast
-approximations), measured at 2e-6 after 100 steps (tests/test_optim8bit_gpu.py).
+The step itself, and where it follows bitsandbytes' CUDA kernel or its CPU path: qlora_ref.adamw_step (read
+it first). This module is the optimizer around it: the state of each parameter, the order of the updates,
+and the two moments when they may run (after the backward, or inside it).
 
 Two implementations of the 8-bit step (`backend`, qlora_ref's usual rule: "auto" is "triton" for CUDA
 parameters when triton is installed, "torch" otherwise):
-  * "torch": `adamw8bit_update_`, the readable one above in PyTorch: decode, `adamw_update_`, encode,
+  * "torch": `adamw8bit_update_`, the readable one in PyTorch: decode, `adamw_update_`, encode,
     over a hundred small kernels per parameter on a GPU (launch-bound: about 1.4 s per step for 448
     LoRA tensors on an H100). On a CPU it gives bitsandbytes' CPU bytes, on a GPU its CUDA bytes.
   * "triton": qlora_ref.kernels.adamw_8bit, the same step in one kernel launch per parameter, as
@@ -67,7 +40,7 @@ API for subclasses (qlora_ref.paging.PagedAdamW8bit)
           p.numel() >= min_8bit_size: state1, state2: uint8 codes of p.shape; absmax1, absmax2:
                                       float32 [ceil(n / blocksize)]
           otherwise:                  state1, state2: float32 of p.shape
-        load_state_dict and load_optimizer_state_tensors first check every saved state against
+        load_state_dict and qlora_ref.optimizer_state's loader first check every saved state against
         _state_layout (and the hyperparameters against their ranges), then go through
         self._load_state(p, saved), which makes a new state with _new_state (so through _allocate) and
         copies the saved tensors into it.
@@ -80,183 +53,18 @@ backward has completed its gradient, which is then freed, so the gradients never
 per-step numbers from a table on the GPU (`prepare_capture`, `begin_graph_step`, `end_graph_step`).
 """
 
-import functools
 import math
-import struct
 import weakref
-from collections.abc import Mapping
 from itertools import chain
 from numbers import Real
-from types import MappingProxyType
 
 import torch
 
-from .cuda_graph import is_capturing
-from .dynamic8bit import dequantize_blockwise, quantize_blockwise, resolve_backend, shared_dynamic_map
-from .kernels import cuda_semantics
-from .state import QuantState
+from .adamw_step import adamw8bit_update_, adamw_update_
+from .backend import is_capturing, resolve_backend
 from .validation import FLOAT_DTYPES, check_blocksize
 
-__all__ = [
-    "AdamW8bit",
-    "adamw8bit_update_",
-    "adamw_update_",
-    "bytes_per_parameter",
-    "check_optimizer_state_tensors",
-    "load_optimizer_state_tensors",
-    "optimizer_state_bytes",
-    "optimizer_state_tensors",
-    "predicted_state_bytes",
-    "step_scalars",
-]
-
-
-def _float32(x: float) -> float:
-    """x rounded to the nearest float32 (struct packs a C float; no tensor, as this runs every step)."""
-    return struct.unpack("f", struct.pack("f", x))[0]
-
-
-@functools.lru_cache(maxsize=1024)  # every parameter of a step asks for the same ones
-def step_scalars(step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                 kernel: bool) -> Mapping:
-    """The per-step scalars of `adamw_update_`, rounded as bitsandbytes rounds them (a read-only mapping).
-
-    kernel=False: its CPU path, Python float64 (torch rounds each to float32 where it is applied).
-    kernel=True: its CUDA kernel, float32 throughout (betas, lr and eps arrive as float32), e.g.
-    1 - beta2 = 1 - 0.99900001f = 0.00099998713 instead of 0.001; 1 - lr * wd is one fused
-    multiply-add there (the float64 product of two float32 numbers is exact, so rounding once is the
-    same). The kernel's beta^t and square root are approximations (MUFU.LG2/EX2/SQRT, --use_fast_math);
-    these are the correctly rounded values.
-    """
-    f = _float32 if kernel else float
-    beta1, beta2, lr, eps, weight_decay = f(beta1), f(beta2), f(lr), f(eps), f(weight_decay)
-    c1 = f(1.0 - f(beta1**step))
-    c2 = f(math.sqrt(f(1.0 - f(beta2**step))))
-    return MappingProxyType(dict(beta1=beta1, beta2=beta2, one_minus_beta1=f(1.0 - beta1),
-                                 one_minus_beta2=f(1.0 - beta2), step_size=f(f(-lr * c2) / c1), eps_c2=f(c2 * eps),
-                                 decay=f(1.0 - lr * weight_decay)))
-
-
-@torch.no_grad()
-def adamw_update_(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, skip_nonfinite=False):
-    """One AdamW step of `param` (in place) with float32 moments m, v (updated in place).
-
-        v = beta2 * v + (1 - beta2) * g^2
-        m = beta1 * m + (1 - beta1) * g
-        p = p + step_size * m / (sqrt(v) + eps * c2)     step_size = -lr * c2 / c1
-        p = p * (1 - lr * weight_decay)                   only when weight_decay > 0
-    with c1 = 1 - beta1^step, c2 = sqrt(1 - beta2^step) (bias corrections folded into the step size),
-    in float32 whatever param's dtype, written back once. skip_nonfinite: where g is NaN or +-Inf,
-    m = v = 0 and p is left as it was (the 8-bit kernel's rule). Scalars are rounded as bitsandbytes'
-    kernel does for CUDA tensors, as its CPU path does otherwise (step_scalars).
-    """
-    _adamw_update_(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, skip_nonfinite, param.is_cuda)
-
-
-def _adamw_update_(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, skip_nonfinite, kernel: bool):
-    """adamw_update_ rounded as bitsandbytes' CUDA kernel (kernel=True: its float32 scalars and fused
-    multiply-adds, IEEE square root and division) or as its CPU path (False), on any device."""
-    s = step_scalars(step, lr, beta1, beta2, eps, weight_decay, kernel=kernel)
-    g = grad.float()
-    finite = torch.isfinite(g) if skip_nonfinite else None
-    if finite is not None:
-        g = torch.where(finite, g, 0.0)
-    if kernel:  # the kernel's fmas, read in its sm_90 machine code (fl: one float32 rounding)
-        scaled = g * s["one_minus_beta2"]
-        if grad.dtype == torch.float32:
-            v.copy_(_fma(g, scaled, v * s["beta2"]))  # fma(g, fl((1 - beta2) g), fl(beta2 v))
-        else:
-            v.copy_(_fma(v, s["beta2"], g * scaled))  # fma(v, beta2, fl(g fl((1 - beta2) g)))
-        m.copy_(_fma(g, s["one_minus_beta1"], m * s["beta1"]))  # fma(g, 1 - beta1, fl(beta1 m))
-    else:
-        v.mul_(beta2).addcmul_(g, g, value=s["one_minus_beta2"])
-        m.mul_(beta1).add_(g, alpha=s["one_minus_beta1"])
-    p = param.detach().to(torch.float32, copy=True)
-    if kernel:  # IEEE float32 sqrt and division: through float64, which rounds them correctly once back in
-        # float32 (53 >= 2 * 24 + 2 bits); torch's own float32 sqrt on a CPU can be an ulp off
-        update = (m.double() / (v.double().sqrt().float() + s["eps_c2"]).double()).float()
-        p = _fma(update, s["step_size"], p)
-    else:
-        p.add_(m / v.sqrt().add_(s["eps_c2"]), alpha=s["step_size"])
-    if weight_decay > 0:
-        p.mul_(s["decay"])
-    if finite is not None:
-        m.masked_fill_(~finite, 0.0)
-        v.masked_fill_(~finite, 0.0)
-        p = torch.where(finite, p, param)
-    param.copy_(p)
-
-
-def _fma(a: torch.Tensor, b, c: torch.Tensor) -> torch.Tensor:
-    """a * b + c in float32 rounded once, as a fused multiply-add instruction (b: a tensor or a float32 number).
-
-    The product of two float32 numbers is exact in float64. Their sum is not always: rounding it to
-    float64 and then to float32 would round twice, and differ from the fma where the float64 sum lands
-    exactly halfway between two float32 numbers. So the sum is rounded to odd instead: TwoSum gives the
-    float64 sum and its exact remainder; where the remainder is not 0 and the sum's last bit is 0, the
-    sum steps one float64 ulp towards the remainder. Rounding that to float32 is the correct rounding of
-    the exact a * b + c (24 + 2 <= 53 bits, Boldo and Melquiond, "Emulation of FMA and correctly rounded
-    sums: proved algorithms using rounding to odd", 2008).
-    """
-    product = a.double() * (b.double() if isinstance(b, torch.Tensor) else b)
-    addend = c.double()
-    total = product + addend
-    addend_part = total - product  # TwoSum (Knuth): remainder = product + addend - total, exactly
-    remainder = (product - (total - addend_part)) + (addend - addend_part)
-    even = (total.view(torch.int64) & 1) == 0
-    towards = torch.where(remainder > 0, math.inf, -math.inf).to(total.dtype)
-    total = torch.where((remainder != 0) & even, torch.nextafter(total, towards), total)
-    return total.float()
-
-
-@torch.no_grad()
-def adamw8bit_update_(param, grad, state: dict, step, lr, beta1, beta2, eps, weight_decay, blocksize: int = 256,
-                      kernel=None) -> None:
-    """One AdamW step of `param` with 8-bit moments, in PyTorch; param and state updated in place.
-
-    state holds m as codes state1 (uint8, param's shape) with absmax1 (float32, one per block of
-    `blocksize`), v likewise as state2 and absmax2 (AdamW8bit's state). The step:
-        m, v = code1[state1] * absmax1, code2[state2] * absmax2      decode (signed / unsigned dynamic map)
-        adamw_update_(param, grad, m, v, ..., skip_nonfinite=True)
-        absmax1, state1 = max |m| per block, the code of m / absmax1  (likewise v): encode
-    kernel=True: bitsandbytes' CUDA kernel's bytes, on any device: its binary search over the code and
-    its sign nudge (cuda_semantics; on a CPU the reciprocal is the correctly rounded model of the GPU's).
-    kernel=False: its CPU path's bytes (the 65536-point table). None: True for CUDA tensors.
-    """
-    kernel = param.is_cuda if kernel is None else kernel
-    m = _decode(state["state1"], state["absmax1"], True, blocksize, kernel)
-    v = _decode(state["state2"], state["absmax2"], False, blocksize, kernel)
-    _adamw_update_(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, True, kernel)
-    for name, values, signed in (("1", m, True), ("2", v, False)):
-        codes, absmax = _encode(values, signed, blocksize, kernel)
-        state["state" + name].copy_(codes)
-        state["absmax" + name].copy_(absmax)
-
-
-def _decode(codes, absmax, signed: bool, blocksize: int, kernel: bool) -> torch.Tensor:
-    state = QuantState(absmax=absmax, shape=codes.shape, code=shared_dynamic_map(signed, codes.device),
-                       dtype=torch.float32, blocksize=blocksize)
-    if kernel:  # ftz(code[q] * absmax): the kernel flushes denormal products
-        return cuda_semantics.dequantize_blockwise(codes, state)
-    return dequantize_blockwise(codes, state, backend="torch")
-
-
-def _encode(values, signed: bool, blocksize: int, kernel: bool):
-    """Codes and absmax of a moment: bitsandbytes' CPU rounding (kernel=False) or its CUDA search.
-
-    The CUDA kernel then moves a code of m whose level has the other sign bit than m one step towards
-    m's sign: a small negative m that rounds to the level 0.0 gets the smallest negative level.
-    """
-    code = shared_dynamic_map(signed, values.device)
-    if not kernel:
-        codes, qstate = quantize_blockwise(values, code, blocksize, backend="torch")
-        return codes, qstate.absmax
-    codes, absmax = cuda_semantics.quantize_blockwise_codes(values, code, blocksize)
-    if signed:
-        wrong_sign = torch.signbit(code[codes.long()]) != torch.signbit(values)
-        nudged = (codes.to(torch.int16) + torch.where(values > 0, 1, -1)) & 0xFF
-        codes = torch.where(wrong_sign, nudged, codes.to(torch.int16)).to(torch.uint8)
-    return codes, absmax
+__all__ = ["AdamW8bit", "bytes_per_parameter", "optimizer_state_bytes", "predicted_state_bytes"]
 
 
 class AdamW8bit(torch.optim.Optimizer):
@@ -465,9 +273,9 @@ class AdamW8bit(torch.optim.Optimizer):
         float32 absmax to the parameter's dtype) and are allocated through self._allocate; everything is
         checked before anything changes."""
         for g, group in enumerate(state_dict["param_groups"]):
-            _check_group(group, f"param_groups[{g}]")
+            check_group(group, f"param_groups[{g}]")
         saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
-        param_of = dict(zip(saved_ids, _parameters(self)))
+        param_of = dict(zip(saved_ids, parameters_in_order(self)))
         for index, saved in state_dict["state"].items():
             self._check_saved_state(param_of[index], saved, f"state[{index}]")
         super().load_state_dict({**state_dict, "state": {}})
@@ -509,7 +317,7 @@ class AdamW8bit(torch.optim.Optimizer):
         self.state[p] = state
 
 
-def _parameters(optimizer) -> list:
+def parameters_in_order(optimizer) -> list:
     """The parameters in param_groups order: torch's state_dict numbers them so."""
     return [p for group in optimizer.param_groups for p in group["params"]]
 
@@ -531,7 +339,7 @@ def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
     check(weight_decay, "weight_decay", lambda x: x >= 0, ">= 0")
 
 
-def _check_group(group: dict, name: str) -> None:
+def check_group(group: dict, name: str) -> None:
     try:
         _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
     except ValueError as error:
@@ -574,82 +382,3 @@ def optimizer_state_bytes(optimizer) -> int:
                     seen.add(key)
                     total += value.nbytes
     return total
-
-
-def optimizer_state_tensors(optimizer) -> dict:
-    """A flat {name: tensor} of the optimizer's state and hyperparameters, for safetensors (no pickle).
-
-        state.{i}.{key}        the state tensors of the i-th parameter (param_groups order), and its
-                               step as a 0-d int64 tensor
-        param_groups.{g}.{key} lr, eps, weight_decay as 0-d float64 tensors, betas as a float64 pair
-    Tensors are shared with the optimizer, not copied; load with load_optimizer_state_tensors.
-    """
-    tensors = {}
-    for g, group in enumerate(optimizer.param_groups):
-        for key, value in group.items():
-            if key in ("params", "param_names"):  # the parameters themselves, and their names
-                continue
-            numbers = value if isinstance(value, (tuple, list)) else [value]
-            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers):
-                raise ValueError(f"param_groups[{g}][{key!r}] = {value!r} is not a number or a tuple of numbers")
-            tensors[f"param_groups.{g}.{key}"] = torch.tensor(value, dtype=torch.float64)
-    for i, p in enumerate(_parameters(optimizer)):
-        for key, value in optimizer.state.get(p, {}).items():
-            name = f"state.{i}.{key}"
-            tensors[name] = torch.tensor(value, dtype=torch.int64) if key == "step" else value
-    return tensors
-
-
-def load_optimizer_state_tensors(optimizer, tensors: dict) -> None:
-    """Restore what optimizer_state_tensors saved into an AdamW8bit (or PagedAdamW8bit) over the same parameters.
-
-    Everything is checked before anything changes (check_optimizer_state_tensors): a ValueError names the
-    first tensor that is not what this optimizer would have saved."""
-    groups, states = _read_state_tensors(optimizer, tensors)
-    for group, values in zip(optimizer.param_groups, groups):
-        group.update(values)
-    params = _parameters(optimizer)
-    for index, saved in states.items():
-        optimizer._load_state(params[index], saved)
-
-
-def check_optimizer_state_tensors(optimizer, tensors: dict) -> None:
-    """Raise, naming the tensor, unless load_optimizer_state_tensors can load `tensors`: known names, finite
-    hyperparameters in range, and per parameter the state's keys, shapes, dtypes, step and finite values."""
-    _read_state_tensors(optimizer, tensors)
-
-
-def _read_state_tensors(optimizer, tensors: dict) -> tuple:
-    """([hyperparameters per param group], {parameter index: saved state}) of `tensors`, all checked."""
-    if not isinstance(optimizer, AdamW8bit):
-        raise TypeError(f"optimizer state tensors load into AdamW8bit or PagedAdamW8bit, got {type(optimizer).__name__}")
-    params = _parameters(optimizer)
-    groups = [{} for _ in optimizer.param_groups]
-    states = {}
-    for name, value in tensors.items():
-        kind, index, key = _split_name(name)
-        if kind == "param_groups":
-            if index >= len(groups) or key not in optimizer.param_groups[index] or key in ("params", "param_names"):
-                raise ValueError(f"{name}: this optimizer has no such hyperparameter")
-            if not value.is_floating_point() or value.dim() > 1:
-                raise ValueError(f"{name}: a hyperparameter is saved as a float64 number or pair, got {value.dtype} "
-                                 f"of shape {tuple(value.shape)}")
-            number = value.tolist()
-            groups[index][key] = tuple(number) if isinstance(number, list) else number
-        else:
-            if index >= len(params):
-                raise ValueError(f"{name}: the saved optimizer had more parameters than this one ({len(params)})")
-            states.setdefault(index, {})[key] = value
-    for g, (group, values) in enumerate(zip(optimizer.param_groups, groups)):
-        _check_group({**group, **values}, f"param_groups.{g}")
-    for index, saved in states.items():
-        optimizer._check_saved_state(params[index], saved, f"state.{index}")
-    return groups, states
-
-
-def _split_name(name: str):
-    parts = name.split(".")
-    if len(parts) != 3 or parts[0] not in ("state", "param_groups") or not parts[1].isdigit():
-        raise ValueError(f"{name!r} is not a name optimizer_state_tensors writes "
-                         "('state.<i>.<key>' or 'param_groups.<g>.<key>')")
-    return parts[0], int(parts[1]), parts[2]

@@ -47,3 +47,11 @@ def check_bool(value, name: str) -> None:
     """Raise unless `value` is True or False: a string such as "False" is truthy, so it would mean the opposite."""
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+
+
+def check_code_8bit(code) -> None:
+    """Raise unless `code` is an 8-bit code: 256 float32 levels in ascending order (qlora_ref.dynamic_map())."""
+    if not isinstance(code, torch.Tensor) or code.dtype != torch.float32 or code.shape != (256,):
+        raise ValueError("code must be a float32 tensor of 256 levels (e.g. qlora_ref.dynamic_map())")
+    if not bool((code[1:] >= code[:-1]).all()):
+        raise ValueError("code must be sorted in ascending order")

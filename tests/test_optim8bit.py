@@ -36,16 +36,10 @@ bnb = pytest.importorskip("bitsandbytes")
 
 from parity import make_optimizer_pair, step_both  # noqa: E402
 from qlora_ref.paging import PagedAdamW8bit  # noqa: E402
-from qlora_ref.optim8bit import (  # noqa: E402
-    AdamW8bit,
-    _fma,
-    adamw_update_,
-    bytes_per_parameter,
-    load_optimizer_state_tensors,
-    optimizer_state_bytes,
-    optimizer_state_tensors,
-    predicted_state_bytes,
-)
+from qlora_ref.adamw_step import adamw_update_  # noqa: E402
+from qlora_ref.float32 import fma  # noqa: E402
+from qlora_ref.optim8bit import AdamW8bit, bytes_per_parameter, optimizer_state_bytes, predicted_state_bytes  # noqa: E402
+from qlora_ref.optimizer_state import load_optimizer_state_tensors, optimizer_state_tensors  # noqa: E402
 
 ULP = 2.0**-23  # float32's relative rounding step (one ulp of a number in [1, 2))
 LR = 1e-3
@@ -209,12 +203,12 @@ def test_fma_rounds_once():
     exact = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
     assert nearest_float32(exact) == 1 + 2**-23
     assert float((a.double() * b.double() + c.double()).float()) == 1 + 2**-22  # rounded twice: the other neighbour
-    assert float(_fma(a, b, c)) == 1 + 2**-23
+    assert float(fma(a, b, c)) == 1 + 2**-23
     generator = torch.Generator().manual_seed(0)
     a, b = torch.randn(2000, generator=generator), torch.randn(2000, generator=generator)
     c = torch.randn(2000, generator=generator) * 10.0 ** torch.randint(-8, 8, (2000,), generator=generator)
     for scalar in (None, 0.10000000149011612):  # b as a tensor, and as a float32 number (1 - beta1)
-        mine = _fma(a, b if scalar is None else scalar, c)
+        mine = fma(a, b if scalar is None else scalar, c)
         for i in range(2000):
             y = float(b[i]) if scalar is None else scalar
             assert float(mine[i]) == nearest_float32(Fraction(float(a[i])) * Fraction(y) + Fraction(float(c[i]))), i

@@ -5,7 +5,7 @@ moments, below min_8bit_size), built with --use_fast_math. What we reproduce, re
 kernel's sm_90 machine code (cuobjdump -sass of libbitsandbytes_cuda130.so), and the tolerance each
 remaining difference needs:
   * 8-bit m and v: byte-equal (codes and absmax). The same float32 operations with the same fused
-    multiply-adds (m = fma(g, 1 - beta1, beta1 m); v as qlora_ref.optim8bit.adamw_update_ says), the
+    multiply-adds (m = fma(g, 1 - beta1, beta1 m); v as qlora_ref.adamw_step.adamw_update_ says), the
     same reciprocal, binary search and sign nudge when re-encoding. Both of our 8-bit steps: the
     default on CUDA, the fused Triton kernel (qlora_ref.kernels.adamw_8bit), and backend="torch",
     the PyTorch step (adamw8bit_update_). Measured: every code and absmax equal, all tests.

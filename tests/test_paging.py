@@ -14,13 +14,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qlora_ref.optim8bit import (
-    AdamW8bit,
-    load_optimizer_state_tensors,
-    optimizer_state_bytes,
-    optimizer_state_tensors,
-    predicted_state_bytes,
-)
+from qlora_ref.optim8bit import AdamW8bit, optimizer_state_bytes, predicted_state_bytes
+from qlora_ref.optimizer_state import load_optimizer_state_tensors, optimizer_state_tensors
 from qlora_ref.paging import (
     BudgetExceededError,
     PagedAdamW8bit,

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from qlora_ref.adapters import lora_layers
 from qlora_ref.llama import LlamaForCausalLM
 from qlora_ref.lora import QLoRALinear
-from qlora_ref.optim8bit import optimizer_state_tensors
+from qlora_ref.optimizer_state import optimizer_state_tensors
 from qlora_ref.paging import PagedAdamW8bit
 from qlora_ref.tasks import date_task
 from qlora_ref.train import (TrainConfig, batch_indices, evaluate, latest_checkpoint, learning_rate, main,

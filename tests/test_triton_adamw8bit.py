@@ -1,6 +1,6 @@
 """The fused 8-bit AdamW kernel (qlora_ref.kernels.adamw_8bit) on a CPU, in Triton's interpreter.
 
-No GPU is needed. The kernel is checked against optim8bit.adamw8bit_update_ with kernel=True, the
+No GPU is needed. The kernel is checked against adamw_step.adamw8bit_update_ with kernel=True, the
 PyTorch step that rounds as bitsandbytes' CUDA kernel (cuda_semantics' search, explicit fmas, IEEE
 sqrt and division), run on CPU tensors: every byte equal (codes, absmax, the parameter), step after
 step, on odd sizes, short last blocks, every dtype, NaN/Inf gradients, all-zero blocks, tiny and
@@ -19,10 +19,11 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package (pip install triton; Linux only)")
 
-from qlora_ref import dynamic8bit  # noqa: E402
+from qlora_ref import backend  # noqa: E402
 from qlora_ref.kernels import adamw_8bit as K  # noqa: E402
 from qlora_ref.kernels.adamw_8bit import adamw8bit_update_triton, compile_ahead  # noqa: E402
-from qlora_ref.optim8bit import AdamW8bit, adamw8bit_update_  # noqa: E402
+from qlora_ref.adamw_step import adamw8bit_update_  # noqa: E402
+from qlora_ref.optim8bit import AdamW8bit  # noqa: E402
 
 HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
 
@@ -165,7 +166,7 @@ def test_bad_backend_names_the_problem(monkeypatch):
     p = torch.nn.Parameter(torch.randn(10))
     with pytest.raises(ValueError, match="backend must be one of"):
         AdamW8bit([p], backend="cuda")
-    monkeypatch.setattr(dynamic8bit, "_triton_available", lambda: False)
+    monkeypatch.setattr(backend, "triton_available", lambda: False)
     with pytest.raises(ImportError, match="needs the triton package"):
         AdamW8bit([p], backend="triton")
 

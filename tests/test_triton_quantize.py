@@ -261,12 +261,12 @@ def test_backends():
 
 
 def test_backend_triton_without_triton(monkeypatch):
-    from qlora_ref import dynamic8bit
+    from qlora_ref import backend
 
-    monkeypatch.setattr(dynamic8bit, "_triton_available", lambda: False)
+    monkeypatch.setattr(backend, "triton_available", lambda: False)
     with pytest.raises(ImportError, match="needs the triton package"):
         Q.quantize_4bit(torch.ones(8), backend="triton")
-    assert dynamic8bit.resolve_backend("auto", torch.ones(1)) == "torch"
+    assert backend.resolve_backend("auto", torch.ones(1)) == "torch"
 
 
 def test_bad_input_is_refused_like_the_reference():

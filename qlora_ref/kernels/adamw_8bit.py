@@ -2,7 +2,7 @@
 
 What you will learn
 -------------------
-* Why fusion wins here. `qlora_ref.optim8bit.adamw8bit_update_` is the step in PyTorch: decode m and v,
+* Why fusion wins here. `qlora_ref.adamw_step.adamw8bit_update_` is the step in PyTorch: decode m and v,
   the update, quantize m and v again (a binary search: 7 rounds of compare and gather), nudge signs,
   copy back. Over a hundred kernel launches per parameter, each reading and writing whole tensors. A
   LoRA adapter of a 7B model holds 65,536-262,144 values: each of those kernels runs for a few
@@ -52,8 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..adamw_step import step_scalars
 from ..dynamic8bit import shared_dynamic_map
-from ..optim8bit import step_scalars
 from ..validation import FLOAT_DTYPES, check_blocksize
 from . import blockwise_8bit
 from .quantize_4bit import launch_config
@@ -174,7 +174,7 @@ def _check(param, grad, state, blocksize) -> None:
 
 def adamw8bit_update_triton(param, grad, state: dict, step, lr, beta1, beta2, eps, weight_decay, blocksize: int = 256,
                             *, scalars=None, hw_rcp=None, tile_values=None, num_warps=None) -> None:
-    """optim8bit.adamw8bit_update_ with kernel=True in one launch: same arguments, same bytes.
+    """adamw_step.adamw8bit_update_ with kernel=True in one launch: same arguments, same bytes.
 
     param (and state's four tensors) are updated in place. CPU tensors run in Triton's interpreter,
     with the correctly rounded reciprocal where the GPU has MUFU.RCP (hw_rcp=None: the GPU's on a GPU).

@@ -29,9 +29,8 @@ import triton
 import triton.language as tl
 
 from ..codebooks import dynamic_map
-from ..dynamic8bit import check_code_8bit
 from ..state import QuantState
-from ..validation import check_blocksize, check_float_tensor
+from ..validation import check_blocksize, check_code_8bit, check_float_tensor
 from .twins import twin
 
 __all__ = ["compress_absmax_triton", "dequantize_blockwise_triton", "quantize_blockwise_triton"]

@@ -41,8 +41,8 @@ Where the two flavours of bitsandbytes part (the CPU path in parentheses):
 
 import torch
 
+from ..backend import triton_available
 from ..codebooks import codebook_4bit, dynamic_map
-from ..dynamic8bit import _triton_available
 from ..state import QuantState
 
 FLT_MIN = 2.0**-126  # the smallest normal float32
@@ -79,7 +79,7 @@ def reciprocal(absmax: torch.Tensor, hardware=None) -> torch.Tensor:
     function is a model of the instruction, exact wherever MUFU.RCP rounds correctly.
     """
     if hardware is None:
-        hardware = absmax.is_cuda and _triton_available()
+        hardware = absmax.is_cuda and triton_available()
     if hardware:
         from .quantize_4bit import hardware_reciprocal
 
