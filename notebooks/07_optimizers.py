@@ -72,8 +72,10 @@ from IPython.display import display
 import qlora_ref
 from qlora_ref import QuantState, dequantize_blockwise, dynamic_map, quantize_blockwise
 from qlora_ref.compare import compare
-from qlora_ref.optim8bit import AdamW8bit, adamw_update_, bytes_per_parameter, optimizer_state_bytes, predicted_state_bytes
-from qlora_ref.paging import Pager, simulate_spike
+from qlora_ref.adamw_step import adamw_update_
+from qlora_ref.optim8bit import AdamW8bit, bytes_per_parameter, optimizer_state_bytes, predicted_state_bytes
+from qlora_ref.pager import Pager
+from qlora_ref.spike import simulate_spike
 from qlora_ref.plots.optimizers import error_by_decade_figure, linear_code, resolution_figure
 from qlora_ref.plots.paging import page_traffic_figure, spike_timeline_figure
 
@@ -347,7 +349,7 @@ else:
 #
 # ### The update
 #
-# `qlora_ref.optim8bit.adamw_update_` is one AdamW step on float32 moments, in the order of
+# `qlora_ref.adamw_step.adamw_update_` is one AdamW step on float32 moments, in the order of
 # bitsandbytes' CUDA kernel; `AdamW8bit.step` decodes m and v (code[q] · absmax), calls it, and
 # re-encodes them blockwise (new absmax = the new moments' own maximum per block). Its docstring:
 
@@ -578,7 +580,7 @@ else:
 #
 # ### A pager by hand
 #
-# `qlora_ref.paging.Pager` makes the moves explicit. A page is a group of tensors (one parameter's
+# `qlora_ref.pager.Pager` makes the moves explicit. A page is a group of tensors (one parameter's
 # optimizer state); it lives in host memory and is *fetched* to the device before use; when the
 # device's budget is full, the least recently used page is *evicted* (copied home). On a CPU the
 # "device" is simulated: a separate buffer, with every byte accounted for. Four pages, a budget of
@@ -685,7 +687,7 @@ print(f"all {len(run.parameters)} parameters torch.equal to the unpaged run: "
 # update, **`cudaMemPrefetchAsync`** queues a bulk migration of that parameter's states to the GPU
 # on the compute stream, so the update kernel does not fault them in page by page. (bitsandbytes
 # prefetches only on GPUs with concurrent managed access, Pascal and later on Linux; so does
-# `qlora_ref.paging.prefetch`.)
+# `qlora_ref.managed_memory.prefetch`.)
 #
 # `torch.cuda.set_per_process_memory_fraction(f)` caps **PyTorch's caching allocator**: the memory
 # that tensors allocated through `torch` take. `cudaMallocManaged` and pinned host memory
@@ -698,7 +700,8 @@ print(f"all {len(run.parameters)} parameters torch.equal to the unpaged run: "
 # %%
 # NBVAL_IGNORE_OUTPUT
 if GPU:
-    from qlora_ref.paging import PagedAdamW8bit, concurrent_managed_access, is_managed
+    from qlora_ref.managed_memory import concurrent_managed_access, is_managed
+    from qlora_ref.paging import PagedAdamW8bit
 
     def mlp(width=1024, layers=32):
         torch.manual_seed(0)

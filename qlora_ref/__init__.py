@@ -14,7 +14,8 @@ from .state import QuantState
 from .lora import DequantizeMatmul, LoRALinear, QLoRALinear
 from .adapters import TrainableSummary, load_adapters, merge_adapters, prepare_model, save_adapters, trainable_summary
 from .optim8bit import AdamW8bit, optimizer_state_bytes, predicted_state_bytes
-from .paging import PagedAdamW8bit, Pager
+from .pager import Pager
+from .paging import PagedAdamW8bit
 
 __all__ = [
     "QuantState",

@@ -56,7 +56,7 @@ The contracts (what the learner's functions take and return):
       pager.fetch(name)            the page to the device, most recently used, evicting least recently used
                                    pages while resident bytes + nbytes > budget_bytes (a hit moves nothing)
       pager.events                 a list, one tuple ("in" | "out", name, resident bytes after the move) per move
-  the bookkeeping of qlora_ref.paging.Pager (which also moves the tensors), compared event for event.
+  the bookkeeping of qlora_ref.pager.Pager (which also moves the tensors), compared event for event.
 - check_learning_rate(learning_rate)
       learning_rate(config, step) -> float     the warm-up + cosine rate of step `step` (from 0) of a TrainConfig
   compared with qlora_ref.train.learning_rate at every step of four schedules (within 1e-9 relative).
@@ -1290,7 +1290,7 @@ def _refuses_a_page_larger_than_the_budget(pager_class):
 
 
 def check_pager(pager_class) -> bool:
-    """Check an LRU pager (lesson 7) against the bookkeeping of qlora_ref.paging.Pager, event for event.
+    """Check an LRU pager (lesson 7) against the bookkeeping of qlora_ref.pager.Pager, event for event.
 
     pager_class(budget_bytes) has add(name, nbytes), fetch(name) and a list `events`; fetching a page that is
     not on the device evicts the least recently used pages while resident + nbytes > budget, recording
@@ -1300,7 +1300,7 @@ def check_pager(pager_class) -> bool:
     the whole budget; then add must refuse (ValueError) a page larger than the budget. Prints one line (the
     first fetch whose events differ, the device before it, expected vs got events, and a hint); True on success.
     """
-    from .paging import Pager
+    from .pager import Pager
 
     def body():
         fetches = hits = evictions = 0
@@ -1333,7 +1333,7 @@ def check_pager(pager_class) -> bool:
                 hits += not expected
                 evictions += sum(event[0] == "out" for event in expected)
         _refuses_a_page_larger_than_the_budget(pager_class)
-        return (f"events equal qlora_ref.paging.Pager's in {len(cases)} sequences ({fetches} fetches: {hits} hits, "
+        return (f"events equal qlora_ref.pager.Pager's in {len(cases)} sequences ({fetches} fetches: {hits} hits, "
                 f"{evictions} evictions; pages of 0 bytes and of the whole budget), and a page larger than the "
                 "budget is refused")
 

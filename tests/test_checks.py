@@ -46,7 +46,7 @@ from qlora_ref.double_quant import compress_absmax
 from qlora_ref.lora import LoRAMatmul
 from qlora_ref.linear import quantize_absmax, quantize_zeropoint
 from qlora_ref.optim8bit import adamw_update_
-from qlora_ref.paging import Pager
+from qlora_ref.pager import Pager
 from qlora_ref.tasks import collate
 from qlora_ref.train import TrainConfig, batch_indices, learning_rate, setup, train_step
 
@@ -921,7 +921,7 @@ def test_adamw_update_first_mismatch_names_expected_and_got(capsys):
 
 
 class ReferencePager:
-    """qlora_ref.paging.Pager itself behind the exercise's interface (pages of real tensors)."""
+    """qlora_ref.pager.Pager itself behind the exercise's interface (pages of real tensors)."""
 
     def __init__(self, budget_bytes):
         self.pager = Pager(budget_bytes)

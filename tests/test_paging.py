@@ -16,16 +16,10 @@ from hypothesis import strategies as st
 
 from qlora_ref.optim8bit import AdamW8bit, optimizer_state_bytes, predicted_state_bytes
 from qlora_ref.optimizer_state import load_optimizer_state_tensors, optimizer_state_tensors
-from qlora_ref.paging import (
-    BudgetExceededError,
-    PagedAdamW8bit,
-    Pager,
-    cuda_runtime_version,
-    managed_empty,
-    prefetch,
-    resident_bounds,
-    simulate_spike,
-)
+from qlora_ref.managed_memory import cuda_runtime_version, managed_empty, prefetch
+from qlora_ref.pager import BudgetExceededError, Pager, resident_bounds
+from qlora_ref.paging import PagedAdamW8bit
+from qlora_ref.spike import simulate_spike
 
 
 def _page(nbytes: int, seed: int) -> dict:

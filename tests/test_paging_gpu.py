@@ -21,16 +21,17 @@ import pytest
 import torch
 
 from qlora_ref.optim8bit import AdamW8bit, predicted_state_bytes
-from qlora_ref.paging import (
-    PagedAdamW8bit,
+from qlora_ref.managed_memory import (
+    _cudart,
+    _ManagedBuffer,
     concurrent_managed_access,
     cuda_runtime_version,
     is_managed,
     managed_empty,
     prefetch,
-    resident_bounds,
 )
-from qlora_ref.paging import _cudart, _ManagedBuffer
+from qlora_ref.pager import resident_bounds
+from qlora_ref.paging import PagedAdamW8bit
 
 pytestmark = pytest.mark.gpu
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from qlora_ref.paging import PageEvent, Pager, simulate_spike
+from qlora_ref.pager import PageEvent, Pager
+from qlora_ref.spike import simulate_spike
 from qlora_ref.plots.paging import page_residency, page_traffic_figure, spike_series, spike_timeline_figure
 
 

@@ -69,7 +69,7 @@ def page_traffic_figure(events, pages: dict):
 
 
 def spike_series(run) -> dict:
-    """The simulated device's memory at each point of a SpikeRun (qlora_ref.paging.simulate_spike),
+    """The simulated device's memory at each point of a SpikeRun (qlora_ref.spike.simulate_spike),
     in bytes: fixed (weights + gradients), states, activations, their total; evictions per point;
     the budget; and the index range of the spike step's points."""
     fixed = [run.fixed_bytes] * len(run.points)
