@@ -62,7 +62,6 @@ if IN_COLAB:  # clone the course and install it next to Colab's own torch (lesso
 # %matplotlib inline
 import dataclasses
 import inspect
-import json
 import re
 from pathlib import Path
 
@@ -73,12 +72,12 @@ import triton.language as tl
 from IPython.display import Image, display
 
 from qlora_ref import bnb_cpu, dequantize_4bit, nf4_codebook, quantize_4bit
-from qlora_ref.bench import summary
 from qlora_ref.blockwise import unpack_4bit
 from qlora_ref.compare import compare
 from qlora_ref.double_quant import decompress_absmax
 from qlora_ref.kernels import dequantize_4bit as K
 from qlora_ref.kernels.dequantize_4bit import _round_to_bf16, compile_ahead, dequantize_4bit_triton, launch_config
+from qlora_ref.results import dequantize_summary, load_kernel_results
 
 _ = torch.manual_seed(0)  # `_ =` keeps the generator's repr (a memory address) out of the output
 gen = torch.Generator().manual_seed(0)
@@ -122,13 +121,13 @@ print(f"arithmetic intensity: {flops_per_value} FLOP / {bytes_per_value} bytes =
 
 # %% [markdown]
 # A GPU can do far more than 0.39 FLOP per byte it moves. What it can move is best measured: the results
-# file of this course's GPU benchmark (`python -m qlora_ref.bench kernels`, run on an H100 and
+# file of this course's GPU benchmark (`python -m bench.kernels run`, run on an H100 and
 # committed to `bench/results/`) timed a device-to-device copy of a tensor of the output's size, the
 # practical roofline of a kernel that streams through memory. We read it here:
 
 # %%
 RESULTS = Path("..") / "bench" / "results" / "kernels-nvidia-h100-80gb-hbm3.json"
-results = json.loads(RESULTS.read_text())
+results = load_kernel_results(RESULTS)
 print(f"read {RESULTS.as_posix()}: {results['device']}, measured {results['date']}")
 print(f"torch {results['torch']}, triton {results['triton']}, bitsandbytes {results['bitsandbytes']}, CUDA {results['cuda']}")
 by_case = {(tuple(r["shape"]), r["dtype"], r["nested"]): r for r in results["llama"]}
@@ -603,7 +602,7 @@ print(f"{results['device']}, {results['date']}; {results['quant']}")
 print(f"{'weight':>10} {'dtype':5} {'absmax':6} | {'triton ms':>9} {'bnb ms':>7} {'copy ms':>7} | {'triton GB/s':>11} {'bnb GB/s':>8} "
       f"{'copy GB/s':>9} | {'vs bnb':>6} {'triton/copy':>11} {'bnb/copy':>8} | exact")
 for r in results["llama"]:
-    v = summary(r)
+    v = dequantize_summary(r)
     weight = f"{r['shape'][0]}x{r['shape'][1]}"
     print(f"{weight:>10} {r['dtype']:5} {'nested' if r['nested'] else 'plain':6} | {v['ms']:9.4f} {v['bnb_ms']:7.4f} {v['copy_ms']:7.4f} | "
           f"{v['gbps']:11.0f} {v['bnb_gbps']:8.0f} {v['copy_gbps']:9.0f} | {v['speedup_vs_bnb']:5.2f}x {v['fraction_of_copy']:11.0%} "
@@ -626,7 +625,7 @@ TARGET_SPEEDUP, TARGET_FRACTION = 1.3, 0.90
 for shape in [(8192, 8192), (8192, 28672)]:
     for nested in (False, True):
         for dtype in ("fp16", "bf16"):
-            v = summary(by_case[(shape, dtype, nested)])
+            v = dequantize_summary(by_case[(shape, dtype, nested)])
             verdict = "met" if v["speedup_vs_bnb"] >= TARGET_SPEEDUP and v["fraction_of_copy"] >= TARGET_FRACTION else "MISSED"
             print(f"{shape[0]}x{shape[1]} {dtype} {'nested' if nested else 'plain ':6}: {v['speedup_vs_bnb']:.2f}x bnb, "
                   f"{v['fraction_of_copy']:.0%} of copy -> {verdict}")
@@ -638,7 +637,7 @@ for shape in [(8192, 8192), (8192, 28672)]:
 
 # %%
 for shape in [(8192, 8192), (8192, 28672)]:
-    v = summary(by_case[(shape, "bf16", False)])
+    v = dequantize_summary(by_case[(shape, "bf16", False)])
     bnb_fraction = v["bnb_gbps"] / v["copy_gbps"]
     print(f"{shape[0]}x{shape[1]} bf16 plain: bitsandbytes at {bnb_fraction:.0%} of the copy; at 100% of the copy a kernel would be "
           f"{1 / bnb_fraction:.2f}x faster at most; 1.3x needs {TARGET_SPEEDUP * bnb_fraction:.0%} of the copy; ours: "

@@ -622,7 +622,7 @@ _ = compare("logits, merged vs with adapters", logits_merged, logits_ours, rtol=
 # ## 7. On a GPU: speed, measured
 #
 # Everything above ran on a CPU. The numbers below were measured on an H100 and saved with the device,
-# the versions and the raw timings; `python -m qlora_ref.bench_layer` and `python -m qlora_ref.bench_gemv`
+# the versions and the raw timings; `python -m bench.layer` and `python -m bench.gemv`
 # measure them again on any CUDA GPU. This cell only reads the saved files.
 #
 # **Training: one layer, forward plus backward, 4096 tokens** (bf16, NF4 + double quantization, r = 16,

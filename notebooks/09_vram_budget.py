@@ -67,6 +67,7 @@ from qlora_ref import QLoRALinear, constant_bits_per_parameter, prepare_model
 from qlora_ref.llama import LlamaConfig, LlamaForCausalLM
 from qlora_ref.optim8bit import bytes_per_parameter
 from qlora_ref.plots.vram import budget_figure, measurements_figure, methods_figure
+from qlora_ref.results import load_measurements
 from qlora_ref.vram import (
     ALLOCATOR_OVERHEAD,
     CUDA_CONTEXT_BYTES,
@@ -80,7 +81,6 @@ from qlora_ref.vram import (
     estimate,
     estimate_for,
     from_hf_config,
-    load_measurements,
     matching_run,
     measure_peak_bytes,
     measurement_line,
@@ -396,13 +396,14 @@ print(f"measured on an H100 (torch 2.11, CUDA 13.0): CUDA context {CUDA_CONTEXT_
 #
 # Next to it: our count of FP32 weights, our estimate of full FP32 fine-tuning (torch AdamW), our QLoRA
 # estimate (NF4 + double quantization, r = 64, paged 8-bit AdamW updating inside the backward,
-# checkpointing, batch 1, 512 tokens) and its measurement on an H100 (`python -m qlora_ref.bench_memory`,
+# checkpointing, batch 1, 512 tokens) and its measurement on an H100 (`python -m bench.memory`,
 # the step of section 8 replayed as a CUDA graph; `bench/results/memory-*.json`): reserved + context,
 # every paged state on the GPU, as a GPU with room keeps them:
 
 # %%
 SEEDS = {"Llama-2-7B": (28, (5, 7)), "Llama-2-13B": (52, (10, 12)), "Llama-2-70B": (280, (40, 48))}
-runs = load_measurements()
+RESULTS = Path("..") / "bench" / "results"
+runs = load_measurements(RESULTS)
 print(f"{'model':12s} {'FP32 GB':>8s} {'ours':>7s} {'full FP32 FT':>13s} {'QLoRA GB':>9s} {'ours':>6s} "
       f"{'(GiB)':>7s} {'measured':>9s}")
 for name, (fp32_seed, (low, high)) in SEEDS.items():
@@ -508,7 +509,7 @@ for batch, seq in ((1, 512), (1, 2048), (4, 2048), (8, 4096)):
 # How does our QLoRA step compare with the way practitioners train? The course's target for 7B (batch 1,
 # 512 tokens, r = 64): **at least 1.3 times the baseline's tokens per second at no more than 0.85 times
 # its peak memory**. Everything below was measured in one process on one H100
-# (`python -m qlora_ref.bench_baseline --recipes standard no_upcast qlora_ref qlora_ref_in_backward
+# (`python -m bench.baseline --recipes standard no_upcast qlora_ref qlora_ref_in_backward
 # qlora_ref_graph`), with the same settings (NF4 + double quantization, LoRA on all seven linears,
 # alpha = 2r, float32 adapters, gradient checkpointing, paged 8-bit AdamW, no gradient clipping, random
 # token ids, 4 timed steps, tokens per second of the last 3) and the same protocol (peak statistics reset
@@ -528,7 +529,6 @@ for batch, seq in ((1, 512), (1, 2048), (4, 2048), (8, 4096)):
 #   (`qlora_ref.cuda_graph.CapturedStep`).
 
 # %%
-RESULTS = Path("..") / "bench" / "results"
 GPU_NAME = "nvidia-h100-80gb-hbm3"
 side_by_side = json.loads((RESULTS / f"baseline-{GPU_NAME}.json").read_text())
 print(f"{side_by_side['device']}, {side_by_side['date']}, torch {side_by_side['torch']}, triton "

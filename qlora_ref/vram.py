@@ -63,6 +63,7 @@ from .double_quant import NESTED_BLOCKSIZE
 from .memory import PeakMemory
 from .optim8bit import predicted_state_bytes
 from .paging import MANAGED_MIN_NUMEL
+from .results import SETUP_KEYS
 from .validation import check_blocksize
 
 __all__ = [
@@ -84,7 +85,6 @@ __all__ = [
     "estimate_for",
     "from_hf_config",
     "gpu_memory",
-    "load_measurements",
     "matching_run",
     "measurement_line",
     "measure_peak_bytes",
@@ -149,9 +149,6 @@ PARTS = (
 DEVICE_PARTS = ("CUDA context", "allocator overhead")
 TRANSIENT_PARTS = ("activations (saved)", "logits", "head and loss backward", "recomputed layer",
                    "backward working set", "dequantization workspace")
-
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"
-
 
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -691,41 +688,6 @@ def estimate(model="Llama-2-7B", method: str = "qlora_nf4_dq", optimizer: str = 
              "r": None if trains else r, "gradient_checkpointing": bool(gradient_checkpointing),
              "optimizer_in_backward": bool(optimizer_in_backward)}
     return MemoryBreakdown(setup=setup, parts=parts, moments=moments, optimizer_host_bytes=host)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Measurements (GPU runs, written by bench code to bench/results/memory-<device>.json)
-# ---------------------------------------------------------------------------------------------------
-
-SETUP_KEYS = ("model", "method", "optimizer", "batch", "seq_len", "r", "gradient_checkpointing",
-              "optimizer_in_backward")
-MEASURED_KEYS = ("peak_allocated", "peak_reserved")
-
-
-def load_measurements(directory=RESULTS_DIR) -> list:
-    """Every run of every bench/results/memory-*.json, as dicts; [] when there is none yet.
-
-    A file: {"device": "NVIDIA H100 80GB HBM3", "runs": [run, ...]} (other top-level keys are kept on
-    each run). A run: the setup of `estimate` (model, method, optimizer, batch, seq_len, r,
-    gradient_checkpointing) and the measured bytes peak_allocated (torch.cuda.max_memory_allocated over
-    one training step), peak_reserved (torch.cuda.max_memory_reserved), and optionally context_bytes
-    (device memory in use once CUDA is initialised, before any tensor). Paged optimizer states in unified
-    memory appear in neither peak: PyTorch's allocator does not hand them out.
-    """
-    runs = []
-    for path in sorted(Path(directory).glob("memory-*.json")):
-        document = json.loads(path.read_text())
-        if not isinstance(document, dict) or not isinstance(document.get("runs"), list):
-            raise ValueError(f"{path} must hold a dict with a list 'runs'")
-        common = {k: v for k, v in document.items() if k != "runs"}
-        for i, run in enumerate(document["runs"]):
-            # bench_memory's "step": "eager" (the update after the backward), "in_backward" or "graph" (in it)
-            run = {"optimizer_in_backward": run.get("step", "eager") != "eager", **run}
-            missing = [k for k in SETUP_KEYS + MEASURED_KEYS if k not in run]
-            if missing:
-                raise ValueError(f"{path}: run {i} lacks {missing}")
-            runs.append({**common, **run, "file": path.name})
-    return runs
 
 
 def estimate_for(run: dict) -> MemoryBreakdown:

@@ -1,4 +1,4 @@
-"""qlora_ref.bench_baseline on a CPU: its settings parser, its 7B config (the preset's exact parameter count in
+"""bench.baseline on a CPU: its settings parser, its 7B config (the preset's exact parameter count in
 transformers' LlamaForCausalLM), and both recipes on a small checkpoint saved and loaded through
 from_pretrained + bitsandbytes (the GPU runs are in bench/results/baseline-*.json)."""
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-import qlora_ref.bench_baseline as bench_baseline
+import bench.baseline as bench_baseline
 from qlora_ref.vram import PRESETS, from_hf_config
 
 

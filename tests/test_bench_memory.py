@@ -1,10 +1,10 @@
-"""qlora_ref.bench_memory's model builder on a CPU: every linear of every layer becomes a QLoRALinear, nothing
+"""bench.memory's model builder on a CPU: every linear of every layer becomes a QLoRALinear, nothing
 stays on the meta device, and one training step gives every adapter a gradient (the GPU runs are in
 bench/results/memory-*.json)."""
 
 import torch
 
-import qlora_ref.bench_memory as bench_memory
+import bench.memory as bench_memory
 from qlora_ref import QLoRALinear
 from qlora_ref.llama import LlamaConfig
 

@@ -1,11 +1,11 @@
 """qlora_ref.cuda_graph.CapturedStep on a GPU (`pytest -m gpu`): a replayed step gives the bytes of the eager step
 with the optimizer in the backward (same kernels, same order), learning-rate changes included; with paged states;
-and it refuses what it cannot replay. Its memory at 7B is measured by qlora_ref.bench_memory (bench/results)."""
+and it refuses what it cannot replay. Its memory at 7B is measured by bench.memory (bench/results)."""
 
 import pytest
 import torch
 
-from qlora_ref.bench_memory import build
+from bench.memory import build
 from qlora_ref.cuda_graph import CapturedStep
 from qlora_ref.llama import LlamaConfig
 from qlora_ref.optim8bit import AdamW8bit

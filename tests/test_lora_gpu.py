@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import qlora_ref as Q
-from qlora_ref.bench_layer import linear4bit
+from bench.layer import linear4bit
 from qlora_ref.lora import DequantizeMatmul
 
 pytestmark = pytest.mark.gpu

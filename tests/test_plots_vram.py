@@ -1,6 +1,7 @@
 """The functions behind lesson 9's figures and widget, checked on what they return and draw."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 
@@ -73,9 +74,9 @@ def test_bad_choices_are_named():
 
 def test_measurements_figure_draws_every_run_and_its_estimate():
     from qlora_ref.plots.vram import measurements_figure
-    from qlora_ref.vram import load_measurements
+    from qlora_ref.results import load_measurements
 
-    runs = load_measurements()
+    runs = load_measurements(Path(__file__).resolve().parent.parent / "bench" / "results")
     fig, breakdowns = measurements_figure(runs)
     (axis,) = fig.axes
     widths = _bar_widths(axis)

@@ -14,7 +14,7 @@ pytest.importorskip("triton", reason="the Triton kernels need the triton package
 F = pytest.importorskip("bitsandbytes.functional", reason="the comparison needs bitsandbytes")
 
 import qlora_ref as Q  # noqa: E402
-from qlora_ref.bench import LLAMA_SHAPES, state_from_bitsandbytes  # noqa: E402
+from bench.timing import LLAMA_SHAPES, state_from_bitsandbytes  # noqa: E402
 from qlora_ref.kernels.dequantize_4bit import dequantize_4bit_triton  # noqa: E402
 from qlora_ref.validation import BLOCKSIZES  # noqa: E402
 

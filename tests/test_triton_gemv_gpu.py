@@ -18,7 +18,7 @@ bnb = pytest.importorskip("bitsandbytes", reason="the comparison needs bitsandby
 import bitsandbytes.functional as F  # noqa: E402
 
 import qlora_ref as Q  # noqa: E402
-from qlora_ref.bench import LLAMA_SHAPES, state_from_bitsandbytes  # noqa: E402
+from bench.timing import LLAMA_SHAPES, state_from_bitsandbytes  # noqa: E402
 from qlora_ref.kernels.gemv_4bit import gemv_4bit_triton  # noqa: E402
 
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
@@ -82,7 +82,7 @@ def test_tuning_settings_agree():
     """Every benchmarked setting computes the same y up to float32 summation order and, for scale_sums, the
     per-weight rounding it skips: each y is rounded to bf16 once, so two settings may differ by one bf16 ulp
     of the output (|y| up to ~4 * sqrt(K) here): bounded by 2^-7 of the largest |y|."""
-    from qlora_ref.bench_gemv import CONFIGS
+    from bench.gemv import CONFIGS
 
     x, packed, bnb_state = quantized(4096, 4096, torch.bfloat16, True)
     state = state_from_bitsandbytes(bnb_state)

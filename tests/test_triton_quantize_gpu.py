@@ -14,7 +14,7 @@ pytest.importorskip("triton", reason="the Triton kernels need the triton package
 F = pytest.importorskip("bitsandbytes.functional", reason="the comparison needs bitsandbytes")
 
 import qlora_ref as Q  # noqa: E402
-from qlora_ref.bench import LLAMA_SHAPES  # noqa: E402
+from bench.timing import LLAMA_SHAPES  # noqa: E402
 from qlora_ref.kernels import cuda_semantics as C  # noqa: E402
 from qlora_ref.kernels.blockwise_8bit import dequantize_blockwise_triton, quantize_blockwise_triton  # noqa: E402
 from qlora_ref.kernels.quantize_4bit import hardware_reciprocal, quantize_4bit_triton  # noqa: E402

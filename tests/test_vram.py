@@ -4,6 +4,7 @@ terms checked by measuring small models on a CPU (what autograd saves, and the p
 import json
 import math
 import os
+from pathlib import Path
 
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from qlora_ref import QLoRALinear, constant_bits_per_parameter, prepare_model
 from qlora_ref.llama import LlamaConfig, LlamaForCausalLM
 from qlora_ref.optim8bit import bytes_per_parameter, predicted_state_bytes
+from qlora_ref.results import load_measurements
 from qlora_ref.vram import (
     GIB,
     GPUS,
@@ -29,7 +31,6 @@ from qlora_ref.vram import (
     estimate,
     from_hf_config,
     gpu_memory,
-    load_measurements,
     matching_run,
     measurement_line,
     measure_peak_bytes,
@@ -446,7 +447,7 @@ def test_every_gpu_measurement_within_ten_percent():
     """The estimator against every committed GPU run (bench/results/memory-*.json): what PyTorch allocated at
     the peak, derived with no constant measured on a GPU, and reserved + context, which uses the two measured
     ones (CUDA_CONTEXT_BYTES, ALLOCATOR_OVERHEAD)."""
-    runs = load_measurements()
+    runs = load_measurements(Path(__file__).resolve().parent.parent / "bench" / "results")
     assert len(runs) >= 12
     for run in runs:
         b = estimate(run["model"], run["method"], run["optimizer"], run["batch"], run["seq_len"], run["r"],

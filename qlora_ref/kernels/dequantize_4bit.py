@@ -17,7 +17,7 @@ What you will learn
   stores are coalesced as they are. With wide rows (a whole quantization block per row) Triton
   must shuffle the output through shared memory before storing it (visible in the PTX as st.shared
   and bar.sync); with two strided stores (even values, odd values) the stores become 2-byte scalars.
-  `python -m qlora_ref.bench kernels` measures all three.
+  `python -m bench.kernels run` measures all three.
 * A row never straddles two quantization blocks (COLS <= blocksize / 2), so the kernel loads one
   absmax per row, broadcast along it, instead of one per value.
 * Fusing double dequantization into the same launch: absmax = code2[qabsmax] * absmax2 + offset.
@@ -246,7 +246,7 @@ def dequantize_4bit_triton(packed: torch.Tensor, state: QuantState, *, tile_byte
     `packed` on a CUDA GPU: the compiled kernel. On the CPU: the same kernel run by Triton's
     interpreter (numpy; slow, for learning and tests). The state's tensors are moved to `packed`'s
     device if they are elsewhere. `tile_bytes`, `row_bytes`, `num_warps`, `join` and `streaming` are
-    tuning knobs (qlora_ref.bench compares them); the defaults are the measured best. `soft_bf16`
+    tuning knobs (bench/kernels.py compares them); the defaults are the measured best. `soft_bf16`
     forces the integer bfloat16 rounding on or off (default: on in the interpreter only).
     """
     if not isinstance(state, QuantState) or state.quant_type is None:
@@ -284,7 +284,7 @@ def dequantize_4bit_triton(packed: torch.Tensor, state: QuantState, *, tile_byte
 
 
 CONSTEXPRS = ("BLOCKSIZE", "NESTED_BLOCKSIZE", "NESTED", "ROWS", "COLS", "JOIN", "SOFT_BF16", "STREAMING")
-FAST_LAUNCH = True  # False: every launch goes through kernel[grid](...) (qlora_ref.bench measures both)
+FAST_LAUNCH = True  # False: every launch goes through kernel[grid](...) (bench/kernels.py measures both)
 _COMPILED = {}
 
 

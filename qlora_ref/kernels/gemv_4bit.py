@@ -69,7 +69,7 @@ On the CPU (Triton's interpreter runs no inline PTX) the same kernel looks codes
 (lookup="memory", also selectable on a GPU) and loads x with tl.load: the same codes, multiplied and added
 in the same order; only the final float32 sum across a program's threads may add in another order.
 Measured (H100 80GB HBM3, triton 3.6, bitsandbytes 0.50.2, bf16, NF4 blocksize 64; GPU time from CUDA-graph
-replays with the L2 flushed, as qlora_ref.bench_gemv reports it; bench/results/gemv-*): 1.51-1.68x bitsandbytes'
+replays with the L2 flushed, as bench.gemv reports it; bench/results/gemv-*): 1.51-1.68x bitsandbytes'
 matmul_4bit over the four Llama weights, plain and nested, 1.59x on geometric mean (8192x28672: 0.072 ms, 1.6
 TB/s, against 0.118 ms; nested 0.072 against 0.113 ms; 4096x4096: 8.3 against 12.9 us); the slowest ratio is
 nested 8192x8192 (23.7 against 35.8 us, 1.51x), then nested 4096x14336 (1.55x). Nested weights make bitsandbytes
@@ -140,7 +140,7 @@ except ImportError:  # pragma: no cover
 MAX_ROWS = 8  # rows of x per program; more rows take more programs (grid axis 1), each reading W again
 MAX_BLOCKS = 2**31  # the row kernel's block indexes are int32
 
-# Defaults: the fastest setting of qlora_ref.bench_gemv's sweep on every Llama weight (bench/results/gemv-*.json).
+# Defaults: the fastest setting of bench.gemv's sweep on every Llama weight (bench/results/gemv-*.json).
 DEFAULT_BLOCK_N = 8  # output rows per program
 DEFAULT_CHUNK_BYTES = 512  # packed bytes of one row per loop iteration (1024 values)
 DEFAULT_NUM_WARPS = 4
@@ -644,7 +644,7 @@ def gemv_config(K: int, blocksize: int, block_n=None, chunk_bytes=None, num_warp
 
 
 def row_defaults(K: int, nested: bool):
-    """(chunk_bytes, prefetch): gemv_4bit_row_kernel's defaults for rows of K values, by qlora_ref.bench_gemv's
+    """(chunk_bytes, prefetch): gemv_4bit_row_kernel's defaults for rows of K values, by bench.gemv's
     sweep on the Llama weights (GPU time, H100, triton 3.6; bench/results/gemv-*):
       - K >= WIDE_FROM_K: 1024-byte chunks (each lane 16 bytes at two places in its row, 512 bytes apart: two
         loads of W in flight) and no prefetch: 64 registers a thread, 8 programs of 4 warps per SM; prefetching
@@ -716,7 +716,7 @@ def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState, *
     x: [..., K] float32 / float16 / bfloat16 (meant for 1 to MAX_ROWS rows in all). W is dequantized in
     registers; products and sums are float32. CPU tensors run in Triton's interpreter. One row of x takes
     gemv_4bit_row_kernel (unless row_kernel=False or scale_sums=False), more rows gemv_4bit_kernel.
-    Tuning knobs (qlora_ref.bench_gemv compares them): `block_n`, `chunk_bytes`, `num_warps`, `prefetch` for
+    Tuning knobs (bench.gemv compares them): `block_n`, `chunk_bytes`, `num_warps`, `prefetch` for
     either kernel; `lookup` ("shuffle", "prmt" or "memory") for the row kernel; `pairs`, `split_x`,
     `scale_sums` for gemv_4bit_kernel. `prefetch`: True (W, its scales and x a chunk ahead), False, "weights"
     (W and its scales only; the row kernel: gemv_4bit_kernel takes it as True) or None: the row kernel's

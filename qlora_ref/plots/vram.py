@@ -90,7 +90,7 @@ def methods_figure(model="Llama-2-7B", seq_len: int = 512, batch: int = 1, r: in
 
 
 def measurements_figure(runs):
-    """Each GPU run (qlora_ref.vram.load_measurements) against the estimate of its setting: measured and
+    """Each GPU run (qlora_ref.results.load_measurements) against the estimate of its setting: measured and
     estimated peak allocated as a pair of bars, measured and estimated reserved + context as two markers
     (every paged optimizer state counted on the GPU, as the run's context holds them).
     Returns (fig, [breakdown per run])."""

@@ -1,6 +1,6 @@
 """Benchmark of one QLoRA linear layer, forward plus backward, on a CUDA GPU.
 
-    python -m qlora_ref.bench_layer [--out bench/results] [--tokens 4096] [--rank 16]
+    python -m bench.layer [--out bench/results] [--tokens 4096] [--rank 16]
 
 For each Llama weight (N x K = 4096x4096, 4096x14336, 8192x8192, 8192x28672), NF4 with double quantization,
 blocksize 64, bf16 compute, LoRA rank 16, alpha 32, adapters in bf16, no dropout, and x of `tokens` rows that
@@ -20,7 +20,7 @@ needs its gradient (as inside a network), it times one forward and backward (y =
 Each is timed two ways, in rounds that alternate between the layers (so that clock and temperature drift
 reach all of them alike; the median over rounds is kept): triton.testing.do_bench (median, L2 flushed),
 which includes the host's time where launching a step takes longer than running it, and the GPU time
-alone (qlora_ref.bench.device_ms: CUDA-graph replays). Also recorded: the peak memory of one step above
+alone (bench.timing.device_ms: CUDA-graph replays). Also recorded: the peak memory of one step above
 the inputs, and whether ours and bnb give the same output and gradients (the packed bytes are equal; see
 tests/test_lora_gpu.py). Writes <out>/layer-<gpu-name>.json and prints a table.
 """
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .bench import LLAMA_SHAPES, device_ms, gpu_run, host_us, median_ms, write_results
+from .timing import LLAMA_SHAPES, device_ms, gpu_run, host_us, median_ms, write_results
 
 DEVICE = "cuda"
 DTYPE = torch.bfloat16
@@ -83,7 +83,7 @@ class GemmsOnly(nn.Module):
 def layers(N, K, r, alpha):
     """{bnb, ours, bnb_float32_state, dense, gemms} for one random weight, with the same adapters (B non-zero, as
     after training)."""
-    from .lora import QLoRALinear
+    from qlora_ref.lora import QLoRALinear
 
     g = torch.Generator(device=DEVICE).manual_seed(0)
     linear = nn.Linear(K, N, bias=False, device=DEVICE, dtype=DTYPE)
@@ -204,9 +204,9 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--rank", type=int, default=16)
     args = parser.parse_args(argv)
-    results = gpu_run("qlora_ref.bench_layer")
+    results = gpu_run("bench.layer")
     results.update({"timing": "y = layer(x); y.backward(g): ms, triton.testing.do_bench median (L2 flushed); "
-                              "device_ms, GPU time of CUDA-graph replays (qlora_ref.bench.device_ms); each the median "
+                              "device_ms, GPU time of CUDA-graph replays (bench.timing.device_ms); each the median "
                               "of alternating rounds over the layers",
                     "rounds": ROUNDS, "tokens": args.tokens, "rank": args.rank, "alpha": 2 * args.rank,
                     "baseline_quant_state_dtype": str(DTYPE), "layers": []})

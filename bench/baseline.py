@@ -1,7 +1,7 @@
 """The baseline of lesson 9: QLoRA training of a 7B-shaped Llama the standard way, with transformers + peft +
-bitsandbytes, measured exactly as qlora_ref.bench_memory measures ours (on a CUDA GPU).
+bitsandbytes, measured exactly as bench.memory measures ours (on a CUDA GPU).
 
-    python -m qlora_ref.bench_baseline [--out bench/results] [--settings 512:16 512:64 2048:16 2048:64]
+    python -m bench.baseline [--out bench/results] [--settings 512:16 512:64 2048:16 2048:64]
                                        [--recipes standard no_upcast qlora_ref qlora_ref_in_backward
                                                   qlora_ref_graph qlora_ref_bnb_optimizer]
 
@@ -30,19 +30,19 @@ bias="none", task_type="CAUSAL_LM")) (float32 adapters, PEFT's default), model.t
 bitsandbytes.optim.PagedAdamW8bit(lr=1e-4) (states in managed memory), batch 1, random token ids, 4 steps.
 use_reentrant=False is what torch asks for and transformers' own default; ours checkpoints the same way.
 
-More recipes, not run by default, time OUR step (bench_memory.build's model, checkpointing, batch 1) in the
+More recipes, not run by default, time OUR step (memory.build's model, checkpointing, batch 1) in the
 same process, so that the ratios are side by side: qlora_ref (our PagedAdamW8bit, paging="managed", the
 update after the backward, as the baseline; phase by phase, to see where the time goes),
 qlora_ref_in_backward (the update inside the backward: AdamW8bit.step_in_backward), qlora_ref_graph (that
-step captured as a CUDA graph and replayed: bench_memory.timed_steps, one phase "step"), and
+step captured as a CUDA graph and replayed: memory.timed_steps, one phase "step"), and
 qlora_ref_bnb_optimizer (bitsandbytes' PagedAdamW8bit instead of ours, after the backward).
 
-Measured per (recipe, sequence length, rank), as bench_memory.run: peak stats reset before the model is
+Measured per (recipe, sequence length, rank), as memory.run: peak stats reset before the model is
 loaded, so the peaks include it and the loading; peak_allocated / peak_reserved over load and steps (also each
 part alone, load_* and train_*), context_bytes, tokens_per_second of the steps after the first, and the time
 of each step's forward, backward and optimizer step (a synchronize between them). start_allocated is what
 PyTorch still held before the run (64 MiB after a first run on the H100): it sits in every run's peak, as in
-bench_memory, whose runs share one process too.
+bench/memory.py, whose runs share one process too.
 Writes <out>/baseline-<gpu-name>.json (bench.write_results) after every run.
 """
 
@@ -55,10 +55,11 @@ from pathlib import Path
 
 import torch
 
-from .bench import gpu_run, write_results
-from .bench_memory import build, config_of, parse_settings, timed_steps
-from .paging import PagedAdamW8bit
-from .vram import LORA_TARGETS, PRESETS
+from qlora_ref.paging import PagedAdamW8bit
+from qlora_ref.vram import LORA_TARGETS, PRESETS
+
+from .timing import gpu_run, write_results
+from .memory import build, config_of, parse_settings, timed_steps
 
 DEVICE = "cuda"
 RECIPES = ("standard", "no_upcast")  # transformers + peft + bitsandbytes
@@ -205,7 +206,7 @@ def main(argv=None):
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES + OURS)
     args = parser.parse_args(argv)
     settings = parse_settings(args.settings)
-    results = gpu_run("qlora_ref.bench_baseline")
+    results = gpu_run("bench.baseline")
     import accelerate
     import peft
     import transformers

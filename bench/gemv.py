@@ -1,6 +1,6 @@
 """Benchmark of the fused Triton 4-bit GEMV (qlora_ref.kernels.gemv_4bit) on a CUDA GPU.
 
-    python -m qlora_ref.bench_gemv [--out bench/results] [--quick] [--stem gemv]
+    python -m bench.gemv [--out bench/results] [--quick] [--stem gemv]
 
 For each Llama weight (N x K = 4096x4096, 4096x14336, 8192x8192, 8192x28672; NF4, blocksize 64, quantized
 by bitsandbytes on the GPU, plain and nested) and one bf16 row x it times
@@ -9,7 +9,7 @@ by bitsandbytes on the GPU, plain and nested) and one bf16 row x it times
   - bnb:    bitsandbytes.matmul_4bit(x, packed.t(), quant_state=state) (its 1-row inference kernel)
   - dense:  x @ W.T with W dequantized to bf16 beforehand (cuBLAS reading 2 bytes per weight)
 each twice: triton.testing.do_bench's median (L2 flushed before each call; the host launch is included
-whenever it outlasts the flush) and the GPU time alone (qlora_ref.bench.device_ms: CUDA-graph replays,
+whenever it outlasts the flush) and the GPU time alone (bench.timing.device_ms: CUDA-graph replays,
 L2 flushed). It records each one's error against the float32 reference x.float() @ dequantize_4bit(W).float().T
 (max abs and RMS). GB/s counts the packed weight alone (N*K/2 bytes), the bytes that bound the kernel.
 A few rows of x (M = 2, 4, 8) are timed for the default setting on two weights.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .bench import LLAMA_SHAPES, device_ms, gpu_run, median_ms, state_from_bitsandbytes, write_results
+from .timing import LLAMA_SHAPES, device_ms, gpu_run, median_ms, state_from_bitsandbytes, write_results
 
 DEVICE = "cuda"
 # Settings of gemv_4bit_triton; "default" is what a call without options runs: for one row of x,
@@ -54,7 +54,7 @@ def case(N, K, nested, configs, dtype=torch.bfloat16):
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
 
-    from .kernels.gemv_4bit import gemv_4bit_triton
+    from qlora_ref.kernels.gemv_4bit import gemv_4bit_triton
 
     g = torch.Generator(device=DEVICE).manual_seed(0)
     w = torch.randn(N, K, device=DEVICE, dtype=dtype, generator=g)
@@ -92,7 +92,7 @@ def rows_case(N, K, tensors):
     """Default setting with M = 1, 2, 4, 8 rows of x, against bnb.matmul_4bit (which dequantizes for M > 1)."""
     import bitsandbytes as bnb
 
-    from .kernels.gemv_4bit import gemv_4bit_triton
+    from qlora_ref.kernels.gemv_4bit import gemv_4bit_triton
 
     _, packed, state, dense, bnb_state = tensors
     K = dense.shape[1]
@@ -147,7 +147,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="the default setting and the one before it only")
     parser.add_argument("--stem", default="gemv", help="the results file's name: <stem>-<gpu-name>.json")
     args = parser.parse_args(argv)
-    results = gpu_run("qlora_ref.bench_gemv")
+    results = gpu_run("bench.gemv")
     configs = {k: CONFIGS[k] for k in ("default", "tile (before)")} if args.quick else CONFIGS
     results.update({"timing": "triton.testing.do_bench median, L2 flushed before each call, host launch included",
                "GBps": "packed weight bytes (N*K/2) / time", "configs": configs, "llama": [], "rows": []})

@@ -1,7 +1,7 @@
-"""Benchmarks on a CUDA GPU. `python -m qlora_ref.bench kernels` times the Triton 4-bit dequantize and quantize kernels.
+"""Benchmarks on a CUDA GPU. `python -m bench.kernels run` times the Triton 4-bit dequantize and quantize kernels.
 
-    python -m qlora_ref.bench kernels [--out bench/results] [--quick] [--only quantize]
-    python -m qlora_ref.bench plot bench/results/kernels-<gpu>.json      # redraw the PNG from the JSON
+    python -m bench.kernels run [--out bench/results] [--quick] [--only quantize]
+    python -m bench.kernels plot bench/results/kernels-<gpu>.json      # redraw the PNG from the JSON
 
 For each weight it quantizes a random N(0, 1) matrix with bitsandbytes (NF4, blocksize 64, on the GPU),
 checks that both dequantizers give the same bits, then times
@@ -28,38 +28,22 @@ CPU and CUDA bytes differ (key "quantize_facts"). Results go to
 import argparse
 import datetime
 import json
-import re
 import sys
 from pathlib import Path
 
 import torch
 
-from .state import QuantState
+from qlora_ref.results import dequantize_summary, load_kernel_results
+from qlora_ref.state import QuantState
 
-LLAMA_SHAPES = [(4096, 4096), (4096, 14336), (8192, 8192), (8192, 28672)]
+from .timing import DEVICE, DTYPE_NAMES, LLAMA_SHAPES, device_ms, host_us, median_ms, slug, state_from_bitsandbytes, versions
+
 # (bsz, qlen, hd, m, dtype): the weight is hd x m.
 CHALLENGE_SHAPES = [
     (2, 3333, 2048, 8192, torch.float16),
     (5, 777, 1024, 4096, torch.bfloat16),
     (3, 2048, 4096, 14336, torch.bfloat16),
 ]
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-DEVICE = "cuda"
-
-
-def state_from_bitsandbytes(bnb_state) -> QuantState:
-    """qlora_ref's QuantState holding the same tensors as a bitsandbytes 4-bit QuantState (no copies)."""
-    state = QuantState(
-        absmax=bnb_state.absmax, shape=torch.Size(bnb_state.shape), code=bnb_state.code, dtype=bnb_state.dtype,
-        blocksize=bnb_state.blocksize, quant_type=bnb_state.quant_type,
-    )
-    if bnb_state.nested:
-        state.offset = bnb_state.offset
-        state.state2 = QuantState(
-            absmax=bnb_state.state2.absmax, shape=bnb_state.absmax.shape, code=bnb_state.state2.code,
-            dtype=torch.float32, blocksize=bnb_state.state2.blocksize,
-        )
-    return state
 
 
 def dequantize_bytes(state: QuantState) -> int:
@@ -69,89 +53,6 @@ def dequantize_bytes(state: QuantState) -> int:
     if state.nested:
         moved += state.state2.absmax.numel() * 4 + 4
     return moved
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def median_ms(fn) -> float:
-    """do_bench's median: CUDA events around each call, the L2 cache flushed (256 MB zeroed) before it."""
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
-
-_FLUSH = {}
-
-
-def device_ms(fn, out_bytes=0) -> float:
-    """_device_ms, or NaN (with the error printed) if graph capture fails: the do_bench numbers still stand."""
-    try:
-        return _device_ms(fn, out_bytes)
-    except Exception as error:  # noqa: BLE001 - a diagnostic column must not stop the benchmark
-        print(f"device_ms failed: {error!r}", flush=True)
-        torch.cuda.synchronize()
-        return float("nan")
-
-
-def _device_ms(fn, out_bytes=0) -> float:
-    """GPU time of one call without the host: CUDA-graph replays of (L2 flush, fn) minus those of the flush alone.
-
-    do_bench's numbers include the host's time whenever the Python side of a call (checks, argument
-    handling, the launch) takes longer than its flush: then the GPU waits for the launch between the
-    two events. A graph replays the calls with no Python in between. Fewer calls are captured for a
-    large output, so that the graph's memory stays a few GB even if freed outputs were not reused.
-    """
-    if "cache" not in _FLUSH:
-        _FLUSH["cache"] = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=DEVICE)
-    cache = _FLUSH["cache"]
-
-    def flushed():
-        cache.zero_()
-        fn()
-
-    flushed()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(3):
-        flushed()
-    end.record()
-    torch.cuda.synchronize()
-    estimate = start.elapsed_time(end) / 3
-    calls = int(min(max(3, 30 / estimate), 200, max(3, 6e9 // max(out_bytes, 1))))
-
-    def per_call(body):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                body()
-        times = []
-        for _ in range(7):
-            start.record()
-            graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / calls)
-        del graph
-        return sorted(times)[len(times) // 2]
-
-    return max(per_call(flushed) - per_call(cache.zero_), 0.0)
-
-
-def host_us(fn, calls=400) -> float:
-    """Wall-clock microseconds per call for back-to-back calls on a tiny tensor: the host's cost of a call."""
-    import time
-
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
 
 
 def quantize_on_gpu(rows, cols, dtype, nested, seed=0):
@@ -177,7 +78,7 @@ def time_case(rows, cols, dtype, nested, roofline_cache, variants=VARIANTS):
     """One weight: parity, then ms (do_bench median and GPU time) and GB/s of triton, bnb, copy, write."""
     import bitsandbytes.functional as F
 
-    from .kernels.dequantize_4bit import dequantize_4bit_triton
+    from qlora_ref.kernels.dequantize_4bit import dequantize_4bit_triton
 
     packed, bnb_state = quantize_on_gpu(rows, cols, dtype, nested)
     state = state_from_bitsandbytes(bnb_state)
@@ -210,20 +111,6 @@ def time_case(rows, cols, dtype, nested, roofline_cache, variants=VARIANTS):
     return result
 
 
-def summary(result, variant="default"):
-    """The numbers of one variant against bnb and the copy."""
-    ms, dev = result["ms"], result["device_ms"]
-    return {
-        "ms": ms[variant], "bnb_ms": ms["bnb"], "copy_ms": ms["copy"],
-        "gbps": result["gbps"][variant], "bnb_gbps": result["gbps"]["bnb"], "copy_gbps": result["gbps"]["copy"],
-        "write_gbps": result["gbps"]["write"],
-        "speedup_vs_bnb": ms["bnb"] / ms[variant], "fraction_of_copy": result["gbps"][variant] / result["gbps"]["copy"],
-        "device_ms": dev[variant], "bnb_device_ms": dev["bnb"],
-        "device_speedup_vs_bnb": dev["bnb"] / dev[variant] if dev[variant] else None,
-        "exact": result["exact"][variant],
-    }
-
-
 SWEEP_CASES = [((8192, 28672), torch.bfloat16, True), ((4096, 4096), torch.bfloat16, False)]
 
 
@@ -243,7 +130,7 @@ def sweep_variants():
 
 
 def run_sweep():
-    from .kernels.dequantize_4bit import dequantize_4bit_triton
+    from qlora_ref.kernels.dequantize_4bit import dequantize_4bit_triton
 
     results = []
     for (rows, cols), dtype, nested in SWEEP_CASES:
@@ -271,9 +158,9 @@ def host_overheads():
     """Host microseconds per call (64x64 weight: the GPU work is negligible)."""
     import bitsandbytes.functional as F
 
-    from .kernels.dequantize_4bit import dequantize_4bit_triton
+    from qlora_ref.kernels.dequantize_4bit import dequantize_4bit_triton
 
-    from .kernels import dequantize_4bit as K
+    from qlora_ref.kernels import dequantize_4bit as K
 
     out = {}
     for nested in (False, True):
@@ -290,33 +177,6 @@ def host_overheads():
     empty = torch.empty(0, device=DEVICE)
     out["torch empty_like (floor)"] = host_us(lambda: torch.empty_like(empty))
     return out
-
-
-def gpu_run(tool: str) -> dict:
-    """The start of a benchmark on a CUDA GPU: exits with a message if there is none, else prints and returns
-    what every results file begins with: the device, the versions and the date (UTC)."""
-    if not torch.cuda.is_available():
-        raise SystemExit(f"{tool} needs a CUDA GPU")
-    device = torch.cuda.get_device_name()
-    print(f"{device}; " + ", ".join(f"{k} {v}" for k, v in versions().items()), flush=True)
-    return {"device": device, **versions(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
-def write_results(out_dir: Path, stem: str, results: dict) -> Path:
-    """Write results (a dict from gpu_run, filled in) to <out_dir>/<stem>-<gpu>.json and return the path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{stem}-{slug(results['device'])}.json"
-    path.write_text(json.dumps(results, indent=1) + "\n")
-    return path
-
-
-def versions():
-    import bitsandbytes
-    import triton
-
-    return {"torch": torch.__version__, "triton": triton.__version__, "bitsandbytes": bitsandbytes.__version__,
-            "cuda": torch.version.cuda}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -342,7 +202,7 @@ def time_quantize_case(rows, cols, dtype, nested, roofline_cache):
     """One weight: parity of every field, then ms / GB/s of bnb quantize_4bit and of ours (checked, unchecked)."""
     import bitsandbytes.functional as F
 
-    from .kernels.quantize_4bit import quantize_4bit_triton
+    from qlora_ref.kernels.quantize_4bit import quantize_4bit_triton
 
     generator = torch.Generator(device=DEVICE).manual_seed(0)
     x = torch.randn(rows, cols, device=DEVICE, dtype=dtype, generator=generator)
@@ -376,7 +236,7 @@ def time_quantize_case(rows, cols, dtype, nested, roofline_cache):
 
 
 def run_quantize_sweep():
-    from .kernels.quantize_4bit import quantize_4bit_triton
+    from qlora_ref.kernels.quantize_4bit import quantize_4bit_triton
 
     rows, cols, dtype = 8192, 28672, torch.bfloat16
     x = torch.randn(rows, cols, device=DEVICE, dtype=dtype, generator=torch.Generator(device=DEVICE).manual_seed(0))
@@ -403,8 +263,8 @@ def cpu_vs_cuda_facts():
 
     import qlora_ref as Q
 
-    from .kernels import cuda_semantics as C
-    from .kernels.quantize_4bit import hardware_reciprocal
+    from qlora_ref.kernels import cuda_semantics as C
+    from qlora_ref.kernels.quantize_4bit import hardware_reciprocal
 
     facts = {}
     significands = (torch.arange(2**23, dtype=torch.int32, device=DEVICE) + 0x3F800000).view(torch.float32)
@@ -484,7 +344,7 @@ def quantize_results(roofline_cache, quick=False):
 
 def kernels(out_dir: Path, quick=False, only=None):
     if not torch.cuda.is_available():
-        sys.exit("qlora_ref.bench kernels needs a CUDA GPU (torch.cuda.is_available() is False)")
+        sys.exit("bench.kernels needs a CUDA GPU (torch.cuda.is_available() is False)")
     device = torch.cuda.get_device_name()
     print(f"{device}; " + ", ".join(f"{k} {v}" for k, v in versions().items()), flush=True)
     if only == "quantize":  # add the quantize results to an existing JSON of this GPU
@@ -537,7 +397,7 @@ def kernels(out_dir: Path, quick=False, only=None):
     try:
         print(f"wrote {plot(results, path.with_suffix('.png'))}")
     except ImportError as error:
-        print(f"no plot ({error}); redraw later with: python -m qlora_ref.bench plot {path}")
+        print(f"no plot ({error}); redraw later with: python -m bench.kernels plot {path}")
     print()
     print(variant_table(results))
     print()
@@ -547,7 +407,7 @@ def kernels(out_dir: Path, quick=False, only=None):
 
 
 def _line(r, variant="default"):
-    v = summary(r, variant)
+    v = dequantize_summary(r, variant)
     return (f"{r['shape'][0]}x{r['shape'][1]} {r['dtype']} {'nested' if r['nested'] else 'plain '}: "
             f"triton {v['ms'] * 1e3:6.1f} us (GPU {v['device_ms'] * 1e3:6.1f}), bnb {v['bnb_ms'] * 1e3:6.1f} us "
             f"(GPU {v['bnb_device_ms'] * 1e3:6.1f}), copy {v['copy_ms'] * 1e3:6.1f} us, x{v['speedup_vs_bnb']:.2f} vs bnb, "
@@ -573,7 +433,7 @@ def table(results, variant="default") -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["llama"] + results["challenge"]:
-        v = summary(r, variant)
+        v = dequantize_summary(r, variant)
         lines.append(
             f"| {_name(r)} | {r['dtype']} | {'yes' if r['nested'] else 'no'} | {v['ms']:.4f} | {v['bnb_ms']:.4f} | "
             f"{v['copy_ms']:.4f} | {v['gbps']:.0f} | {v['bnb_gbps']:.0f} | {v['copy_gbps']:.0f} | {v['write_gbps']:.0f} | "
@@ -590,7 +450,7 @@ def variant_table(results) -> str:
     for r in results["llama"] + results["challenge"]:
         cells = []
         for name in names:
-            v = summary(r, name)
+            v = dequantize_summary(r, name)
             device = f"{v['device_speedup_vs_bnb']:.2f}" if v["device_speedup_vs_bnb"] else "-"
             cells.append(f"{v['speedup_vs_bnb']:.2f} / {device}")
         lines.append(f"| {_name(r)} | {r['dtype']} | {'yes' if r['nested'] else 'no'} | " + " | ".join(cells) + " |")
@@ -625,9 +485,9 @@ def plot(results, path: Path, variant="default") -> Path:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m qlora_ref.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    k = sub.add_parser("kernels", help="time the Triton dequantize kernel against bitsandbytes and a copy")
+    k = sub.add_parser("run", help="time the Triton dequantize kernel against bitsandbytes and a copy")
     k.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON and PNG")
     k.add_argument("--quick", action="store_true", help="fewer shapes and sweep variants")
     k.add_argument("--only", choices=["quantize"], help="run only the quantize part, merged into the existing JSON")
@@ -636,10 +496,10 @@ def main(argv=None):
     p.add_argument("--table", action="store_true", help="also print the tables")
     p.add_argument("--variant", default="default", help="which of the Triton variants to draw (default: default)")
     args = parser.parse_args(argv)
-    if args.command == "kernels":
+    if args.command == "run":
         kernels(args.out, args.quick, args.only)
     else:
-        results = json.loads(args.json.read_text())
+        results = load_kernel_results(args.json)
         print(plot(results, args.json.with_suffix(".png"), args.variant))
         if args.table:
             print(variant_table(results))

@@ -1,6 +1,6 @@
 """Measured QLoRA training memory of 7B-, 13B- and 70B-shaped Llama models on a CUDA GPU (lesson 9).
 
-    python -m qlora_ref.bench_memory [--out bench/results] [--models Llama-2-7B Llama-2-13B Llama-2-70B]
+    python -m bench.memory [--out bench/results] [--models Llama-2-7B Llama-2-13B Llama-2-70B]
                                      [--settings 512:16 ...] [--steps graph in_backward eager]
 
 Each model is built directly in NF4 + double quantization, one linear at a time: its architecture on the
@@ -18,7 +18,7 @@ backward and the whole step replayed as a CUDA graph), and for each (model, sequ
     tokens_per_second               of the timed steps after the first (the first eager one compiles and
                                     allocates; a graph's warm-up and capture come before them all)
 
-Writes <out>/memory-<gpu-name>.json in the format qlora_ref.vram.load_measurements reads.
+Writes <out>/memory-<gpu-name>.json in the format qlora_ref.results.load_measurements reads.
 """
 
 import argparse
@@ -30,12 +30,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .bench import gpu_run, write_results
-from .cuda_graph import CapturedStep
-from .llama import LlamaConfig, LlamaForCausalLM
-from .lora import QLoRALinear
-from .paging import PagedAdamW8bit
-from .vram import PRESETS
+from qlora_ref.cuda_graph import CapturedStep
+from qlora_ref.llama import LlamaConfig, LlamaForCausalLM
+from qlora_ref.lora import QLoRALinear
+from qlora_ref.paging import PagedAdamW8bit
+from qlora_ref.vram import PRESETS
+
+from .timing import gpu_run, write_results
 
 DEVICE = "cuda"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -159,7 +160,7 @@ def main(argv=None):
                         help="how the step runs (timed_steps); each is a run of its own")
     args = parser.parse_args(argv)
     settings = parse_settings(args.settings)
-    results = gpu_run("qlora_ref.bench_memory")
+    results = gpu_run("bench.memory")
     results.update({"total_bytes": torch.cuda.mem_get_info()[1], "runs": []})
     for name in args.models:
         for (seq_len, r), step in itertools.product(settings, args.steps):
