@@ -53,7 +53,7 @@ from collections import OrderedDict
 
 import torch
 
-from qlora_ref.checks import check_adamw_update, check_pager
+from graders.lesson07 import check_adamw_update, check_pager
 from qlora_ref.adamw_step import adamw_update_
 from qlora_ref.optim8bit import predicted_state_bytes
 from qlora_ref.paging import PagedAdamW8bit

@@ -1,4 +1,4 @@
-"""qlora_ref.checks: the reference as "learner code" passes every checker; deliberate mistakes fail with a
+"""graders: the reference as "learner code" passes every checker; deliberate mistakes fail with a
 message that names the first mismatch (where, expected vs got) and the right hint; an unfinished exercise
 gives one "not implemented yet" line, never a traceback."""
 
@@ -16,36 +16,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import norm
 
+from graders import harness
+from graders.lesson01 import _linear_cases, check_absmax_quantizer, check_zeropoint_quantizer
+from graders.lesson02 import check_nf4_codebook
+from graders.lesson03 import _blockwise_cases, check_blockwise_4bit
+from graders.lesson04 import _double_quant_cases, check_double_quant
+from graders.lesson05 import check_dequantize_kernel, launch_dequantize_kernel
+from graders.lesson06 import check_qlora_backward
+from graders.lesson07 import _adamw_cases, _pager_cases, check_adamw_update, check_pager
+from graders.lesson08 import _schedule_cases, _STEP_CASES, _STEP_CONFIG, check_learning_rate, check_training_step
 from qlora_ref import dequantize_4bit, dynamic_map, nf4_codebook, quantize_4bit
+from qlora_ref.adamw_step import adamw_update_
 from qlora_ref.blockwise import unpack_4bit
 from qlora_ref.compare import distinguish
-from qlora_ref import checks
-from qlora_ref.checks import (
-    _STEP_CASES,
-    _STEP_CONFIG,
-    _adamw_cases,
-    _blockwise_cases,
-    _double_quant_cases,
-    _linear_cases,
-    _pager_cases,
-    _schedule_cases,
-    check_absmax_quantizer,
-    check_adamw_update,
-    check_blockwise_4bit,
-    check_dequantize_kernel,
-    check_double_quant,
-    check_learning_rate,
-    check_nf4_codebook,
-    check_pager,
-    check_qlora_backward,
-    check_training_step,
-    check_zeropoint_quantizer,
-    launch_dequantize_kernel,
-)
 from qlora_ref.double_quant import compress_absmax
 from qlora_ref.lora import LoRAMatmul
 from qlora_ref.linear import quantize_absmax, quantize_zeropoint
-from qlora_ref.optim8bit import adamw_update_
 from qlora_ref.pager import Pager
 from qlora_ref.tasks import collate
 from qlora_ref.train import TrainConfig, batch_indices, learning_rate, setup, train_step
@@ -596,7 +582,7 @@ def test_a_stub_kernel_gives_one_friendly_line(capsys, kernel_name, message):
 
 
 def test_an_endless_loop_is_stopped_with_one_line(capsys, monkeypatch):
-    monkeypatch.setattr(checks, "TIME_LIMIT_S", 1)
+    monkeypatch.setattr(harness, "TIME_LIMIT_S", 1)
 
     def learning_rate(config, step):
         while True:
@@ -609,14 +595,14 @@ def test_an_endless_loop_is_stopped_with_one_line(capsys, monkeypatch):
     start = time.perf_counter()
     ok, out = run(capsys, check_learning_rate, learning_rate)
     assert ok is False and out == ("check_learning_rate: stopped after 1 s: learning_rate never returned (an endless "
-                                   "loop?); qlora_ref.checks.TIME_LIMIT_S sets the limit\n")
+                                   "loop?); graders.harness.TIME_LIMIT_S sets the limit\n")
     assert time.perf_counter() - start < 10
     assert signal.getitimer(signal.ITIMER_REAL)[0] == 0 and signal.getsignal(signal.SIGALRM) is handler
 
 
 @needs_triton
 def test_an_endless_kernel_is_stopped_too(capsys, monkeypatch):
-    monkeypatch.setattr(checks, "TIME_LIMIT_S", 1)
+    monkeypatch.setattr(harness, "TIME_LIMIT_S", 1)
 
     @triton.jit
     def endless_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, BLOCKSIZE: tl.constexpr, TILE: tl.constexpr):
