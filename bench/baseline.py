@@ -180,7 +180,7 @@ def run(folder: Path, seq_len: int, r: int, recipe: str, steps: int = 4) -> dict
     steps_seconds = [sum(t) for t in zip(*result["phase_seconds"].values())]
     base = model if recipe in OURS else model.get_base_model()
     row = {"model": "Llama-2-7B", "stack": "qlora_ref" if recipe in OURS else "transformers+peft+bitsandbytes",
-           "recipe": recipe, "method": "qlora_nf4_dq", "optimizer": "paged_adamw8bit", "batch": 1,
+           "recipe": recipe, "method": "qlora_nf4_dq", "optimizer": "paged_adamw_8bit", "batch": 1,
            "seq_len": seq_len, "r": r, "gradient_checkpointing": True,
            "adapter_dtype": sorted({str(p.dtype).removeprefix("torch.") for p in trainable}),
            "embedding_dtype": str(base.model.embed_tokens.weight.dtype).removeprefix("torch."),

@@ -34,12 +34,11 @@ from qlora_ref.cuda_graph import CapturedStep
 from qlora_ref.llama import LlamaConfig, LlamaForCausalLM
 from qlora_ref.lora import QLoRALinear
 from qlora_ref.paging import PagedAdamW8bit
-from qlora_ref.vram import PRESETS
+from qlora_ref.vram import LORA_TARGETS, PRESETS
 
 from .timing import gpu_run, write_results
 
 DEVICE = "cuda"
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def parse_settings(values) -> list:
@@ -68,7 +67,7 @@ def build(config: LlamaConfig, r: int, generator: torch.Generator) -> LlamaForCa
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name, meta in list(parent.named_children()):
-                if name not in TARGETS:
+                if name not in LORA_TARGETS:
                     continue
                 linear = nn.Linear(meta.in_features, meta.out_features, bias=False, device=DEVICE, dtype=torch.bfloat16)
                 with torch.no_grad():
@@ -139,7 +138,7 @@ def run(name: str, seq_len: int, r: int, steps: int = 4, step: str = "graph") ->
     result = timed_steps(model, optimizer, ids, steps, step)
     times = result["step_seconds"]
     free, total = torch.cuda.mem_get_info()
-    row = {"model": name, "method": "qlora_nf4_dq", "optimizer": "paged_adamw8bit", "step": step, "batch": 1,
+    row = {"model": name, "method": "qlora_nf4_dq", "optimizer": "paged_adamw_8bit", "step": step, "batch": 1,
            "seq_len": seq_len, "r": r, "gradient_checkpointing": True, "adapter_dtype": "float32",
            "peak_allocated": torch.cuda.max_memory_allocated(), "peak_reserved": torch.cuda.max_memory_reserved(),
            "model_allocated": model_bytes, "context_bytes": total - free - torch.cuda.memory_reserved(),

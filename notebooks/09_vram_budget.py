@@ -65,7 +65,7 @@ from IPython.display import display
 
 from qlora_ref import QLoRALinear, constant_bits_per_parameter, prepare_model
 from qlora_ref.llama import LlamaConfig, LlamaForCausalLM
-from qlora_ref.optim8bit import bytes_per_parameter
+from qlora_ref.optim8bit import OPTIMIZERS, bytes_per_parameter
 from qlora_ref.plots.vram import budget_figure, measurements_figure, methods_figure
 from qlora_ref.results import load_measurements
 from qlora_ref.vram import (
@@ -74,7 +74,6 @@ from qlora_ref.vram import (
     GIB,
     GPUS,
     METHODS,
-    OPTIMIZERS,
     PRESETS,
     TRANSIENT_PARTS,
     activations,
@@ -107,7 +106,7 @@ print("torch", torch.__version__)
 # rather than derived from the model: section 6.
 
 # %%
-budget = estimate("Llama-2-7B", method="qlora_nf4_dq", optimizer="paged_adamw8bit", batch=1, seq_len=512, r=64,
+budget = estimate("Llama-2-7B", method="qlora_nf4_dq", optimizer="paged_adamw_8bit", batch=1, seq_len=512, r=64,
                   gradient_checkpointing=True)
 print(budget.table("T4 (15 GB)"))
 
@@ -409,7 +408,7 @@ print(f"{'model':12s} {'FP32 GB':>8s} {'ours':>7s} {'full FP32 FT':>13s} {'QLoRA
 for name, (fp32_seed, (low, high)) in SEEDS.items():
     fp32_weights = 4 * PRESETS[name].parameter_count
     full = estimate(name, method="full_fp32", optimizer="adamw")
-    ours = estimate(name, method="qlora_nf4_dq", optimizer="paged_adamw8bit", batch=1, seq_len=512, r=64,
+    ours = estimate(name, method="qlora_nf4_dq", optimizer="paged_adamw_8bit", batch=1, seq_len=512, r=64,
                     gradient_checkpointing=True, optimizer_in_backward=True)
     run = matching_run(ours, runs)
     measured = "not yet" if run is None else f"{(run['peak_reserved'] + run.get('context_bytes', 0)) / 1e9:.2f}"
@@ -673,7 +672,7 @@ display(fig)
 from ipywidgets import Checkbox, Dropdown, IntSlider, interact
 
 
-def show(model="Llama-2-7B", method="qlora_nf4_dq", optimizer="paged_adamw8bit", seq_len=512, batch=1, r=64,
+def show(model="Llama-2-7B", method="qlora_nf4_dq", optimizer="paged_adamw_8bit", seq_len=512, batch=1, r=64,
          gpu="T4 (15 GB)", gradient_checkpointing=True, optimizer_in_backward=False):
     fig, breakdown = budget_figure(model, method, seq_len, batch, r, gpu, optimizer, gradient_checkpointing,
                                    optimizer_in_backward)
@@ -685,7 +684,7 @@ _ = interact(
     show,
     model=Dropdown(options=list(PRESETS), value="Llama-2-7B"),
     method=Dropdown(options=list(METHODS), value="qlora_nf4_dq"),
-    optimizer=Dropdown(options=list(OPTIMIZERS), value="paged_adamw8bit"),
+    optimizer=Dropdown(options=list(OPTIMIZERS), value="paged_adamw_8bit"),
     seq_len=Dropdown(options=[256, 512, 1024, 2048, 4096, 8192], value=512),
     batch=IntSlider(min=1, max=16, value=1),
     r=Dropdown(options=[8, 16, 32, 64, 128], value=64),

@@ -64,7 +64,11 @@ from .adamw_step import adamw8bit_update_, adamw_update_
 from .backend import is_capturing, resolve_backend
 from .validation import FLOAT_DTYPES, check_blocksize
 
-__all__ = ["AdamW8bit", "bytes_per_parameter", "optimizer_state_bytes", "predicted_state_bytes"]
+__all__ = ["OPTIMIZERS", "AdamW8bit", "bytes_per_parameter", "optimizer_state_bytes", "predicted_state_bytes"]
+
+# The optimizers the course trains with and budgets for, by the names transformers' TrainingArguments(optim=...) uses:
+# torch's AdamW, this module's AdamW8bit, and qlora_ref.paging.PagedAdamW8bit.
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 
 
 class AdamW8bit(torch.optim.Optimizer):

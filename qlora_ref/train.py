@@ -65,14 +65,13 @@ from .adapters import (ALL_LINEAR, WEIGHTS_NAME, assign_adapters, atomic_write, 
 from .llama import BASE_MODEL_DIR, LlamaForCausalLM
 from .lora import QUANT_TYPES, check_lora_hyperparameters
 from .memory import PeakMemory, tensor_bytes
-from .optim8bit import AdamW8bit, optimizer_state_bytes, predicted_state_bytes
+from .optim8bit import OPTIMIZERS, AdamW8bit, optimizer_state_bytes, predicted_state_bytes
 from .optimizer_state import check_optimizer_state_tensors, load_optimizer_state_tensors, optimizer_state_tensors
 from .paging import PagedAdamW8bit
 from .tasks import BYTES, Example, HFTokenizer, collate, date_task, exact_match, generate_answers
 from .validation import check_blocksize, check_bool
 
 METHODS = ("qlora", "lora", "full")
-OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Settings a resumed run may change; any other difference from the checkpoint's config is an error.
 # Names other trainers (transformers, PEFT) use for these settings: suggested when a config uses them.

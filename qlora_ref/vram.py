@@ -1,6 +1,6 @@
 """Lesson 9: the VRAM budget of fine-tuning a Llama-shaped model, term by term, in bytes.
 
-    b = estimate("Llama-2-7B", method="qlora_nf4_dq", optimizer="paged_adamw8bit", batch=1, seq_len=512, r=64)
+    b = estimate("Llama-2-7B", method="qlora_nf4_dq", optimizer="paged_adamw_8bit", batch=1, seq_len=512, r=64)
     print(b.table("T4 (15 GB)")); b.fits("T4 (15 GB)")
 
 The model is a preset (PRESETS) or any Llama-family config.json (from_hf_config). Its parameters are
@@ -25,8 +25,8 @@ the worst moment of the step. The terms (the keys of MemoryBreakdown.parts):
                              they appear during the backward pass); with the optimizer in the backward
                              (optimizer_in_backward) only the largest adapted linear's, freed by its update
     optimizer states         "adamw" (torch.optim.AdamW): two moments in the parameter's dtype, so 8 B per
-                             fp32 parameter and 4 per bf16 one; "adamw8bit": optim8bit.predicted_state_bytes,
-                             2 + 8/256 B per parameter (float32 below 4096 values); "paged_adamw8bit": the
+                             fp32 parameter and 4 per bf16 one; "adamw_8bit": optim8bit.predicted_state_bytes,
+                             2 + 8/256 B per parameter (float32 below 4096 values); "paged_adamw_8bit": the
                              same bytes, but each state tensor of >= 100,000 values lives in unified memory
                              and must be on the GPU only while its parameter is updated: the GPU term is the
                              unpaged states plus the largest paged parameter's (the rest: optimizer_host_bytes)
@@ -61,7 +61,7 @@ import torch
 from .adapters import read_json_object
 from .double_quant import NESTED_BLOCKSIZE
 from .memory import PeakMemory
-from .optim8bit import predicted_state_bytes
+from .optim8bit import OPTIMIZERS, predicted_state_bytes
 from .paging import MANAGED_MIN_NUMEL
 from .results import SETUP_KEYS
 from .validation import check_blocksize
@@ -73,7 +73,6 @@ __all__ = [
     "GPUS",
     "LORA_TARGETS",
     "METHODS",
-    "OPTIMIZERS",
     "PARTS",
     "PRESETS",
     "TRANSIENT_PARTS",
@@ -128,7 +127,6 @@ METHODS = {
     "qlora_nf4": ("nf4", 2, False),  # frozen NF4 base, float32 constants, + LoRA adapters
     "qlora_nf4_dq": ("nf4_dq", 2, False),  # the same with double-quantized constants (QLoRA's default)
 }
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 
 PARTS = (
     "4-bit weights",
@@ -607,9 +605,9 @@ def _optimizer_bytes(optimizer: str, tensors, dtype_bytes: int) -> tuple:
     """(bytes on the GPU, bytes that may stay in host RAM) of the optimizer's states for these tensors."""
     if optimizer == "adamw":
         return 2 * dtype_bytes * sum(tensors), 0
-    if optimizer == "adamw8bit":
+    if optimizer == "adamw_8bit":
         return predicted_state_bytes(tensors), 0
-    if optimizer != "paged_adamw8bit":
+    if optimizer != "paged_adamw_8bit":
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     resident, paged = 0, []
     for n in tensors:
@@ -623,7 +621,7 @@ def _optimizer_bytes(optimizer: str, tensors, dtype_bytes: int) -> tuple:
     return resident + largest, sum(paged) - largest
 
 
-def estimate(model="Llama-2-7B", method: str = "qlora_nf4_dq", optimizer: str = "paged_adamw8bit",
+def estimate(model="Llama-2-7B", method: str = "qlora_nf4_dq", optimizer: str = "paged_adamw_8bit",
              batch: int = 1, seq_len: int = 512, r: int = 64, gradient_checkpointing: bool = True,
              lora_targets=LORA_TARGETS, adapter_bytes: int = 4, blocksize: int = 64,
              optimizer_in_backward: bool = False, context_bytes: int = CUDA_CONTEXT_BYTES,

@@ -9,7 +9,8 @@ import pytest
 from matplotlib.figure import Figure
 
 from qlora_ref.plots.vram import budget_figure, methods_figure
-from qlora_ref.vram import GIB, GPUS, METHODS, OPTIMIZERS, PRESETS, estimate
+from qlora_ref.optim8bit import OPTIMIZERS
+from qlora_ref.vram import GIB, GPUS, METHODS, PRESETS, estimate
 
 
 def _bar_widths(axis) -> list:
@@ -17,10 +18,10 @@ def _bar_widths(axis) -> list:
 
 
 @pytest.mark.parametrize("model, method, seq_len, batch, r, gpu, optimizer, checkpointing", [
-    ("Llama-2-7B", "qlora_nf4_dq", 512, 1, 64, "T4 (15 GB)", "paged_adamw8bit", True),
+    ("Llama-2-7B", "qlora_nf4_dq", 512, 1, 64, "T4 (15 GB)", "paged_adamw_8bit", True),
     ("Llama-2-70B", "qlora_nf4", 4096, 3, 8, "A100 (40 GB)", "adamw", False),
-    ("Llama-3-8B", "full_bf16", 1000, 2, 16, "H100 (80 GB)", "adamw8bit", True),
-    ("Llama-2-13B", "lora_bf16", 256, 16, 128, "RTX 3060 (12 GB)", "paged_adamw8bit", False),
+    ("Llama-3-8B", "full_bf16", 1000, 2, 16, "H100 (80 GB)", "adamw_8bit", True),
+    ("Llama-2-13B", "lora_bf16", 256, 16, 128, "RTX 3060 (12 GB)", "paged_adamw_8bit", False),
     ("Llama-3-70B", "full_fp32", 8192, 1, 64, "RTX 4090 (24 GB)", "adamw", True),
 ])
 def test_budget_figure_draws_the_estimate(model, method, seq_len, batch, r, gpu, optimizer, checkpointing):

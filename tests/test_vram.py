@@ -209,18 +209,18 @@ def test_optimizer_states_by_type():
     trainable = estimate(shape).parts["trainable weights"] // 4  # float32 adapters
     adamw = estimate(shape, optimizer="adamw").parts["optimizer states"]
     assert adamw == 8 * trainable
-    eight = estimate(shape, optimizer="adamw8bit").parts["optimizer states"]
+    eight = estimate(shape, optimizer="adamw_8bit").parts["optimizer states"]
     assert math.isclose(eight / trainable, bytes_per_parameter(8, 256), rel_tol=1e-12)  # no tensor under 4096
     full = estimate(shape, method="full_bf16", optimizer="adamw").parts["optimizer states"]
     assert full == 4 * shape.parameter_count  # torch's AdamW keeps bf16 moments for bf16 parameters
-    full8 = estimate(shape, method="full_bf16", optimizer="adamw8bit").parts["optimizer states"]
+    full8 = estimate(shape, method="full_bf16", optimizer="adamw_8bit").parts["optimizer states"]
     assert full8 == predicted_state_bytes(shape.parameter_tensors())
 
 
 def test_paged_states_split_between_gpu_and_host():
     for method, r in (("qlora_nf4_dq", 64), ("qlora_nf4_dq", 4), ("full_bf16", 8)):
-        eight = estimate("Llama-2-7B", method=method, optimizer="adamw8bit", r=r)
-        paged = estimate("Llama-2-7B", method=method, optimizer="paged_adamw8bit", r=r)
+        eight = estimate("Llama-2-7B", method=method, optimizer="adamw_8bit", r=r)
+        paged = estimate("Llama-2-7B", method=method, optimizer="paged_adamw_8bit", r=r)
         on_gpu = paged.parts["optimizer states"]
         assert on_gpu + paged.optimizer_host_bytes == eight.parts["optimizer states"]
         if method == "full_bf16":  # what stays: small tensors' states, absmax under 100,000 values, one page
