@@ -733,12 +733,12 @@ print(f"the first design (one [rows, sub-blocks, bytes] tile, codebook gathers f
 # 32-bit ones 64, which let 8 programs share an SM instead of 6. The first design was no faster than
 # bitsandbytes: it was bound by instructions, two codebook gathers from memory per byte among them, with the
 # memory system mostly idle. The kernel now reads the weight as 32-bit words and looks codes up with warp
-# shuffles from registers (the docstring of `qlora_ref/kernels/gemv_4bit.py` counts the machine instructions
-# per byte before and after), and picks its tile per weight: on rows of 8192 values or more each lane takes
+# shuffles from registers (`bench/experiments/README.md` counts the machine instructions per byte before and
+# after), and picks its tile per weight: on rows of 8192 values or more each lane takes
 # two 16-byte groups of its row per step. By do_bench the small weights are host-bound and the ratios move
 # with the launch time: one kernel timed twice in the same run differs by 1.6x, while its GPU times agree
 # within a few percent. The floor is still 2x away. The experiments on the way, the slower ones included,
-# are in the kernel's docstring, with their timings in `bench/results/gemv-experiments-*`.
+# are in `bench/experiments/README.md`, with their timings in `bench/results/gemv-experiments-*`.
 #
 # ## Summary
 #

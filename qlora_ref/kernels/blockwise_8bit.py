@@ -31,6 +31,7 @@ import triton.language as tl
 from ..codebooks import dynamic_map
 from ..state import QuantState
 from ..validation import check_blocksize, check_code_8bit, check_float_tensor
+from .bf16 import round_to_bf16
 from .twins import twin
 
 __all__ = ["compress_absmax_triton", "dequantize_blockwise_triton", "quantize_blockwise_triton"]
@@ -117,13 +118,7 @@ def quantize_blockwise_kernel(
     tl.store(absmax_ptr + block, absmax, mask=block * BLOCKSIZE < n)
 
 
-@triton.jit
-def _round_to_bf16(x):
-    """float32 -> bfloat16 round to nearest even in integers (the interpreter's own cast truncates)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    rounded = tl.where(x != x, 0x7FC0, rounded)
-    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+_round_to_bf16 = triton.jit(round_to_bf16)
 
 
 @triton.jit

@@ -57,6 +57,7 @@ import triton
 import triton.language as tl
 
 from ..state import QuantState
+from .bf16 import round_to_bf16
 from .twins import twin
 
 __all__ = ["compile_ahead", "dequantize_4bit_kernel", "dequantize_4bit_triton", "launch_config"]
@@ -75,17 +76,7 @@ except ImportError:  # pragma: no cover
     InterpretedFunction = ()
 
 
-@triton.jit
-def _round_to_bf16(x):
-    """float32 -> bfloat16, round to nearest even, in integer arithmetic (NaN stays NaN).
-
-    The same rounding as the GPU's cvt.rn.bf16.f32 and torch's .to(torch.bfloat16); used only in
-    Triton's interpreter, whose float32 -> bfloat16 cast drops the low 16 bits instead (Triton 3.9).
-    """
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    rounded = tl.where(x != x, 0x7FC0, rounded)
-    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+_round_to_bf16 = triton.jit(round_to_bf16)
 
 
 @triton.jit

@@ -46,77 +46,20 @@ Layout (bitsandbytes'): W [N, K] flattened row-major, two codes per byte, blocks
 flattened order. The kernel needs K to be a multiple of B (then a block lies inside one row; every Llama
 weight qualifies); other K are refused with a clear error.
 
-Where the time goes, and the one-row kernel
--------------------------------------------
-gemv_4bit_kernel reached ~0.9 TB/s of packed weight on an H100 (0.131 ms on 8192x28672, bitsandbytes'
-matmul_4bit 0.123 ms), a third of the copy roofline, with the memory system mostly idle: it was bound by
-instructions. Per byte of W its loop ran two gathers from the 16-float codebook (each a 64-bit address,
-2 instructions, and a load through L1), the byte and nibble extraction, three multiply-adds, and a split of
-x through shared memory with barriers (tl.split on a layout Triton had to convert). gemv_4bit_row_kernel:
-  - reads W as int32 words (8 codes), 16 bytes of one row per lane, the 32 lanes of a warp along K (512
-    contiguous bytes per row and iteration), one row per warp (ROW_BLOCK_N rows per program); for K >= 8192,
-    1024 bytes per row and iteration (chunk_bytes=1024: Triton's layout for the [4, 64, 4] tile gives each
-    lane two 16-byte groups of its row, 512 bytes apart, and their x), two loads of W in flight a lane;
-  - looks codes up in registers with a warp shuffle (lookup="shuffle"): lane l holds code[l % 16] and
-    shfl.sync.idx returns code[nibble] from lane (l & 16) | nibble: one shift and one shuffle per code, the
-    exact float32 codebook, no address arithmetic (the lane's entry is chosen inside the same PTX statement:
-    Triton may move a tensor's values to other lanes when it converts layouts);
-  - reads x with one 16-byte load per word (inline PTX, so that the values stay in the word's layout) and
-    widens bf16 to float32 with a shift and a mask;
+The one-row kernel
+------------------
+gemv_4bit_kernel is bound by instructions, not memory: per byte of W it gathers two codes from memory,
+extracts the nibbles and splits x through shared memory. gemv_4bit_row_kernel (one row of x) removes them:
+  - W read as int32 words (8 codes), 16 bytes of one row per lane, the 32 lanes of a warp along K, one row per
+    warp (ROW_BLOCK_N rows per program); long rows (K >= WIDE_FROM_K) take two 16-byte groups a lane;
+  - codes looked up in registers with a warp shuffle (lookup="shuffle"): lane l holds code[l % 16] and
+    shfl.sync.idx returns code[nibble] from lane (l & 16) | nibble, the exact float32 codebook;
+  - x read with one 16-byte load per word (inline PTX), bf16 widened to float32 with a shift and a mask;
   - per word: one multiply and 7 multiply-adds in the order of k, then one multiply-add by the absmax into
-    the word's float32 accumulator; prefetch as above, by row_defaults.
-On the CPU (Triton's interpreter runs no inline PTX) the same kernel looks codes up with tl.load
-(lookup="memory", also selectable on a GPU) and loads x with tl.load: the same codes, multiplied and added
-in the same order; only the final float32 sum across a program's threads may add in another order.
-Measured (H100 80GB HBM3, triton 3.6, bitsandbytes 0.50.2, bf16, NF4 blocksize 64; GPU time from CUDA-graph
-replays with the L2 flushed, as bench.gemv reports it; bench/results/gemv-*): 1.51-1.68x bitsandbytes'
-matmul_4bit over the four Llama weights, plain and nested, 1.59x on geometric mean (8192x28672: 0.072 ms, 1.6
-TB/s, against 0.118 ms; nested 0.072 against 0.113 ms; 4096x4096: 8.3 against 12.9 us); the slowest ratio is
-nested 8192x8192 (23.7 against 35.8 us, 1.51x), then nested 4096x14336 (1.55x). Nested weights make bitsandbytes
-4-6% faster on the larger weights (an 8-bit absmax code read instead of a float32 absmax), and their scales cost
-us instructions and registers (below). The per-weight defaults against the one setting before them (512-byte
-chunks, everything prefetched: 1.30-1.63x, 1.45x on geometric mean in the same run), in us: plain 4096x14336
-25.4 -> 20.2, 8192x8192 28.8 -> 23.6, 8192x28672 89.1 -> 72.1; nested 4096x14336 21.0 -> 20.6, 8192x8192 24.1 ->
-23.7, 8192x28672 77.2 -> 72.1; the 4096x4096 weights within the noise (one kernel timed twice: up to 5% apart).
-gemv_4bit_kernel 0.85-1.01x. Same outputs as gemv_4bit_kernel's up to float32 summation order; max error 2.1
-against bitsandbytes' 2.8-3.1 on 8192x28672.
-What bounds it (Nsight Compute, one row a lane): the L1 / shared-memory pipe, 90% busy, which serves the
-shuffles (2 per byte of W) and the loads of x (4 bytes of bf16 x per byte of W, each lane's x 64 bytes apart
-from its neighbour's). 1024-byte chunks (two groups of a row a lane, 512 bytes apart) are 5-7% faster without
-prefetch (64 registers a thread, 8 programs of 4 warps per SM), 14-36% slower with it (72 registers, 7
-programs); block_n=8 (two rows a warp, two groups of a row a lane 256 bytes apart) is twice as slow on
-8192x28672. lookup="prmt" moves the lookup to the integer pipe instead: a table of fp16 codes in 8
-registers, 8 codes from 16 byte permutes (prmt) and 8 conversions; that pipe is then 76% busy and the kernel
-~10% slower (codes rounded to fp16, 2^-12 relative, far below the bf16 rounding of w). Splitting the work
-between the two pipes, exactly: a quarter (or half) of the codes from the float32 codebook as 4 byte planes in
-16 registers (12 prmt pick 4 codes' bytes, 8 more put them together), the rest by shuffles: 210 (244)
-instructions a loop instead of 176, 64 registers instead of 48 (ptxas of triton 3.9), and 2-38% (14-51%) slower:
-not kept. Nor were, all slower or no faster: W two chunks ahead, the scales alone a chunk ahead, L2-only loads
-of W (.cg), registers capped by maxnreg (spills). The nested absmax costs a load of its code, one of its scale
-and a gather from code2 per 16 bytes (ptxas keeps the offset in a register, outside the loop); a lane's two groups
-of a 1024-byte chunk lie in two blocks. Registers decide more than instructions here: with block indexes in int64,
-the 1024-byte loop held 76 registers on nested weights (6 programs per SM) and was 10-30% slower than the 512-byte
-one; in int32, 64 (8 per SM) and 1-6% faster (8192x8192 nested: 23.8 against 25.2 us). With the code2 gather
-replaced by a conversion of the code (wrong values, to measure what it costs) it still held 74; with no absmax code
-loaded at all, 64 and 22.5 us (bench/results/gemv-experiments-*). Before that, nested 8192x8192 was the slowest
-case: with 512-byte chunks its 2048 programs of 4 rows fill 1.55 waves of the 1320 that fit (10 per SM at 48
-registers), and Nsight Compute showed the SMs idle for 12% of the kernel (6.5% on 8192x28672); whole waves run
-faster per row (nested, K = 8192: 5280 rows 15.3 us, 10560 rows 28.9, 8192 rows 25.5); at 64 registers the 2048
-programs fill 1.94 waves of 1056. Filling the tail was tried three ways, none faster: programs looping over tiles
-(ptxas then holds 72-96 registers: up to 75% slower; 8192x8192 nested 34.4 us); stream-K, an equal run of (tile,
-chunk) iterations per program, a row split between two programs finished by the second to arrive, which swaps its
-float32 half sum with the first's through an atomic exchange (a + b == b + a: the same y either way; 56 registers:
-at best 26.0 against 26.2 us, slower on the other seven Llama weights); every row split in two halves with that
-exchange (48 registers: 30.3 us, slower on all eight weights: twice the programs, each with its own start and final
-reduction). One float32 sum per 32 values instead of per word: 9% slower on geometric mean. The way on, measured
-but not built in (bench/results/gemv-experiments-*): lanes strided over words (lane l: word l of a 32-word run,
-every load of x 512 contiguous bytes) with 8 rows a lane sharing each load of x, all loads inline PTX so that Triton
-keeps that layout: 40 registers, plain weights up to 1.87x bitsandbytes (8192x28672: 62.6 against 117.4 us;
-8192x8192: 20.8 against 37.3; 2 rows a lane on the 4096-row weights), but nested ones slower than now: each word
-then needs its own nested absmax (3 loads), where the 16-byte groups share one per 4 words. For M > 1,
-gemv_4bit_kernel dequantizes each chunk of W once for up to 8 rows (M = 2: on par with bitsandbytes; M = 4: 0.37 vs
-0.33 ms on 8192x28672), but the per-chunk reductions make M = 8 slow there (bitsandbytes dequantizes and calls
-cuBLAS).
+    the word's float32 accumulator.
+In Triton's interpreter (no inline PTX) the same kernel looks codes up and loads x with tl.load: the same codes,
+multiplied and added in the same order. Why these settings, what else was tried and what it measured:
+bench/experiments/README.md.
 """
 
 
@@ -126,6 +69,7 @@ import triton.language as tl
 
 from ..codebooks import derived_table
 from ..state import QuantState
+from .bf16 import round_to_bf16
 from .dequantize_4bit import _on
 from .twins import twin
 
@@ -156,14 +100,7 @@ LOOKUPS = {"memory": 0, "shuffle": 1, "prmt": 2}  # how gemv_4bit_row_kernel tur
 PREFETCHES = {False: 0, True: 1, "weights": 2}  # what gemv_4bit_row_kernel loads one chunk ahead: see row_defaults
 
 
-@triton.jit
-def _round_to_bf16(x):
-    """float32 -> bfloat16, round to nearest even, in integer arithmetic (dequantize_4bit.py's, repeated
-    here because a @triton.jit function must come from the module copy that is interpreted)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    rounded = tl.where(x != x, 0x7FC0, rounded)
-    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+_round_to_bf16 = triton.jit(round_to_bf16)
 
 
 @triton.jit
@@ -644,17 +581,10 @@ def gemv_config(K: int, blocksize: int, block_n=None, chunk_bytes=None, num_warp
 
 
 def row_defaults(K: int, nested: bool):
-    """(chunk_bytes, prefetch): gemv_4bit_row_kernel's defaults for rows of K values, by bench.gemv's
-    sweep on the Llama weights (GPU time, H100, triton 3.6; bench/results/gemv-*):
-      - K >= WIDE_FROM_K: 1024-byte chunks (each lane 16 bytes at two places in its row, 512 bytes apart: two
-        loads of W in flight) and no prefetch: 64 registers a thread, 8 programs of 4 warps per SM; prefetching
-        would hold 72 (7 programs) and is 14-36% slower. Plain absmax: 5-7% faster than the loops below.
-        Nested: 1-6% faster (8192x8192: 23.8 against 25.2 us) since its block indexes are int32; in int64 this
-        loop held 76 registers (6 programs) and was 10-30% slower; but 2-3% slower on a 28672x8192 gate
-        projection, outside the sweep. Slower on rows of 4096 values, 2 such iterations (8.5 against 7.4 us);
-      - plain absmax, shorter rows: 512-byte chunks (one 16-byte group a lane), W, its scales and x a chunk ahead;
-      - nested absmax, shorter rows: 512-byte chunks, W and its scales a chunk ahead, x (an L1 hit) loaded in its
-        own iteration (prefetch="weights"): 48 registers a thread (10 programs per SM), 56 (9) with x's as well.
+    """(chunk_bytes, prefetch): gemv_4bit_row_kernel's defaults for rows of K values, the fastest of bench.gemv's
+    sweep on the Llama weights (bench/experiments/README.md): rows of WIDE_FROM_K values or more, 1024-byte chunks
+    (two loads of W in flight a lane) without prefetch; shorter rows, 512-byte chunks with W, its scales and x a
+    chunk ahead, or for nested absmax W and its scales only (x, an L1 hit, in its own iteration).
     """
     if K >= WIDE_FROM_K:
         return WIDE_CHUNK_BYTES, False
