@@ -10,7 +10,7 @@
 # **Prerequisites:** lesson 1 (`notebooks/01_linear_quantization.ipynb`), which derives both formulas.
 #
 # In `exercises/` the body of each function is replaced by `raise NotImplementedError(...)`: fill it in,
-# then run the cell below it. A checker from `qlora_ref.checks` compares your function with the reference
+# then run the cell below it. A checker from `graders` compares your function with the reference
 # (`qlora_ref.quantize_absmax` / `quantize_zeropoint`) on a few inputs and prints one line: `OK`, or the first
 # value that differs with a hint, or `not implemented yet`. `solutions/` holds the same notebook, solved.
 
@@ -43,7 +43,7 @@ if IN_COLAB:  # clone the course and install it next to Colab's own torch (lesso
 
 import torch
 
-from qlora_ref.checks import check_absmax_quantizer, check_zeropoint_quantizer
+from graders.lesson01 import check_absmax_quantizer, check_zeropoint_quantizer
 
 # Lesson 0's device and compute dtype (float16 on a T4), for your own experiments; the checks run on the CPU.
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from scipy.stats import norm
 
-from qlora_ref.checks import check_nf4_codebook
+from graders.lesson02 import check_nf4_codebook
 
 # Lesson 0's device and compute dtype (float16 on a T4), for your own experiments; the checks run on the CPU.
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

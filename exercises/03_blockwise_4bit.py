@@ -47,7 +47,7 @@ if IN_COLAB:  # clone the course and install it next to Colab's own torch (lesso
 import torch
 
 from qlora_ref import nf4_codebook
-from qlora_ref.checks import check_blockwise_4bit
+from graders.lesson03 import check_blockwise_4bit
 
 # Lesson 0's device and compute dtype (float16 on a T4), for your own experiments; the checks run on the CPU.
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

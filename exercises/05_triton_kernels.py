@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from qlora_ref import dequantize_4bit, quantize_4bit
-from qlora_ref.checks import check_dequantize_kernel, launch_dequantize_kernel
+from graders.lesson05 import check_dequantize_kernel, launch_dequantize_kernel
 from qlora_ref.compare import compare
 
 # Lesson 0's device and compute dtype (float16 on a T4), for your own experiments; the checks run on the CPU.

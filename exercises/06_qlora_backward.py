@@ -47,7 +47,7 @@ if IN_COLAB:  # clone the course and install it next to Colab's own torch (lesso
 import torch
 
 from qlora_ref import QLoRALinear, dequantize_4bit, quantize_4bit
-from qlora_ref.checks import check_qlora_backward
+from graders.lesson06 import check_qlora_backward
 from qlora_ref.lora import LoRAMatmul
 
 # Lesson 0's device and compute dtype (float16 on a T4), for your own experiments; the checks run on the CPU.

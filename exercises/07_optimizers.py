@@ -17,8 +17,8 @@
 #
 # In `exercises/` the body of each function is replaced by `raise NotImplementedError(...)`: fill it in, then run
 # the check below it. `check_adamw_update` runs five steps of three cases (chosen so that a misplaced weight decay
-# or eps shows) against `qlora_ref.optim8bit.adamw_update_`; `check_pager` replays sequences of fetches on your
-# pager and on `qlora_ref.paging.Pager` and compares every page move. Each prints one line. `solutions/` holds
+# or eps shows) against `qlora_ref.adamw_step.adamw_update_`; `check_pager` replays sequences of fetches on your
+# pager and on `qlora_ref.pager.Pager` and compares every page move. Each prints one line. `solutions/` holds
 # the notebook solved.
 
 # %%
@@ -53,9 +53,11 @@ from collections import OrderedDict
 
 import torch
 
-from qlora_ref.checks import check_adamw_update, check_pager
-from qlora_ref.optim8bit import adamw_update_, predicted_state_bytes
-from qlora_ref.paging import PagedAdamW8bit, spike_model
+from graders.lesson07 import check_adamw_update, check_pager
+from qlora_ref.adamw_step import adamw_update_
+from qlora_ref.optim8bit import predicted_state_bytes
+from qlora_ref.paging import PagedAdamW8bit
+from qlora_ref.spike import spike_model
 
 # Lesson 0's device and compute dtype (float16 on a T4), for your own experiments; the checks run on the CPU.
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -95,7 +97,7 @@ adamw_ok = check_adamw_update(adamw_update)
 # ## 3. Your step on a small problem
 #
 # 200 steps of a least-squares fit (w = 40 weights, 256 samples) with your update, with
-# `qlora_ref.optim8bit.adamw_update_` and with `torch.optim.AdamW` (which decays first), from the same start:
+# `qlora_ref.adamw_step.adamw_update_` and with `torch.optim.AdamW` (which decays first), from the same start:
 
 # %%
 def fit(update, steps=200, lr=0.05, weight_decay=0.1):
@@ -140,7 +142,7 @@ _ = check_adamw_update(torch_adamw)
 # ## 5. A pager for optimizer states
 #
 # Each parameter's optimizer state is used once per step, in its update. A paged optimizer keeps the states in
-# host memory and brings each one to the GPU just before its update; `qlora_ref.paging.Pager` (lesson 7,
+# host memory and brings each one to the GPU just before its update; `qlora_ref.pager.Pager` (lesson 7,
 # section 4) does it under an explicit byte budget. Its heart is bookkeeping: which pages are on the device, in
 # which order they were last used, and which must leave so that the next one fits. You write that part (the
 # `Pager` also copies the tensors, which changes none of the decisions):
@@ -161,7 +163,7 @@ _ = check_adamw_update(torch_adamw)
 # `move_to_end(key)` (now the most recent) and `popitem(last=False)` (remove the oldest).
 #
 # `check_pager` replays five sequences of fetches (one by hand, four seeded, budgets from 64 to 4,099 bytes,
-# with pages of 0 bytes and of the whole budget) on your class and on `qlora_ref.paging.Pager`, compares the
+# with pages of 0 bytes and of the whole budget) on your class and on `qlora_ref.pager.Pager`, compares the
 # events fetch by fetch, and prints one line: the first fetch whose events differ, what was on the device,
 # expected against got, and a hint.
 

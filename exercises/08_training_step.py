@@ -53,8 +53,8 @@ import math
 import torch
 from torch import nn
 
-from qlora_ref.checks import check_learning_rate, check_training_step
-from qlora_ref.optim8bit import adamw_update_
+from graders.lesson08 import check_learning_rate, check_training_step
+from qlora_ref.adamw_step import adamw_update_
 from qlora_ref.tasks import collate
 from qlora_ref.train import TrainConfig, batch_indices, setup, train_step
 from qlora_ref.vram import PRESETS
