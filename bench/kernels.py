@@ -158,9 +158,8 @@ def host_overheads():
     """Host microseconds per call (64x64 weight: the GPU work is negligible)."""
     import bitsandbytes.functional as F
 
+    from qlora_ref.kernels import launch
     from qlora_ref.kernels.dequantize_4bit import dequantize_4bit_triton
-
-    from qlora_ref.kernels import dequantize_4bit as K
 
     out = {}
     for nested in (False, True):
@@ -168,11 +167,11 @@ def host_overheads():
         state = state_from_bitsandbytes(bnb_state)
         label = "nested" if nested else "plain"
         out[f"triton {label}"] = host_us(lambda: dequantize_4bit_triton(packed, state))
-        K.FAST_LAUNCH = False
+        launch.FAST_LAUNCH = False
         try:
             out[f"triton {label}, kernel[grid] launch"] = host_us(lambda: dequantize_4bit_triton(packed, state))
         finally:
-            K.FAST_LAUNCH = True
+            launch.FAST_LAUNCH = True
         out[f"bnb {label}"] = host_us(lambda: F.dequantize_4bit(packed, bnb_state))
     empty = torch.empty(0, device=DEVICE)
     out["torch empty_like (floor)"] = host_us(lambda: torch.empty_like(empty))

@@ -56,6 +56,7 @@ from ..adamw_step import step_scalars
 from ..dynamic8bit import shared_dynamic_map
 from ..validation import FLOAT_DTYPES, check_blocksize
 from . import blockwise_8bit
+from .launch import TRITON_TYPES, compile_for
 from .quantize_4bit import launch_config
 from .twins import twin
 
@@ -233,9 +234,6 @@ def device_scalars(step, lr, beta1, beta2, eps, weight_decay, device) -> torch.T
     return values.pin_memory().to(device, non_blocking=True)
 
 
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
 def compile_ahead(capability: int, dtype: torch.dtype = torch.float32, grad_dtype=None, blocksize: int = 256,
                   *, tile_values: int = DEFAULT_TILE_VALUES, num_warps=None):
     """Compile adamw8bit_kernel for a GPU that need not be here (75: a Colab T4, 80, 90: H100).
@@ -243,19 +241,13 @@ def compile_ahead(capability: int, dtype: torch.dtype = torch.float32, grad_dtyp
     Returns Triton's CompiledKernel (`.asm["ptx"]`, `.asm["cubin"]`). Pointers other than scalars_ptr are
     declared 16-byte aligned and n a multiple of 16, as the launcher finds them for fresh torch tensors.
     """
-    from triton.backends.compiler import GPUTarget
-
     nb, num_warps = launch_config(blocksize, tile_values, num_warps)
-    kernel = _twin(interpret=False).adamw8bit_kernel
     grad_dtype = dtype if grad_dtype is None else grad_dtype
-    pointers = {"p_ptr": "*" + _TRITON_TYPES[dtype], "g_ptr": "*" + _TRITON_TYPES[grad_dtype], "q1_ptr": "*u8",
+    pointers = {"p_ptr": "*" + TRITON_TYPES[dtype], "g_ptr": "*" + TRITON_TYPES[grad_dtype], "q1_ptr": "*u8",
                 "q2_ptr": "*u8", "absmax1_ptr": "*fp32", "absmax2_ptr": "*fp32", "code1_ptr": "*fp32",
                 "code2_ptr": "*fp32", "scalars_ptr": "*fp32"}
     constexprs = {"BLOCKSIZE": blocksize, "NB": nb,
                   "FLOAT32_GRAD": grad_dtype == torch.float32, "HW_RCP": True, "SOFT_BF16": False}
-    signature = {**pointers, "n": "i32", **{name: "constexpr" for name in constexprs}}
     aligned = [name for name in pointers if name != "scalars_ptr"] + ["n"]  # a row of a scalars table may not be
-    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": num_warps, "enable_fp_fusion": False})
+    return compile_for(_twin(interpret=False).adamw8bit_kernel, capability, pointers, {"n": "i32"}, constexprs,
+                       num_warps, aligned=aligned)

@@ -28,8 +28,8 @@ What you will learn
 * Masks cost speed: full tiles take an unmasked path (whole-row vector loads and stores); only the
   last tile, which may end in the middle of a byte (odd n), is masked.
 * Launch overhead: for a 4096 x 4096 weight the GPU needs about as long as Python needs to launch
-  the kernel through `kernel[grid](...)`. `_launch` keeps the compiled kernel of each
-  specialization and calls its launcher directly.
+  the kernel through `kernel[grid](...)`. `launch` (qlora_ref.kernels.launch) keeps the compiled
+  kernel of each specialization and calls its launcher directly.
 * Running without a GPU: CPU tensors go through Triton's interpreter (TRITON_INTERPRET=1, see
   `_twin`), and `compile_ahead` compiles for any NVIDIA GPU (a Colab T4 is sm_75) with no GPU here.
 
@@ -58,6 +58,7 @@ import triton.language as tl
 
 from ..state import QuantState
 from .bf16 import round_to_bf16
+from .launch import TRITON_TYPES, compile_for, launch
 from .twins import twin
 
 __all__ = ["compile_ahead", "dequantize_4bit_kernel", "dequantize_4bit_triton", "launch_config"]
@@ -270,40 +271,12 @@ def dequantize_4bit_triton(packed: torch.Tensor, state: QuantState, *, tile_byte
     args = (_on(packed, device), absmax, code, absmax2, code2, offset, out, n)
     soft_bf16 = bool(soft_bf16) and state.dtype == torch.bfloat16
     constexprs = (state.blocksize, nested_blocksize, state.nested, rows, cols, join, soft_bf16, streaming)
-    _launch(grid, args, constexprs, num_warps)
+    # enable_fp_fusion=False: code2 * absmax2 and + offset stay two roundings, as in bitsandbytes
+    launch(dequantize_4bit_kernel, CONSTEXPRS, grid, args, constexprs, num_warps, enable_fp_fusion=False)
     return out
 
 
 CONSTEXPRS = ("BLOCKSIZE", "NESTED_BLOCKSIZE", "NESTED", "ROWS", "COLS", "JOIN", "SOFT_BF16", "STREAMING")
-FAST_LAUNCH = True  # False: every launch goes through kernel[grid](...) (bench/kernels.py measures both)
-_COMPILED = {}
-
-
-def _launch(grid, args, constexprs, num_warps):
-    """dequantize_4bit_kernel[grid](*args, **constexprs), with less of the launch's Python.
-
-    `kernel[grid](...)` binds the arguments, works out the specialization (each pointer's 16-byte
-    alignment; whether an integer is 1, a multiple of 16, wider than 32 bits), finds the compiled
-    kernel and launches it: Python that can take longer than the GPU needs for a 4096 x 4096 weight.
-    It returns the compiled kernel, so the first launch of each specialization goes that way and
-    later ones with the same key call the compiled kernel's own launcher, `compiled[grid](*args)`.
-    """
-    pointers, n = args[:7], args[7]
-    key = (pointers[0].device.index, pointers[1].dtype, pointers[6].dtype,
-           tuple(p.data_ptr() % 16 == 0 for p in pointers), n == 1, n % 16 == 0, n >= 2**31, constexprs, num_warps)
-    compiled = _COMPILED.get(key) if FAST_LAUNCH else None
-    if compiled is not None:
-        compiled[grid](*args, *constexprs)
-        return
-    compiled = dequantize_4bit_kernel[grid](
-        *args, **dict(zip(CONSTEXPRS, constexprs)), num_warps=num_warps,
-        enable_fp_fusion=False,  # keep code2 * absmax2 and + offset two roundings, as in bitsandbytes
-    )
-    if not INTERPRETED and compiled is not None:
-        _COMPILED[key] = compiled
-
-
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def compile_ahead(capability: int, dtype: torch.dtype = torch.float16, blocksize: int = 64, nested: bool = False,
@@ -318,20 +291,14 @@ def compile_ahead(capability: int, dtype: torch.dtype = torch.float16, blocksize
     fp_fusion=True compiles as Triton does by default, letting the compiler fuse the nested
     absmax's product and sum into one fma (look for fma.rn.f32 in the PTX): not bit-exact.
     """
-    from triton.backends.compiler import GPUTarget
-
     rows, cols, num_warps, _ = launch_config(blocksize, dtype, tile_bytes, row_bytes, num_warps)
-    kernel = _twin(interpret=False).dequantize_4bit_kernel
     pointers = {
         "packed_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "code_ptr": "*fp32",
-        "absmax2_ptr": "*fp32", "code2_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": "*" + _TRITON_TYPES[dtype],
+        "absmax2_ptr": "*fp32", "code2_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": "*" + TRITON_TYPES[dtype],
     }
     constexprs = {
         "BLOCKSIZE": blocksize, "NESTED_BLOCKSIZE": 256, "NESTED": nested, "ROWS": rows, "COLS": cols,
         "JOIN": join, "SOFT_BF16": False, "STREAMING": streaming,
     }
-    signature = {**pointers, "n": "i32", **{name: "constexpr" for name in constexprs}}
-    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in [*pointers, "n"]}
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = {"num_warps": num_warps, "enable_fp_fusion": fp_fusion}
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+    return compile_for(_twin(interpret=False).dequantize_4bit_kernel, capability, pointers, {"n": "i32"}, constexprs,
+                       num_warps, fp_fusion=fp_fusion)

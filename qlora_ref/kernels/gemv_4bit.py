@@ -71,6 +71,7 @@ from ..codebooks import derived_table
 from ..state import QuantState
 from .bf16 import round_to_bf16
 from .dequantize_4bit import _on
+from .launch import TRITON_TYPES, compile_for, launch
 from .twins import twin
 
 __all__ = ["compile_ahead", "gemv_4bit_kernel", "gemv_4bit_row_kernel", "gemv_4bit_triton", "gemv_config",
@@ -722,8 +723,9 @@ def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState, *
         # The interpreter runs no inline assembly: it looks codes up in memory, the same values in the same order.
         constexprs = (state.blocksize, nested_blocksize, state.nested, block_n, sub, 0 if INTERPRETED else LOOKUPS[lookup],
                       x_mode, soft_bf16, prefetch)
-        _launch(gemv_4bit_row_kernel, ROW_CONSTEXPRS, (triton.cdiv(N, block_n), 1, 1),
-                (x2, _on(packed, device), absmax, code, lut, absmax2, code2, offset, y, N, K), constexprs, num_warps)
+        launch(gemv_4bit_row_kernel, ROW_CONSTEXPRS, (triton.cdiv(N, block_n), 1, 1),
+               (x2, _on(packed, device), absmax, code, lut, absmax2, code2, offset, y, N, K), constexprs, num_warps,
+               enable_fp_fusion=False)  # the nested absmax: a product, then a separately rounded sum
         return y.reshape(*lead, N)
 
     block_n, sub, half, num_warps, prefetch = gemv_config(K, state.blocksize, block_n, chunk_bytes, num_warps, prefetch)
@@ -733,7 +735,7 @@ def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState, *
     args = (x2, _on(packed, device), absmax, code, absmax2, code2, offset, y, M, N, K, x2.stride(0), y.stride(0))
     constexprs = (state.blocksize, nested_blocksize, state.nested, block_n, sub, half, _W_DTYPES[state.dtype],
                   soft_bf16, bool(pairs), bool(split_x), m_tile, bool(scale_sums), prefetch)
-    _launch(gemv_4bit_kernel, CONSTEXPRS, grid, args, constexprs, num_warps)
+    launch(gemv_4bit_kernel, CONSTEXPRS, grid, args, constexprs, num_warps, enable_fp_fusion=False)
     return y.reshape(*lead, N)
 
 
@@ -741,34 +743,6 @@ CONSTEXPRS = ("BLOCKSIZE", "NESTED_BLOCKSIZE", "NESTED", "BLOCK_N", "SUB", "HALF
               "SPLIT_X", "M_TILE", "SCALE_SUMS", "PREFETCH")
 ROW_CONSTEXPRS = ("BLOCKSIZE", "NESTED_BLOCKSIZE", "NESTED", "BLOCK_N", "SUB", "LOOKUP", "X_MODE", "SOFT_BF16",
                   "PREFETCH")
-FAST_LAUNCH = True
-_COMPILED = {}
-
-
-def _spec(value: int):
-    return (value == 1, value % 16 == 0, value >= 2**31)
-
-
-def _launch(kernel, names, grid, args, constexprs, num_warps):
-    """kernel[grid](*args, **dict(zip(names, constexprs))), calling the cached compiled kernel directly after the
-    first launch of each specialization (see dequantize_4bit._launch: at 10 us per GEMV Python matters)."""
-    pointers = [a for a in args if isinstance(a, torch.Tensor)]
-    ints = args[len(pointers):]
-    key = (kernel, pointers[0].device.index, tuple(p.dtype for p in pointers),
-           tuple(p.data_ptr() % 16 == 0 for p in pointers), tuple(_spec(i) for i in ints), constexprs, num_warps)
-    compiled = _COMPILED.get(key) if FAST_LAUNCH else None
-    if compiled is not None:
-        compiled[grid](*args, *constexprs)
-        return
-    compiled = kernel[grid](
-        *args, **dict(zip(names, constexprs)), num_warps=num_warps,
-        enable_fp_fusion=False,  # the nested absmax: a product, then a separately rounded sum
-    )
-    if not INTERPRETED and compiled is not None:
-        _COMPILED[key] = compiled
-
-
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def compile_ahead(capability: int, dtype: torch.dtype = torch.bfloat16, blocksize: int = 64, nested: bool = False,
@@ -779,9 +753,7 @@ def compile_ahead(capability: int, dtype: torch.dtype = torch.bfloat16, blocksiz
     CompiledKernel (`.asm["ptx"]`, `.asm["cubin"]`). Pointers are declared 16-byte aligned and the sizes
     int32, as the launcher specializes them for fresh tensors. m_tile = 1 compiles gemv_4bit_row_kernel where
     gemv_4bit_triton would take it (row_kernel and scale_sums)."""
-    from triton.backends.compiler import GPUTarget
-
-    t = "*" + _TRITON_TYPES[dtype]
+    t = "*" + TRITON_TYPES[dtype]
     absmax_type = "*u8" if nested else "*fp32"
     if _takes_row_kernel(m_tile, row_kernel, scale_sums):
         block_n, sub, num_warps, prefetch = gemv_row_config(K, nested, block_n, chunk_bytes, num_warps, prefetch)
@@ -801,9 +773,5 @@ def compile_ahead(capability: int, dtype: torch.dtype = torch.bfloat16, blocksiz
         constexprs = {"BLOCKSIZE": blocksize, "NESTED_BLOCKSIZE": 256, "NESTED": nested, "BLOCK_N": block_n,
                       "SUB": sub, "HALF": half, "W_DTYPE": _W_DTYPES[dtype], "SOFT_BF16": False, "PAIRS": pairs,
                       "SPLIT_X": split_x, "M_TILE": m_tile, "SCALE_SUMS": scale_sums, "PREFETCH": prefetch}
-    signature = {**pointers, **ints, **{name: "constexpr" for name in constexprs}}
-    divisible = [*pointers, *(name for name in ints if name != "M")]
-    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": num_warps, "enable_fp_fusion": False})
+    aligned = [*pointers, *(name for name in ints if name != "M")]
+    return compile_for(kernel, capability, pointers, ints, constexprs, num_warps, aligned=aligned)

@@ -50,6 +50,7 @@ import triton.language as tl
 from ..codebooks import codebook_4bit
 from ..state import QuantState
 from ..validation import FLOAT_DTYPES, check_blocksize, check_float_tensor
+from .launch import TRITON_TYPES, compile_for, launch
 from .twins import twin
 
 __all__ = ["compile_ahead", "hardware_reciprocal", "quantize_4bit_kernel", "quantize_4bit_triton"]
@@ -235,7 +236,10 @@ def quantize_4bit_triton(x: torch.Tensor, blocksize: int = 64, quant_type: str =
     nb, warps = launch_config(blocksize, tile_values, num_warps)
     hw_rcp = not INTERPRETED if hw_rcp is None else bool(hw_rcp)
     grid = (triton.cdiv(blocks, nb), 1, 1)
-    _launch(grid, (flat, packed, absmax, n), (blocksize, nb, QUANT_TYPES[quant_type], hw_rcp), warps)
+    # the interpreter's 1/0 and 0 * inf, as on the GPU; enable_fp_fusion=False: one rounding per operation
+    with np.errstate(divide="ignore", invalid="ignore"):
+        launch(quantize_4bit_kernel, CONSTEXPRS, grid, (flat, packed, absmax, n),
+               (blocksize, nb, QUANT_TYPES[quant_type], hw_rcp), warps, enable_fp_fusion=False)
     state = QuantState(absmax=absmax, shape=x.shape, code=_code(quant_type, device), dtype=x.dtype,
                        blocksize=blocksize, quant_type=quant_type)
     if double_quant:
@@ -258,28 +262,6 @@ def _code(quant_type, device):
 
 
 CONSTEXPRS = ("BLOCKSIZE", "NB", "QUANT_TYPE", "HW_RCP")
-FAST_LAUNCH = True
-_COMPILED = {}
-
-
-def _launch(grid, args, constexprs, num_warps):
-    """quantize_4bit_kernel[grid](*args, ...), calling the compiled kernel's launcher directly once it exists
-    (see dequantize_4bit._launch: the specialization key is the pointers' alignment and n's size)."""
-    x, packed, absmax, n = args
-    key = (x.device.index, x.dtype, tuple(p.data_ptr() % 16 == 0 for p in args[:3]), n == 1, n % 16 == 0,
-           n >= 2**31, constexprs, num_warps)
-    compiled = _COMPILED.get(key) if FAST_LAUNCH else None
-    if compiled is not None:
-        compiled[grid](*args, *constexprs)
-        return
-    with np.errstate(divide="ignore", invalid="ignore"):  # the interpreter's 1/0 and 0 * inf, as on the GPU
-        compiled = quantize_4bit_kernel[grid](*args, **dict(zip(CONSTEXPRS, constexprs)), num_warps=num_warps,
-                                              enable_fp_fusion=False)
-    if not INTERPRETED and compiled is not None:
-        _COMPILED[key] = compiled
-
-
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def compile_ahead(capability: int, dtype: torch.dtype = torch.float16, blocksize: int = 64, quant_type: str = "nf4",
@@ -289,14 +271,8 @@ def compile_ahead(capability: int, dtype: torch.dtype = torch.float16, blocksize
     Returns Triton's CompiledKernel (`.asm["ptx"]`, `.asm["cubin"]`). Pointers are declared 16-byte
     aligned and n a multiple of 16, as the launcher finds them for fresh torch tensors.
     """
-    from triton.backends.compiler import GPUTarget
-
     nb, warps = launch_config(blocksize, tile_values, num_warps)
-    kernel = _twin(interpret=False).quantize_4bit_kernel
-    pointers = {"x_ptr": "*" + _TRITON_TYPES[dtype], "packed_ptr": "*u8", "absmax_ptr": "*fp32"}
+    pointers = {"x_ptr": "*" + TRITON_TYPES[dtype], "packed_ptr": "*u8", "absmax_ptr": "*fp32"}
     constexprs = {"BLOCKSIZE": blocksize, "NB": nb, "QUANT_TYPE": QUANT_TYPES[quant_type], "HW_RCP": True}
-    signature = {**pointers, "n": "i32", **{name: "constexpr" for name in constexprs}}
-    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in [*pointers, "n"]}
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": warps, "enable_fp_fusion": False})
+    return compile_for(_twin(interpret=False).quantize_4bit_kernel, capability, pointers, {"n": "i32"}, constexprs,
+                       warps)
