@@ -60,11 +60,12 @@ from IPython.display import display
 from transformers.utils import logging as hf_logging
 
 from qlora_ref import dequantize_4bit, fp4_codebook, int4_codebook, merge_adapters, quantize_4bit
+from qlora_ref.checkpoints import latest_checkpoint
 from qlora_ref.hf import make_local_model
 from qlora_ref.llama import BASE_MODEL_DIR, LlamaForCausalLM
 from qlora_ref.plots.training import training_curves_figure
 from qlora_ref.tasks import collate, corpus_ids, date_task, decode, exact_match, generate_answers, perplexity
-from qlora_ref.train import TrainConfig, latest_checkpoint, learning_rate, setup, step_memory, train, train_step
+from qlora_ref.train import TrainConfig, learning_rate, setup, step_memory, train, train_step
 from qlora_ref.vram import PRESETS
 
 # One thread: the same arithmetic in the same order on every run, so the figures below repeat exactly.

@@ -1,4 +1,4 @@
-"""qlora_ref.train's checkpoints never lose work or accept garbage: which folder a resume takes, what it does with a
+"""qlora_ref.checkpoints never lose work or accept garbage: which folder a resume takes, what it does with a
 damaged one, a folder it did not write, the thread count, a NaN loss, and a run killed while it saves."""
 
 import json
@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qlora_ref.train import (DamagedCheckpointError, NonFiniteLossError, TrainConfig, checkpoints, latest_checkpoint,
-                             main, save_checkpoint, setup, train, train_step)
+from qlora_ref.checkpoints import DamagedCheckpointError, checkpoints, latest_checkpoint, save_checkpoint
+from qlora_ref.train import NonFiniteLossError, TrainConfig, main, setup, train, train_step
 
 # Checkpoints at steps 2 and 4 of a 5-step run: a resume from step 2 has three steps to get right.
 TINY = TrainConfig(n_train=64, n_eval=16, batch_size=8, steps=5, warmup_steps=1, eval_every=0, save_every=2,

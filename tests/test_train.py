@@ -16,8 +16,9 @@ from qlora_ref.lora import QLoRALinear
 from qlora_ref.optimizer_state import optimizer_state_tensors
 from qlora_ref.paging import PagedAdamW8bit
 from qlora_ref.tasks import date_task
-from qlora_ref.train import (TrainConfig, batch_indices, evaluate, latest_checkpoint, learning_rate, main,
-                             parse_overrides, setup, step_memory, train, train_step)
+from qlora_ref.checkpoints import latest_checkpoint
+from qlora_ref.train import (TrainConfig, batch_indices, evaluate, learning_rate, main, parse_overrides, setup, step_memory,
+                             train, train_step)
 
 # Small and fast: a few steps of batches of 8 on the shipped base (886k parameters).
 TINY = TrainConfig(n_train=64, n_eval=16, batch_size=8, steps=6, warmup_steps=2, eval_every=3, progress=False,
