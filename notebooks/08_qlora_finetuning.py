@@ -62,7 +62,7 @@ from transformers.utils import logging as hf_logging
 from qlora_ref import dequantize_4bit, fp4_codebook, int4_codebook, merge_adapters, quantize_4bit
 from qlora_ref.checkpoints import latest_checkpoint
 from qlora_ref.hf import make_local_model
-from qlora_ref.llama import BASE_MODEL_DIR, LlamaForCausalLM
+from qlora_ref.llama import LlamaForCausalLM
 from qlora_ref.plots.training import training_curves_figure
 from qlora_ref.tasks import collate, corpus_ids, date_task, decode, exact_match, generate_answers, perplexity
 from qlora_ref.train import TrainConfig, learning_rate, setup, step_memory, train, train_step
@@ -86,7 +86,7 @@ compute_dtype = torch.float16 if device.type == "cuda" and torch.cuda.get_device
 # `transformers.LlamaForCausalLM.from_pretrained("models/base")` loads them too.
 
 # %%
-base = LlamaForCausalLM.from_pretrained(BASE_MODEL_DIR).eval()
+base = LlamaForCausalLM.from_pretrained().eval()
 config = base.config
 parameters = sum(p.numel() for p in base.parameters())
 print(f"layers {config.num_hidden_layers}, width {config.hidden_size}, MLP {config.intermediate_size}, "
@@ -153,7 +153,7 @@ original = linear_weights(base)
 table2 = {"float32 (no quantization)": (base_ppl, 0.0, None)}
 for name, quant_type, dq, paper in (("INT4", "int4", False, 34.34), ("FP4 (E2M1)", "fp4", False, 31.07),
                                     ("NF4", "nf4", False, None), ("NF4 + DQ", "nf4", True, 27.41)):
-    model = quantize_linears(LlamaForCausalLM.from_pretrained(BASE_MODEL_DIR).eval(), quant_type, dq)
+    model = quantize_linears(LlamaForCausalLM.from_pretrained().eval(), quant_type, dq)
     rms = (linear_weights(model) - original).pow(2).mean().sqrt().item()
     table2[name] = (perplexity(model, heldout), rms, paper)
 print(f"{'weights':<26}{'perplexity':>11}{'increase':>10}{'weight RMS error':>18}{'paper':>8}")

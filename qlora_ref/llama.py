@@ -35,8 +35,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .adapters import LORA_LAYERS, atomic_write
 from .backend import is_capturing
+from .course_files import base_model_dir
 
-BASE_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "base"
 IGNORE_INDEX = -100  # labels with this value are not predicted (the prompt, the padding)
 
 
@@ -336,9 +336,10 @@ class LlamaForCausalLM(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory=BASE_MODEL_DIR) -> "LlamaForCausalLM":
-        """Load a directory written by save_pretrained or by transformers (config.json + model.safetensors)."""
-        directory = Path(directory)
+    def from_pretrained(cls, directory=None) -> "LlamaForCausalLM":
+        """Load a directory written by save_pretrained or by transformers (config.json + model.safetensors);
+        by default the course's base model (models/base/)."""
+        directory = base_model_dir() if directory is None else Path(directory)
         for name in ("config.json", "model.safetensors"):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory / name} does not exist (a saved model has config.json "

@@ -37,9 +37,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from . import course_files
+
 PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
 VOCAB_SIZE = 259
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 CORPUS_FILES = {"train": "stdlib_docstrings.train.txt.gz", "heldout": "stdlib_docstrings.heldout.txt.gz"}
 
 
@@ -108,18 +109,18 @@ class HFTokenizer:
                 "attention_mask": torch.ones_like(ids)}
 
 
-def load_corpus(split: str, data_dir=DATA_DIR) -> str:
-    """The text of a split ("train" or "heldout"): one paragraph a line."""
+def load_corpus(split: str, data_dir=None) -> str:
+    """The text of a split ("train" or "heldout"): one paragraph a line, from data_dir (default: data/)."""
     if split not in CORPUS_FILES:
         raise ValueError(f"split must be one of {sorted(CORPUS_FILES)}, got {split!r}")
-    path = Path(data_dir) / CORPUS_FILES[split]
+    path = (course_files.data_dir() if data_dir is None else Path(data_dir)) / CORPUS_FILES[split]
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: the corpus ships in the repository's data/ folder")
     with gzip.open(path, "rt", encoding="ascii") as f:
         return f.read()
 
 
-def corpus_ids(split: str, data_dir=DATA_DIR) -> torch.Tensor:
+def corpus_ids(split: str, data_dir=None) -> torch.Tensor:
     """The split as one long tensor of ids: [BOS] + bytes + [EOS] for every paragraph, in order."""
     ids = [i for line in load_corpus(split, data_dir).splitlines() for i in encode(line, eos=True)]
     return torch.tensor(ids, dtype=torch.long)

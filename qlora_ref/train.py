@@ -54,7 +54,7 @@ from tqdm import tqdm
 from .adapters import (ALL_LINEAR, check_target_modules, merge_adapters, prepare_model, read_json_object,
                        writable_directory)
 from .checkpoints import latest_checkpoint, resume_latest, save_checkpoint
-from .llama import BASE_MODEL_DIR, LlamaForCausalLM
+from .llama import LlamaForCausalLM
 from .lora import QUANT_TYPES, check_lora_hyperparameters
 from .memory import PeakMemory, tensor_bytes
 from .optim8bit import OPTIMIZERS, AdamW8bit, optimizer_state_bytes, predicted_state_bytes
@@ -244,7 +244,7 @@ def load_model(config: TrainConfig, device, dtype):
     """(model, tokenizer): the course's base with the byte tokenizer, or a transformers model and its tokenizer."""
     weights_dtype = torch.float32 if config.method == "full" else dtype
     if config.model == "base":
-        return LlamaForCausalLM.from_pretrained(BASE_MODEL_DIR).to(device, weights_dtype), BYTES
+        return LlamaForCausalLM.from_pretrained().to(device, weights_dtype), BYTES
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:

@@ -7,19 +7,20 @@ import math
 import pytest
 import torch
 
-from qlora_ref.llama import BASE_MODEL_DIR, LlamaForCausalLM
+from qlora_ref.course_files import base_model_dir
+from qlora_ref.llama import LlamaForCausalLM
 from qlora_ref.tasks import VOCAB_SIZE, corpus_ids, date_task, exact_match, load_corpus, perplexity
 
 # Written by tools/pretrain_base.py into models/base/provenance.json; repeated here so that a new base
 # is a visible change to this test, not a silent one.
 BASE_SHA256 = "253185c306fbfe49946145337088bcd6ae734ba24211366612acea96d681101c"
-PROVENANCE = json.loads((BASE_MODEL_DIR / "provenance.json").read_text())
+PROVENANCE = json.loads((base_model_dir() / "provenance.json").read_text())
 SLICE = PROVENANCE["heldout_slice"]
 
 
 @pytest.fixture(scope="module")
 def base() -> LlamaForCausalLM:
-    return LlamaForCausalLM.from_pretrained(BASE_MODEL_DIR).eval()
+    return LlamaForCausalLM.from_pretrained(base_model_dir()).eval()
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def sha256(data: bytes) -> str:
 
 
 def test_the_shipped_file_is_the_recorded_one():
-    data = (BASE_MODEL_DIR / "model.safetensors").read_bytes()
+    data = (base_model_dir() / "model.safetensors").read_bytes()
     assert len(data) <= 20 * 2**20
     assert sha256(data) == BASE_SHA256 == PROVENANCE["model_safetensors_sha256"]
 
@@ -63,7 +64,7 @@ def test_the_base_model_cannot_rewrite_dates(base):
 
 def test_transformers_reads_the_shipped_model(base, heldout_slice):
     transformers = pytest.importorskip("transformers")
-    hf = transformers.LlamaForCausalLM.from_pretrained(BASE_MODEL_DIR).eval()
+    hf = transformers.LlamaForCausalLM.from_pretrained(base_model_dir()).eval()
     ids = heldout_slice[:4 * 128].view(4, 128)
     with torch.no_grad():  # the same float32 operations (see tests/test_llama.py)
         torch.testing.assert_close(hf(ids).logits, base(ids).logits, rtol=1e-5, atol=1e-5)

@@ -35,8 +35,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from qlora_ref.llama import BASE_MODEL_DIR, LlamaConfig, LlamaForCausalLM  # noqa: E402
-from qlora_ref.tasks import (BOS_ID, CORPUS_FILES, DATA_DIR, EOS_ID, PAD_ID, VOCAB_SIZE, corpus_ids,  # noqa: E402
+from qlora_ref.course_files import base_model_dir, data_dir  # noqa: E402
+from qlora_ref.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from qlora_ref.tasks import (BOS_ID, CORPUS_FILES, EOS_ID, PAD_ID, VOCAB_SIZE, corpus_ids,  # noqa: E402
                              load_corpus, perplexity)
 
 # The slice of the held-out split that tests/test_base_model.py evaluates (kept small: a few seconds).
@@ -122,7 +123,7 @@ def train(args) -> dict:
         "heldout_slice": {**TEST_SLICE, "perplexity": round(slice_ppl, 4)},
         "unigram_heldout_perplexity": round(unigram_perplexity(train_ids, heldout_ids), 4),
         "uniform_perplexity": VOCAB_SIZE,
-        "corpus": {split: {"file": name, "file_sha256": sha256((DATA_DIR / name).read_bytes()),
+        "corpus": {split: {"file": name, "file_sha256": sha256((data_dir() / name).read_bytes()),
                            "text_sha256": sha256(load_corpus(split).encode("ascii"))}
                    for split, name in CORPUS_FILES.items()},
         "model_safetensors_sha256": sha256((args.out / "model.safetensors").read_bytes()),
@@ -146,7 +147,7 @@ def main():
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--max-positions", type=int, default=256)
     parser.add_argument("--log-every", type=int, default=100)
-    parser.add_argument("--out", type=Path, default=BASE_MODEL_DIR)
+    parser.add_argument("--out", type=Path, default=base_model_dir())
     args = parser.parse_args()
     provenance = train(args)
     (args.out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
