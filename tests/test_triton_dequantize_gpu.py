@@ -107,3 +107,15 @@ def test_cached_launches_follow_alignment_and_size():
         assert_same(ours(packed, bnb_state), expected)
     finally:
         launch.FAST_LAUNCH = True
+
+
+def test_a_module_loaded_interpreted_sends_cuda_tensors_to_the_compiled_kernel(monkeypatch):
+    # Lesson 5 sets TRITON_INTERPRET=1 for its own kernels; the course's must still compile on a GPU.
+    from qlora_ref.kernels import dequantize_4bit as K
+
+    interpreted = K._twin(interpret=True)
+    assert interpreted.INTERPRETED
+    monkeypatch.setattr(interpreted, "dequantize_4bit_kernel", None)  # launching it here would fail
+    packed, state = quantize((4096, 64), torch.bfloat16, 64, "nf4", True)
+    assert_same(interpreted.dequantize_4bit_triton(packed, state_from_bitsandbytes(state)),
+                F.dequantize_4bit(packed, state))

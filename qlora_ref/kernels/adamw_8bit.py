@@ -185,10 +185,10 @@ def adamw8bit_update_triton(param, grad, state: dict, step, lr, beta1, beta2, ep
     """
     check_blocksize(blocksize)
     _check(param, grad, state, blocksize)
-    if param.device.type == "cpu" and not INTERPRETED:
-        return _twin(interpret=True).adamw8bit_update_triton(param, grad, state, step, lr, beta1, beta2, eps,
-                                                             weight_decay, blocksize, scalars=scalars, hw_rcp=hw_rcp,
-                                                             tile_values=tile_values, num_warps=num_warps)
+    if (param.device.type == "cpu") != INTERPRETED:
+        return _twin(interpret=param.device.type == "cpu").adamw8bit_update_triton(
+            param, grad, state, step, lr, beta1, beta2, eps, weight_decay, blocksize, scalars=scalars, hw_rcp=hw_rcp,
+            tile_values=tile_values, num_warps=num_warps)
     n = param.numel()
     if n == 0:
         return

@@ -177,9 +177,9 @@ def quantize_blockwise_triton(x: torch.Tensor, code=None, blocksize: int = 256, 
     check_blocksize(blocksize)
     if code is not None:
         check_code_8bit(code.cpu() if isinstance(code, torch.Tensor) else code)
-    if x.device.type == "cpu" and not INTERPRETED:
-        return _twin(interpret=True).quantize_blockwise_triton(x, code, blocksize, hw_rcp=hw_rcp,
-                                                               tile_values=tile_values)
+    if (x.device.type == "cpu") != INTERPRETED:
+        return _twin(interpret=x.device.type == "cpu").quantize_blockwise_triton(
+            x, code, blocksize, hw_rcp=hw_rcp, tile_values=tile_values)
     code = _dynamic_map(x.device) if code is None else code.to(x.device, torch.float32).contiguous()
     q, absmax = _quantize(x.contiguous().reshape(-1), code, blocksize, None, hw_rcp, tile_values)
     state = QuantState(absmax=absmax, shape=x.shape, code=code.clone(), dtype=x.dtype, blocksize=blocksize)
@@ -189,8 +189,8 @@ def quantize_blockwise_triton(x: torch.Tensor, code=None, blocksize: int = 256, 
 def compress_absmax_triton(absmax: torch.Tensor, hw_rcp=None):
     """Double quantization as bitsandbytes does it on a GPU: offset = absmax.mean() (torch), then the 8-bit
     kernel on absmax - offset (subtracted in the kernel), blocks of 256. -> (qabsmax, offset, state2)."""
-    if absmax.device.type == "cpu" and not INTERPRETED:
-        return _twin(interpret=True).compress_absmax_triton(absmax, hw_rcp)
+    if (absmax.device.type == "cpu") != INTERPRETED:
+        return _twin(interpret=absmax.device.type == "cpu").compress_absmax_triton(absmax, hw_rcp)
     offset = absmax.mean()
     code = _dynamic_map(absmax.device)
     qabsmax, absmax2 = _quantize(absmax, code, 256, offset.reshape(1), hw_rcp)
@@ -206,9 +206,9 @@ def dequantize_blockwise_triton(q: torch.Tensor, state: QuantState, *, tile_valu
     state.check_codes(q)
     if state.quant_type is not None:
         raise ValueError(f"this is a 4-bit ({state.quant_type}) state: use dequantize_4bit")
-    if q.device.type == "cpu" and not INTERPRETED:
-        return _twin(interpret=True).dequantize_blockwise_triton(q, state, tile_values=tile_values,
-                                                                 soft_bf16=soft_bf16)
+    if (q.device.type == "cpu") != INTERPRETED:
+        return _twin(interpret=q.device.type == "cpu").dequantize_blockwise_triton(
+            q, state, tile_values=tile_values, soft_bf16=soft_bf16)
     device = q.device
     out = torch.empty(q.shape, dtype=state.dtype, device=device)
     n = q.numel()

@@ -245,8 +245,8 @@ def dequantize_4bit_triton(packed: torch.Tensor, state: QuantState, *, tile_byte
         raise TypeError("dequantize_4bit_triton needs the QuantState returned by quantize_4bit")
     state.check_codes(packed)
     device = packed.device
-    if device.type == "cpu" and not INTERPRETED:
-        return _twin(interpret=True).dequantize_4bit_triton(
+    if (device.type == "cpu") != INTERPRETED:
+        return _twin(interpret=device.type == "cpu").dequantize_4bit_triton(
             packed, state, tile_bytes=tile_bytes, row_bytes=row_bytes, num_warps=num_warps, join=join,
             streaming=streaming, soft_bf16=soft_bf16)
     n = state.numel

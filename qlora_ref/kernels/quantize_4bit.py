@@ -224,8 +224,8 @@ def quantize_4bit_triton(x: torch.Tensor, blocksize: int = 64, quant_type: str =
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be 'nf4' or 'fp4' (bitsandbytes' CUDA kernels), got {quant_type!r}")
     device = x.device
-    if device.type == "cpu" and not INTERPRETED:
-        return _twin(interpret=True).quantize_4bit_triton(
+    if (device.type == "cpu") != INTERPRETED:
+        return _twin(interpret=device.type == "cpu").quantize_4bit_triton(
             x, blocksize, quant_type, double_quant, check=check, tile_values=tile_values, num_warps=num_warps,
             hw_rcp=hw_rcp)
     flat = x.reshape(-1) if x.is_contiguous() else x.contiguous().reshape(-1)

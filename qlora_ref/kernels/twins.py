@@ -2,8 +2,10 @@
 
 @triton.jit decides at decoration time whether a kernel is compiled or interpreted, through the
 environment variable TRITON_INTERPRET. Setting it for the whole process would also turn kernels
-meant for the GPU into interpreted ones; instead, CPU tensors go to a second copy of the module,
-loaded once with the variable set, and `compile_ahead` uses a copy loaded with it unset.
+meant for the GPU into interpreted ones; instead, whichever way a kernel module was loaded, CPU tensors
+go to a copy of it loaded once with the variable set, CUDA tensors to a copy loaded with it unset (a
+lesson that sets TRITON_INTERPRET=1 for its own kernels still runs the course's compiled on a GPU),
+and `compile_ahead` uses the latter.
 """
 
 import importlib.util
