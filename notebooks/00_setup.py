@@ -11,7 +11,8 @@
 # - the `compare(name, ours, reference)` helper that every later lesson uses to check our code against
 #   bitsandbytes.
 #
-# **Prerequisites:** Python and PyTorch basics. No GPU is needed: every lesson also runs on a CPU.
+# **Prerequisites:** Python and PyTorch basics. No GPU is needed: every lesson runs on a CPU, and with a GPU
+# lessons 5-8 also time and train on it (section 6 says what each needs).
 #
 # **Install, locally:** `make lab` in the repository root sets everything up and opens JupyterLab; `make test`
 # runs the course's own checks. Both install exactly the versions in `requirements.lock` (one version of every
@@ -69,6 +70,7 @@ _ = torch.manual_seed(0)  # `_ =` keeps the generator's repr (a memory address) 
 
 # %%
 # NBVAL_IGNORE_OUTPUT
+import json
 import platform
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -300,7 +302,7 @@ def troubleshoot(python, torch_version, triton_version, gpu, in_colab):
     fix = "" if ok else f": bitsandbytes 0.50.2 needs torch {TORCH_FOR_BNB}; {new_runtime}"
     lines.append(f"[{'OK' if ok else 'FAIL'}] torch {torch_version}{fix}")
     if gpu is None:
-        fix = "Runtime → Change runtime type → T4 GPU" if in_colab else "lessons 0-5 run on the CPU; later lessons want a GPU (or Colab)"
+        fix = "Runtime → Change runtime type → T4 GPU" if in_colab else "every lesson runs on the CPU; with a GPU, lessons 5-8 also time and train on it"
         lines.append(f"[--] no CUDA GPU: {fix}")
     else:
         name, (major, minor) = gpu
@@ -339,6 +341,28 @@ for label, environment in EXAMPLES.items():
 gpu = (torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
 for line in troubleshoot(sys.version_info[:2], torch.__version__, triton.__version__ if triton else None, gpu, IN_COLAB):
     print(line)
+
+# %% [markdown]
+# ## 6. What each lesson needs
+#
+# Every lesson and solution was run top to bottom on a GPU under a T4's limits (`tools/gpu_lessons.py --t4`: the
+# memory PyTorch may use capped at 14.75 GiB, bfloat16 refused, the kernels compiled ahead for sm_75) and checked
+# against these very outputs. Per notebook, its time there and the most GPU memory PyTorch held (a card also
+# needs the CUDA context, a few hundred MiB):
+
+# %%
+runs_on_t4 = sorted((Path("..") / "bench" / "results").glob("lessons-*-t4.json"))
+if runs_on_t4:
+    t4_run = json.loads(runs_on_t4[-1].read_text())
+    print(f"{t4_run['device']} under a T4's limits, {t4_run['date']}, torch {t4_run['torch']}; kernels for sm_75: "
+          + ("all compiled" if all(v.startswith("ok") for v in t4_run["compiled_for_sm75"].values()) else "SOME FAILED"))
+    print(f"{'notebook':<40} {'result':<6} {'seconds':>8} {'peak GiB':>9}")
+    for run in t4_run["runs"]:
+        print(f"{run['notebook']:<40} {'pass' if run['passed'] else 'FAIL':<6} {run['seconds']:8.0f} "
+              f"{run['peak_reserved_mib'] / 1024:9.2f}")
+    print(f"largest peak: {max(r['peak_reserved_mib'] for r in t4_run['runs']) / 1024:.2f} GiB of 14.75")
+else:
+    print("not measured yet: bench/results/ has no lessons-*-t4.json (python tools/gpu_lessons.py --t4 on a GPU)")
 
 # %% [markdown]
 # ## Summary

@@ -23,7 +23,8 @@
 #   missed its targets.
 #
 # **Prerequisites:** lesson 3 (blockwise 4-bit quantization, packing two codes per byte) and lesson 4
-# (double quantization). No GPU: everything runs on a CPU; the GPU numbers come from a committed results file.
+# (double quantization). No GPU needed: everything runs on a CPU, and the H100's numbers come from a committed
+# results file; with a GPU, section 7 checks and times the kernel on yours.
 #
 # **Sources:** QLoRA (Dettmers et al. 2023, arXiv:2305.14314); Triton (Tillet, Kung and Cox 2019,
 # "Triton: an intermediate language and compiler for tiled neural network computations", MAPL);
@@ -612,7 +613,13 @@ for r in results["llama"]:
 display(Image(filename=str(RESULTS.with_suffix(".png")), width=800))
 
 # %% [markdown]
-# (The three bars on the right of each panel are weights of the course's challenge shapes, for a later lesson.)
+# The bars on the right of each panel are the benchmark's other weights, timed the same way:
+
+# %%
+for r in results["challenge"]:
+    v = dequantize_summary(r)
+    print(f"{r['shape'][0]}x{r['shape'][1]} {r['dtype']} {'nested' if r['nested'] else 'plain'}: "
+          f"{v['speedup_vs_bnb']:.2f}x bitsandbytes, {v['fraction_of_copy']:.0%} of the copy")
 
 # %% [markdown]
 # ### The targets, honestly
@@ -684,6 +691,66 @@ for shape in [(8192, 28672), (4096, 4096)]:
 # %% [markdown]
 # Same bits, 4.4 to 6 times slower: on a memory-bound kernel, *how* the bytes are stored is the whole game.
 #
+# ## 7. On your GPU
+#
+# With a CUDA GPU, section 6 runs on your card: each weight quantized by the course (lesson 3's function, which on a
+# GPU runs the course's Triton quantizer) and by bitsandbytes' CUDA kernel, the two states compared byte for byte,
+# dequantized by both and the values compared, then both timed with `triton.testing.do_bench` against a copy of the
+# output's size. The output is your card's compute dtype (float16 on a T4). The course's kernels compile for the
+# GPU even though this notebook set `TRITON_INTERPRET=1` for its own: a kernel module sends CUDA tensors to a
+# compiled copy of itself. The output is your machine's, so nbval does not compare it.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+def same_state(ours, theirs) -> bool:
+    """Our QuantState and bitsandbytes' hold the same bytes: absmax (or its codes), and nested, absmax2 and offset."""
+    same = torch.equal(ours.absmax, theirs.absmax)
+    if theirs.nested:
+        same &= torch.equal(ours.state2.absmax, theirs.state2.absmax) and torch.equal(ours.offset, theirs.offset)
+    return same
+
+
+if device.type == "cuda":
+    import matplotlib.pyplot as plt
+    from triton.testing import do_bench
+
+    print(f"{torch.cuda.get_device_name(device)}: output {str(compute_dtype)[6:]}, NF4, blocks of 64")
+    print(f"{'weight':>10} {'absmax':6} | same bytes, values | {'ours ms':>8} {'bnb ms':>7} {'copy ms':>8} | "
+          f"{'ours GB/s':>9} {'bnb GB/s':>8} {'copy GB/s':>9} | vs bnb")
+    measured = []
+    for shape in [(4096, 4096), (4096, 14336), (8192, 8192), (8192, 28672)]:
+        w = torch.randn(shape, device=device, generator=torch.Generator(device).manual_seed(0)).to(compute_dtype)
+        for nested in (False, True):
+            packed, state = quantize_4bit(w, blocksize=64, double_quant=nested)
+            bnb_packed, bnb_state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=nested)
+            same_bytes = torch.equal(packed, bnb_packed) and same_state(state, bnb_state)
+            out = dequantize_4bit_triton(packed, state)
+            same_values = torch.equal(out, bnbF.dequantize_4bit(bnb_packed, bnb_state))
+            ms = {"ours": do_bench(lambda: dequantize_4bit_triton(packed, state)),
+                  "bnb": do_bench(lambda: bnbF.dequantize_4bit(bnb_packed, bnb_state)),
+                  "copy": do_bench(lambda: out.clone())}
+            moved = w.numel() * sum((nested_bytes if nested else plain_bytes).values())  # section 1's bytes
+            gbps = {"ours": moved / ms["ours"] / 1e6, "bnb": moved / ms["bnb"] / 1e6,
+                    "copy": 2 * out.numel() * out.element_size() / ms["copy"] / 1e6}
+            measured.append((f"{shape[0]}x{shape[1]} {'nested' if nested else 'plain'}", gbps))
+            print(f"{shape[0]:>5}x{shape[1]:<5} {'nested' if nested else 'plain':6} | {str(same_bytes):>10}, "
+                  f"{str(same_values):6} | {ms['ours']:8.4f} {ms['bnb']:7.4f} {ms['copy']:8.4f} | {gbps['ours']:9.0f} "
+                  f"{gbps['bnb']:8.0f} {gbps['copy']:9.0f} | {ms['bnb'] / ms['ours']:5.2f}x")
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    labels = [label for label, _ in measured]
+    for i, key in enumerate(("ours", "bnb", "copy")):
+        ax.bar([x + 0.27 * (i - 1) for x in range(len(labels))], [g[key] for _, g in measured], width=0.27,
+               label={"ours": "course kernel", "bnb": "bitsandbytes", "copy": "copy (roofline)"}[key])
+    ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
+    ax.set_ylabel("GB/s")
+    ax.set_title(f"4-bit dequantize on {torch.cuda.get_device_name(device)}")
+    ax.legend(fontsize=8)
+    plt.show()
+else:
+    print("No GPU here: on a CUDA GPU this cell checks the course's kernels against bitsandbytes' CUDA ones on your "
+          "card, byte for byte, and times them against a copy (section 6 has the H100's figures).")
+
+# %% [markdown]
 # ## Summary
 #
 # - Dequantizing to bf16 moves 2.56 bytes per value (the output is 78% of them) for 1 FLOP: 0.39 FLOP per

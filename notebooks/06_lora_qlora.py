@@ -740,6 +740,44 @@ print(f"the first design (one [rows, sub-blocks, bytes] tile, codebook gathers f
 # within a few percent. The floor is still 2x away. The experiments on the way, the slower ones included,
 # are in `bench/experiments/README.md`, with their timings in `bench/results/gemv-experiments-*`.
 #
+# **On your GPU.** With a CUDA GPU, both measurements run on your card, smaller: one 4096 × 4096 layer, forward
+# and backward over 4096 tokens, against a dense layer in the compute dtype (float16 on a T4), and the one-token
+# product against bitsandbytes' on the same weight (the layer takes the GEMV for one token; its B is still zero, so
+# the adapters add nothing), both by `do_bench`. The output is your machine's.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+if device.type == "cuda":
+    import bitsandbytes as bnb
+    from triton.testing import do_bench
+
+    torch.manual_seed(0)
+    dense_gpu = nn.Linear(4096, 4096, bias=False, device=device, dtype=compute_dtype)
+    qlora_gpu = QLoRALinear(dense_gpu, r=16, alpha=32, adapter_dtype=compute_dtype)
+    tokens_in = torch.randn(4096, 4096, device=device, dtype=compute_dtype, requires_grad=True)
+
+    def forward_backward(module):
+        module(tokens_in).sum().backward()
+
+    step_ms = {"QLoRALinear": do_bench(lambda: forward_backward(qlora_gpu)),
+               "dense": do_bench(lambda: forward_backward(dense_gpu))}
+    print(f"{torch.cuda.get_device_name(device)}, {str(compute_dtype)[6:]}: forward + backward, 4096 tokens, 4096 x 4096: "
+          + ", ".join(f"{name} {ms:.3f} ms" for name, ms in step_ms.items()))
+    one_token = torch.randn(1, 4096, device=device, dtype=compute_dtype)
+    bnb_packed, bnb_state = bnb.functional.quantize_4bit(dense_gpu.weight.detach(), quant_type="nf4",
+                                                          compress_statistics=True)
+    with torch.no_grad():
+        ours_y, bnb_y = qlora_gpu(one_token), bnb.matmul_4bit(one_token, bnb_packed.t(), quant_state=bnb_state)
+        gemv_us = {"ours": 1e3 * do_bench(lambda: qlora_gpu(one_token)),
+                   "bitsandbytes": 1e3 * do_bench(lambda: bnb.matmul_4bit(one_token, bnb_packed.t(), quant_state=bnb_state))}
+    print(f"one token through the 4-bit weight: " + ", ".join(f"{name} {us:.1f} us" for name, us in gemv_us.items())
+          + f" ({gemv_us['bitsandbytes'] / gemv_us['ours']:.2f}x); largest difference of the outputs "
+          f"{(ours_y.float() - bnb_y.float()).abs().max().item():.3g}")
+else:
+    print("No GPU here: on a CUDA GPU this cell times one QLoRA layer (forward and backward) and the one-token "
+          "GEMV on your card against a dense layer and bitsandbytes.")
+
+# %% [markdown]
 # ## Summary
 #
 # - LoRA: W = W0 + (alpha/r) B A with A [r, in] and B [out, r]. B = 0 at init, so the layer starts

@@ -236,8 +236,6 @@ for label, result in results.items():
 print(f"{'method':<8}{'exact match':>12}")
 for label, result in results.items():
     print(f"{label:<8}{result.evals[-1]['exact_match']:>12.3f}")
-gap = 100 * (results["QLoRA"].evals[-1]["exact_match"] - results["LoRA"].evals[-1]["exact_match"])
-print(f"QLoRA minus LoRA: {gap:+.1f} points (the paper's claim, tested: within 2 points)")
 for prompt, answer, expected in results["QLoRA"].samples:
     print(f"QLoRA: {prompt!r} -> {answer!r}  (expected {expected!r})")
 display(training_curves_figure({label: (r.losses, r.evals) for label, r in results.items()}))
@@ -254,12 +252,67 @@ for label, result in results.items():
     print(f"{label:<8}{result.evals[-1]['eval_loss']:>11.4f}{sum(result.losses[-10:]) / 10:>22.4f}")
 
 # %% [markdown]
-# On this task QLoRA matches LoRA: the 4-bit base costs no exact-match points at the end, as the paper
-# found for its models (its section 4: 4-bit QLoRA with NF4 matches 16-bit full fine-tuning and 16-bit
-# LoRA). The curves show where they differ: on the way, step by step, the runs are not identical, since
-# the quantized base is a slightly different function (section 2); the adapters learn to work with the
-# base they are given. Full fine-tuning gets there too, training every weight instead of the adapters'
-# share (section 3 counted both, and the far smaller share the same adapters are of a 7B model).
+# With this seed all three learn the task by the last step, and an end score of 1.000 for everyone cannot tell
+# them apart: the comparison that matters is on the way there (the curves) and over more than one seed. One
+# run is one draw: the seed sets the adapters' initial A and the order of the batches, and on a model this
+# small a different draw can take a different path. `bench/qlora_vs_lora.py` ran each method with five seeds,
+# at this budget of 150 steps and at twice it, evaluating every 10 steps (on a CPU, one thread a run); the
+# lesson reads its file:
+
+# %%
+seeds = json.loads((Path("..") / "bench" / "results" / "qlora-vs-lora-cpu.json").read_text())
+print(f"{len(seeds['runs'])} runs, {seeds['machine']}, torch {seeds['torch']}, {seeds['date']}")
+THRESHOLD = 0.9  # "learned the task": at least 90% of the held-out dates exactly right
+
+
+def first_step_at(evals, threshold=THRESHOLD):
+    return next((e["step"] for e in evals if e["exact_match"] >= threshold), None)
+
+
+by_setting = {}
+for r in sorted(seeds["runs"], key=lambda r: r["seed"]):
+    by_setting.setdefault((r["steps"], r["method"]), []).append(r)
+print(f"{'steps':>5} {'method':<6} {'exact match, per seed':<34} {'steps to 0.9, per seed':<26} {'eval loss: mean (min-max)'}")
+for (steps, method), runs in sorted(by_setting.items()):
+    exact = [r["evals"][-1]["exact_match"] for r in runs]
+    reach = [first_step_at(r["evals"]) for r in runs]
+    loss = [r["evals"][-1]["eval_loss"] for r in runs]
+    print(f"{steps:>5} {method:<6} {' '.join(f'{e:.3f}' for e in exact):<34} "
+          f"{' '.join(str(s) if s else 'never' for s in reach):<26} "
+          f"{sum(loss) / len(loss):.4f} ({min(loss):.4f}-{max(loss):.4f})")
+for steps in sorted({s for s, _ in by_setting}):
+    pairs = list(zip(by_setting[steps, "QLoRA"], by_setting[steps, "LoRA"]))
+    gaps = [100 * (q["evals"][-1]["exact_match"] - l["evals"][-1]["exact_match"]) for q, l in pairs]
+    ratio = [q["evals"][-1]["eval_loss"] / l["evals"][-1]["eval_loss"] for q, l in pairs]
+    within = sum(abs(g) <= 2 for g in gaps)
+    print(f"{steps} steps, QLoRA minus LoRA seed by seed: exact match {', '.join(f'{g:+.1f}' for g in gaps)} points "
+          f"(within 2 points on {within} of {len(gaps)} seeds); eval loss {min(ratio):.2f}x to {max(ratio):.2f}x LoRA's")
+
+# %% [markdown]
+# Read it against the paper's claim (section 4 of the QLoRA paper: 4-bit QLoRA with NF4 matches 16-bit LoRA
+# and 16-bit full fine-tuning, on GLUE, Super-NaturalInstructions and MMLU, each trained to the end of a tuned
+# schedule). On this model the claim holds *with enough steps* and not before: at 300 steps QLoRA and LoRA
+# end level on every seed, with the same eval loss; at 150 the quantized base learns the task more slowly on
+# most seeds (the steps to 0.9), and within the budget not at all on one, while LoRA over the float32 base
+# learns it on all of them. The 4-bit base is a slightly different function (section 2), and the adapters
+# must also make up for its error. Full fine-tuning, with every weight free, reaches the lowest eval loss.
+# The gap is in speed and reliability at a short budget, not in what the method can reach: a statement one
+# seed could not have made, and a budget that does not saturate is what shows it.
+#
+# On a GPU, the same run trains in the card's compute dtype (bfloat16; float16 with a gradient scaler on a T4),
+# with gradient checkpointing on, as section 8 recommends. The output is your machine's:
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+if device.type == "cuda":
+    on_gpu = train(replace(LESSON, device="auto", dtype="auto", gradient_checkpointing=True))
+    last = on_gpu.evals[-1]
+    print(f"{torch.cuda.get_device_name(device)}, {str(compute_dtype)[6:]}: {on_gpu.seconds:.1f} s, "
+          f"{1000 * on_gpu.seconds / on_gpu.run.step:.0f} ms a step; exact match {last['exact_match']:.3f}, "
+          f"eval loss {last['eval_loss']:.4f} (float32 on the CPU above: "
+          f"{results['QLoRA'].evals[-1]['exact_match']:.3f}, {results['QLoRA'].evals[-1]['eval_loss']:.4f})")
+else:
+    print("No GPU here: on a CUDA GPU this cell trains the QLoRA run again on it, in its compute dtype.")
 #
 # ## 5. Memory, measured
 #
@@ -342,19 +395,57 @@ with tempfile.TemporaryDirectory() as tmp:
     print(f"{type(hf.model).__module__}.{type(hf.model).__name__}: losses {[round(x, 3) for x in hf.losses]}")
 
 # %% [markdown]
-# On a GPU, `dtype="auto"` computes in bfloat16 (float16 on a T4, which has no bfloat16, with a gradient
-# scaler), the paged optimizer keeps its states in CUDA unified memory, and gradient checkpointing should
-# stay on. A 0.5B model on a Colab T4 (about 15 GB), from the command line:
+# **A real small model.** SmolLM2-360M (`HuggingFaceTB/SmolLM2-360M`, Apache 2.0) is a Llama like the course's
+# model, with 32 layers of width 960 instead of 4 of 128. Before anything is downloaded, lesson 9's estimator
+# budgets its QLoRA run for a T4, from the shape its config.json gives (`qlora_ref.hf.SMOLLM2_360M`):
+
+# %%
+from qlora_ref.hf import SMOLLM2_360M
+from qlora_ref.vram import estimate
+
+T4_GIB = 14.75  # what PyTorch can use of a Colab T4's 15 GB
+print(f"{SMOLLM2_360M.name}: {SMOLLM2_360M.parameter_count:,d} parameters, {SMOLLM2_360M.num_hidden_layers} layers of width "
+      f"{SMOLLM2_360M.hidden_size}")
+for batch, seq_len in ((16, 32), (16, 512)):
+    budget = estimate(SMOLLM2_360M, method="qlora_nf4_dq", batch=batch, seq_len=seq_len, r=16)
+    print(f"QLoRA, r 16, batch {batch} x {seq_len} tokens, checkpointing, paged 8-bit AdamW: {budget.total / 2**30:.2f} GiB "
+          f"estimated, {budget.total / 2**30 / T4_GIB:.0%} of a T4")
+
+# %% [markdown]
+# The date task's sequences are about 32 tokens: a T4 has room to spare. Here, without the Hub, a model of the
+# same architecture and size built from that shape (random weights, and a small tokenizer trained on the task's
+# text) goes through the same `train` as the real one would: transformers loads it, every one of its 224 linear
+# layers becomes a `QLoRALinear`, and three steps run (on this CPU, float32; about a minute).
+
+# %%
+with tempfile.TemporaryDirectory() as tmp:
+    directory = make_local_model(Path(tmp) / "smollm2-360m-shaped", [e.prompt + e.answer for e in train_examples[:500]],
+                                 shape=SMOLLM2_360M)
+    real = train(replace(LESSON, model=str(directory), steps=3, batch_size=4, warmup_steps=1, eval_every=0,
+                         samples=0, n_eval=8))
+    quantized = [m for m in real.model.modules() if type(m).__name__ == "QLoRALinear"]
+    print(f"{type(real.model).__name__}: {len(quantized)} QLoRALinear layers holding "
+          f"{sum(m.in_features * m.out_features for m in quantized):,d} 4-bit weights; {sum(p.numel() for p in real.run.trainable):,d} "
+          f"trainable adapter parameters; {len(real.losses)} steps")
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+print(f"losses {[round(x, 3) for x in real.losses]}, {real.seconds:.0f} s on this machine")
+del real
+
+# %% [markdown]
+# On Colab, with the model downloaded (`pip install -e ".[hf]"` in the course's folder adds what loading by name
+# needs), the same run for real, on the GPU in its compute dtype (float16 with a gradient scaler on a T4), with
+# the paged optimizer's states in CUDA unified memory and gradient checkpointing on:
 #
 # ```bash
-# pip install -e ".[hf]"     # in the course's folder: transformers, for model ids
-# python -m qlora_ref.train --set model=Qwen/Qwen2.5-0.5B steps=300 batch_size=16 grad_accum=2 lr=2e-4 \
-#     r=16 alpha=32 output_dir=runs/qwen-dates --merge
+# python -m qlora_ref.train --set model=HuggingFaceTB/SmolLM2-360M steps=300 batch_size=16 lr=2e-4 \
+#     r=16 alpha=32 output_dir=runs/smollm2-dates --merge
 # ```
 #
-# (Not run here: it downloads the model.) The same settings in Python are
-# `train(TrainConfig(model="Qwen/Qwen2.5-0.5B", ...))`. Lesson 9
-# estimates what a model needs before you start (`qlora_ref.vram`).
+# The same settings in Python are `train(TrainConfig(model="HuggingFaceTB/SmolLM2-360M", ...))`. A model outside
+# Llama's layout (Qwen2.5-0.5B, whose attention has biases) trains the same way; lesson 9's estimator models
+# Llama's tensors only and says so when given another.
 #
 # ## Summary
 #
@@ -362,8 +453,9 @@ with tempfile.TemporaryDirectory() as tmp:
 #   and cosine schedule; 150 steps teach a task the base cannot do, from 0 to the scores in section 4.
 # - Table 2 on our model: NF4 (with or without DQ) degrades the base least, as in the paper; INT4 and FP4
 #   swap places (bitsandbytes' FP4 table fits these weights worse than the uniform INT4 one).
-# - QLoRA matched LoRA over an unquantized base on the task (section 4), as the paper claims; full
-#   fine-tuning, training every weight, reached the same place.
+# - QLoRA against LoRA over five seeds (section 4): level with LoRA at 300 steps, as the paper claims for
+#   training run to the end; at 150 steps slower to learn the task and less reliable. Full fine-tuning reaches
+#   the lowest eval loss.
 # - Measured memory: QLoRA's model is about a third of LoRA's here; activations dominate the peak at
 #   batch 32, and checkpointing removes most of them.
 # - Checkpoints resume exactly because the data order, the RNG state, the optimizer state and the

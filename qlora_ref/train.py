@@ -331,7 +331,9 @@ def setup(config: TrainConfig) -> Run:
     if config.gradient_checkpointing:
         if isinstance(model, LlamaForCausalLM):
             model.gradient_checkpointing_enable()
-        else:
+        elif hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 (the lock's)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # its name before, as Colab's transformers may still have it
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
