@@ -324,7 +324,8 @@ for i in (q.reshape(-1) != ours_codes).nonzero().reshape(-1).tolist()[:2]:
         f"value {i}: u = {u.item():+.7f}; midpoint of levels {a}|{b}: exact {((NF4[a] + NF4[b]) / 2).item():+.7f}, "
         f"from 4 decimals {((NF4_LEVELS[a] + NF4_LEVELS[b]) / 2).item():+.7f}"
     )
-#
+
+# %% [markdown]
 # ## 7. An outlier stays in its block
 #
 # Quantize 4096 values in blocks of 64, then put an outlier of 50 at index 1000 (block 15) and quantize

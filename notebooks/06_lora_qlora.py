@@ -690,9 +690,9 @@ print(f"bitsandbytes with its weight quantized from float32: {min(cost):.0%} to 
 #
 # A lesson in benchmarking on the way: the first version of this comparison quantized bitsandbytes'
 # weight from float32, `nn.Linear`'s default dtype. Its `QuantState` is then float32, and its backward
-# dequantizes to float32 and converts to bf16: two more passes over the weight, the last line above. That
-# made ours look 1.10-1.52x faster. A baseline must be built as its users build it; transformers quantizes
-# the checkpoint's bf16 weights.
+# dequantizes to float32 and converts to bf16: two more passes over the weight, whose cost the last line above
+# measures. That made ours look faster than it is. A baseline must be built as its users build it: transformers
+# quantizes the checkpoint's bf16 weights.
 #
 # **Decoding: one token** (`QLoRALinear` takes the fused GEMV of `qlora_ref/kernels/gemv_4bit.py` for a single
 # token on a GPU). The kernel reads the 4-bit codes, multiplies and sums in registers, and never writes the

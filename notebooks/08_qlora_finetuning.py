@@ -401,15 +401,15 @@ with tempfile.TemporaryDirectory() as tmp:
 
 # %%
 from qlora_ref.hf import SMOLLM2_360M
-from qlora_ref.vram import estimate
+from qlora_ref.vram import GIB, GPUS, estimate
 
-T4_GIB = 14.75  # what PyTorch can use of a Colab T4's 15 GB
+T4 = "T4 (14.75 GiB)"  # what PyTorch can use of a Colab T4
 print(f"{SMOLLM2_360M.name}: {SMOLLM2_360M.parameter_count:,d} parameters, {SMOLLM2_360M.num_hidden_layers} layers of width "
       f"{SMOLLM2_360M.hidden_size}")
 for batch, seq_len in ((16, 32), (16, 512)):
     budget = estimate(SMOLLM2_360M, method="qlora_nf4_dq", batch=batch, seq_len=seq_len, r=16)
-    print(f"QLoRA, r 16, batch {batch} x {seq_len} tokens, checkpointing, paged 8-bit AdamW: {budget.total / 2**30:.2f} GiB "
-          f"estimated, {budget.total / 2**30 / T4_GIB:.0%} of a T4")
+    print(f"QLoRA, r 16, batch {batch} x {seq_len} tokens, checkpointing, paged 8-bit AdamW: {budget.total / GIB:.2f} GiB "
+          f"estimated, {budget.total / GPUS[T4]:.0%} of a T4")
 
 # %% [markdown]
 # The date task's sequences are about 32 tokens: a T4 has room to spare. Here, without the Hub, a model of the

@@ -18,11 +18,11 @@ def _bar_widths(axis) -> list:
 
 
 @pytest.mark.parametrize("model, method, seq_len, batch, r, gpu, optimizer, checkpointing", [
-    ("Llama-2-7B", "qlora_nf4_dq", 512, 1, 64, "T4 (15 GB)", "paged_adamw_8bit", True),
-    ("Llama-2-70B", "qlora_nf4", 4096, 3, 8, "A100 (40 GB)", "adamw", False),
-    ("Llama-3-8B", "full_bf16", 1000, 2, 16, "H100 (80 GB)", "adamw_8bit", True),
-    ("Llama-2-13B", "lora_bf16", 256, 16, 128, "RTX 3060 (12 GB)", "paged_adamw_8bit", False),
-    ("Llama-3-70B", "full_fp32", 8192, 1, 64, "RTX 4090 (24 GB)", "adamw", True),
+    ("Llama-2-7B", "qlora_nf4_dq", 512, 1, 64, "T4 (14.75 GiB)", "paged_adamw_8bit", True),
+    ("Llama-2-70B", "qlora_nf4", 4096, 3, 8, "A100 (40 GiB)", "adamw", False),
+    ("Llama-3-8B", "full_bf16", 1000, 2, 16, "H100 (80 GiB)", "adamw_8bit", True),
+    ("Llama-2-13B", "lora_bf16", 256, 16, 128, "RTX 3060 (12 GiB)", "paged_adamw_8bit", False),
+    ("Llama-3-70B", "full_fp32", 8192, 1, 64, "RTX 4090 (24 GiB)", "adamw", True),
 ])
 def test_budget_figure_draws_the_estimate(model, method, seq_len, batch, r, gpu, optimizer, checkpointing):
     fig, breakdown = budget_figure(model, method, seq_len, batch, r, gpu, optimizer, checkpointing)
@@ -70,7 +70,7 @@ def test_bad_choices_are_named():
     with pytest.raises(ValueError, match="method must be one of"):
         budget_figure(method="int8")
     with pytest.raises(ValueError, match="unknown GPU"):
-        methods_figure(gpus=("T4 (15 GB)", "TPU"))
+        methods_figure(gpus=("T4 (14.75 GiB)", "TPU"))
 
 
 def test_measurements_figure_draws_every_run_and_its_estimate():

@@ -358,13 +358,13 @@ def test_breakdown_adds_up_and_fits():
     assert list(b.parts) == list(PARTS)
     assert b.total == sum(b.parts.values())
     assert b.allocated == b.total - b.parts["CUDA context"] - b.parts["allocator overhead"]
-    assert b.fits("T4 (15 GB)") and not b.fits(b.total - 1) and b.fits(b.total)
+    assert b.fits("T4 (14.75 GiB)") and not b.fits(b.total - 1) and b.fits(b.total)
     big = estimate("Llama-2-70B")
-    assert not big.fits("A100 (40 GB)") and big.fits("A100 (80 GB)")
-    assert not estimate("Llama-2-7B", method="full_fp32", optimizer="adamw").fits("H100 (80 GB)")
-    table = b.table("RTX 3060 (12 GB)")
-    assert f"{b.total / GIB:8.3f} GiB" in table and "RTX 3060 (12 GB): fits" in table
-    assert "does NOT fit" in big.table("RTX 4090 (24 GB)")
+    assert not big.fits("A100 (40 GiB)") and big.fits("A100 (80 GiB)")
+    assert not estimate("Llama-2-7B", method="full_fp32", optimizer="adamw").fits("H100 (80 GiB)")
+    table = b.table("RTX 3060 (12 GiB)")
+    assert f"{b.total / GIB:8.3f} GiB" in table and "RTX 3060 (12 GiB): fits" in table
+    assert "does NOT fit" in big.table("RTX 4090 (24 GiB)")
 
 
 def test_assumed_terms_are_parameters():
@@ -395,7 +395,7 @@ def test_bad_settings_are_named(kwargs, error, message):
 
 
 def test_gpus():
-    assert gpu_memory("H100 (80 GB)") == 80 * GIB and gpu_memory(12345) == 12345
+    assert gpu_memory("H100 (80 GiB)") == 80 * GIB and gpu_memory(12345) == 12345
     assert list(GPUS)[0].startswith("T4")
     with pytest.raises(ValueError, match="unknown GPU 'V100'"):
         gpu_memory("V100")

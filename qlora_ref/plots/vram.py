@@ -33,7 +33,7 @@ def _stack(axis, y, parts: dict, height: float, labelled: set) -> None:
 
 
 def budget_figure(model="Llama-2-7B", method: str = "qlora_nf4_dq", seq_len: int = 512, batch: int = 1,
-                  r: int = 64, gpu: str = "T4 (15 GB)", optimizer: str = "paged_adamw_8bit",
+                  r: int = 64, gpu: str = "T4 (14.75 GiB)", optimizer: str = "paged_adamw_8bit",
                   gradient_checkpointing: bool = True, optimizer_in_backward: bool = False):
     """One horizontal bar: estimate(...)'s parts stacked, in GiB, and the GPU's memory as a red line.
     The title gives the total and whether it fits. Returns (fig, breakdown)."""
