@@ -4,15 +4,16 @@
 
 For each Llama weight (N x K = 4096x4096, 4096x14336, 8192x8192, 8192x28672; NF4, blocksize 64, quantized
 by bitsandbytes on the GPU, plain and nested) and one bf16 row x it times
-  - triton: gemv_4bit_triton(x, packed, state) in each setting of CONFIGS ("default" = no options: the
-            one-row kernel; "tile (before)" = gemv_4bit_kernel, the default for one row until the row kernel)
+  - triton: each setting of CONFIGS: "default" is the library's gemv_4bit_triton(x, packed, state), the others
+            the variants of bench/experiments/gemv_variants.py ("tile (before)" = gemv_4bit_kernel, the default
+            for one row until the row kernel)
   - bnb:    bitsandbytes.matmul_4bit(x, packed.t(), quant_state=state) (its 1-row inference kernel)
   - dense:  x @ W.T with W dequantized to bf16 beforehand (cuBLAS reading 2 bytes per weight)
 each twice: triton.testing.do_bench's median (L2 flushed before each call; the host launch is included
 whenever it outlasts the flush) and the GPU time alone (bench.timing.device_ms: CUDA-graph replays,
 L2 flushed). It records each one's error against the float32 reference x.float() @ dequantize_4bit(W).float().T
 (max abs and RMS). GB/s counts the packed weight alone (N*K/2 bytes), the bytes that bound the kernel.
-A few rows of x (M = 2, 4, 8) are timed for the default setting on two weights.
+A few rows of x (M = 2, 4, 8: gemv_4bit_kernel, for the library's kernel takes one) are timed on two weights.
 Writes <out>/<stem>-<gpu-name>.json and prints a table.
 """
 
@@ -25,9 +26,10 @@ import torch
 from .timing import LLAMA_SHAPES, device_ms, gpu_run, median_ms, state_from_bitsandbytes, write_results
 
 DEVICE = "cuda"
-# Settings of gemv_4bit_triton; "default" is what a call without options runs: for one row of x,
-# gemv_4bit_row_kernel (warp-shuffle lookups, 4 rows per program) with chunk_bytes and prefetch chosen per
+# Keywords of bench.experiments.gemv_variants.gemv_variant; "default" (none) is the library's call: for one row of
+# x, gemv_4bit_row_kernel (warp-shuffle lookups, 4 rows per program) with chunk_bytes and prefetch chosen per
 # weight by gemv_4bit.row_defaults: "row c512 prefetch (before)", "row c512 prefetch W" or "row c1024 no prefetch".
+# "row prmt" (fp16 codes by byte permutes), in bench/results/gemv-*.json, is dropped: bench/experiments/README.md.
 CONFIGS = {
     "default": {},
     "row c512 prefetch (before)": {"chunk_bytes": 512, "prefetch": True},
@@ -36,7 +38,6 @@ CONFIGS = {
     "row c1024 prefetch": {"chunk_bytes": 1024, "prefetch": True},
     "row n2 w2": {"block_n": 2, "num_warps": 2},
     "row n8 (2 rows a warp)": {"block_n": 8, "chunk_bytes": 512, "prefetch": True},
-    "row prmt": {"lookup": "prmt"},
     "row memory": {"lookup": "memory"},
     "tile (before)": {"row_kernel": False},
     "tile rounded": {"row_kernel": False, "scale_sums": False},
@@ -56,6 +57,8 @@ def case(N, K, nested, configs, dtype=torch.bfloat16):
 
     from qlora_ref.kernels.gemv_4bit import gemv_4bit_triton
 
+    from .experiments.gemv_variants import gemv_variant
+
     g = torch.Generator(device=DEVICE).manual_seed(0)
     w = torch.randn(N, K, device=DEVICE, dtype=dtype, generator=g)
     packed, bnb_state = F.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
@@ -69,9 +72,15 @@ def case(N, K, nested, configs, dtype=torch.bfloat16):
     row["error_bnb"] = errors(y_bnb, reference)
     row["error_triton"] = errors(gemv_4bit_triton(x, packed, state), reference)
     for name, options in configs.items():
-        y = gemv_4bit_triton(x, packed, state, **options)
-        ms = median_ms(lambda: gemv_4bit_triton(x, packed, state, **options))
-        gpu_ms = device_ms(lambda: gemv_4bit_triton(x, packed, state, **options))
+        if options:
+            def run(options=options):
+                return gemv_variant(x, packed, state, **options)
+        else:  # the library's call itself, so that its host time is what a caller pays
+            def run():
+                return gemv_4bit_triton(x, packed, state)
+        y = run()
+        ms = median_ms(run)
+        gpu_ms = device_ms(run)
         row["triton"][name] = {"ms": ms, "GBps": N * K / 2 / ms / 1e6, "device_ms": gpu_ms,
                                "max_abs_error": errors(y, reference)["max_abs"]}
     row["bnb_ms"] = median_ms(lambda: bnb.matmul_4bit(x, packed.t(), quant_state=bnb_state))
@@ -89,10 +98,11 @@ def case(N, K, nested, configs, dtype=torch.bfloat16):
 
 
 def rows_case(N, K, tensors):
-    """Default setting with M = 1, 2, 4, 8 rows of x, against bnb.matmul_4bit (which dequantizes for M > 1)."""
+    """M = 1, 2, 4, 8 rows of x (one: the library's kernel; more: gemv_4bit_kernel, as gemv_variant takes them),
+    against bnb.matmul_4bit (which dequantizes for M > 1)."""
     import bitsandbytes as bnb
 
-    from qlora_ref.kernels.gemv_4bit import gemv_4bit_triton
+    from .experiments.gemv_variants import gemv_variant
 
     _, packed, state, dense, bnb_state = tensors
     K = dense.shape[1]
@@ -100,9 +110,9 @@ def rows_case(N, K, tensors):
     for m in (1, 2, 4, 8):
         x = torch.randn(m, K, device=DEVICE, dtype=dense.dtype)
         reference = x.float() @ dense.float().T
-        out.append({"shape": [N, K], "M": m, "ms": median_ms(lambda: gemv_4bit_triton(x, packed, state)),
+        out.append({"shape": [N, K], "M": m, "ms": median_ms(lambda: gemv_variant(x, packed, state)),
                     "bnb_ms": median_ms(lambda: bnb.matmul_4bit(x, packed.t(), quant_state=bnb_state)),
-                    "max_abs_error": errors(gemv_4bit_triton(x, packed, state), reference)["max_abs"],
+                    "max_abs_error": errors(gemv_variant(x, packed, state), reference)["max_abs"],
                     "bnb_max_abs_error": errors(bnb.matmul_4bit(x, packed.t(), quant_state=bnb_state), reference)["max_abs"]})
     return out
 

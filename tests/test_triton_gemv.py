@@ -8,11 +8,12 @@ same way and multiplies and adds in float32 too, so it differs from the referenc
   (b) the one rounding of y to x's dtype: at most half an ulp, u * |y| with the unit roundoff
       u = 2^-24 (float32), 2^-11 (float16), 2^-8 (bfloat16).
 So the test asserts |y - ref| <= u * |ref| + 2 * gamma_K * (|x| @ |W|^T) (the factor 2 covers (a) carried
-through (b)). By default (scale_sums=True) the kernel does not round each weight: it multiplies sums of
-code * x by the absmax, so each of its weights is the exact float32 code * absmax, within u_w * |w| of the
-reference's rounded one (u_w: the unit roundoff of the state's dtype); that adds u_w * (|x| @ |W|^T). For bf16 / fp16 outputs that is "within half an ulp of the output, plus float32 noise":
+through (b)). The kernel does not round each weight: it multiplies sums of code * x by the absmax, so each
+of its weights is the exact float32 code * absmax, within u_w * |w| of the reference's rounded one (u_w: the
+unit roundoff of the state's dtype); that adds u_w * (|x| @ |W|^T) (scale_sums=True below). For bf16 / fp16 outputs that is "within half an ulp of the output, plus float32 noise":
 nothing looser than the output format itself can hold. bitsandbytes' own GEMV cannot run here (CUDA only);
-tests/test_triton_gemv_gpu.py compares the two errors on a GPU.
+tests/test_triton_gemv_gpu.py compares the two errors on a GPU. The kernel's variants and other settings
+(bench/experiments/gemv_variants.py): tests/test_gemv_variants.py.
 """
 
 import dataclasses
@@ -40,8 +41,10 @@ def activations(m, k, dtype, seed=1):
     return torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-def check(x, packed, state, **options):
-    y = gemv_4bit_triton(x, packed, state, **options)
+def check(x, packed, state, gemv=gemv_4bit_triton, **options):
+    """y = gemv(x, packed, state, **options), asserted within the bound above (scale_sums=False: a variant's
+    weights rounded as the reference's)."""
+    y = gemv(x, packed, state, **options)
     w = Q.dequantize_4bit(packed, state).float()
     reference = x.float() @ w.T
     K = w.shape[1]
@@ -49,8 +52,6 @@ def check(x, packed, state, **options):
     bound = UNIT_ROUNDOFF[x.dtype] * reference.abs() + 2 * K * 2.0**-24 * magnitude
     if options.get("scale_sums", True):
         bound = bound + UNIT_ROUNDOFF[state.dtype] * magnitude
-    if options.get("lookup") == "prmt":  # codes rounded to fp16
-        bound = bound + 2.0**-11 * magnitude
     assert y.dtype == x.dtype and y.shape == reference.shape
     error = (y.float() - reference).abs()
     worst = int((error - bound).argmax())
@@ -71,18 +72,17 @@ def test_cpu_tensors_run_in_the_interpreter():
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
 def test_within_half_an_ulp_of_the_reference(dtype, quant_type, nested):
-    for seed, (n, k, m) in enumerate([(64, 128, 1), (96, 256, 2), (37, 192, 3)]):  # odd N: a partial row tile
+    for seed, (n, k) in enumerate([(64, 128), (96, 256), (37, 192)]):  # odd N: a partial row tile
         packed, state = weight(n, k, dtype, 64, quant_type, nested, seed)
-        check(activations(m, k, dtype, seed), packed, state)
+        check(activations(1, k, dtype, seed), packed, state)
 
 
 @pytest.mark.parametrize("blocksize", [32, 128, 256, 4096])
-def test_blocksizes_and_chunks(blocksize):
-    """Sub-blocks smaller than a block (4096: many chunks share one absmax), several loop iterations,
-    a last chunk only partly inside the row (K = 3 blocks of 32 with 32-byte chunks), small row tiles."""
+def test_blocksizes(blocksize):
+    """Blocks of 32 (one 4-word group) to 4096 (many loop iterations share one absmax, prefetched)."""
     k = 4096 if blocksize == 4096 else 3 * blocksize
     packed, state = weight(5, k, torch.bfloat16, blocksize, "nf4", nested=True)
-    check(activations(2, k, torch.bfloat16), packed, state, block_n=2, chunk_bytes=256 if blocksize == 4096 else 32)
+    check(activations(1, k, torch.bfloat16), packed, state)
 
 
 @pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.float16), (torch.float32, torch.bfloat16),
@@ -92,45 +92,29 @@ def test_x_and_weight_dtypes_may_differ(x_dtype, w_dtype):
     check(activations(1, 128, x_dtype), packed, state)
 
 
-def test_leading_dimensions_and_up_to_eight_rows():
+def test_leading_dimensions_and_one_row_only():
     packed, state = weight(48, 128, torch.float16, nested=True)
-    x = activations(8, 128, torch.float16).reshape(2, 4, 128)
-    y = gemv_4bit_triton(x, packed, state)
-    assert y.shape == (2, 4, 48)
-    assert torch.equal(y.reshape(8, 48), check(x.reshape(8, 128), packed, state))
-    # A row alone takes the one-row path (another float32 summation order): the same up to the last bit.
-    torch.testing.assert_close(y[1, 2], gemv_4bit_triton(x[1, 2:3], packed, state)[0], rtol=2**-10, atol=1e-3)
+    x = activations(1, 128, torch.float16)
+    y = gemv_4bit_triton(x.reshape(1, 1, 128), packed, state)
+    assert y.shape == (1, 1, 48)
+    assert torch.equal(y.reshape(1, 48), check(x, packed, state))
+    assert torch.equal(gemv_4bit_triton(x.reshape(128), packed, state), y.reshape(48))
+    with pytest.raises(ValueError, match="one row of x.*\\(2, 128\\)"):
+        gemv_4bit_triton(activations(2, 128, torch.float16), packed, state)
 
 
-@pytest.mark.parametrize("m", [5, 11])
-def test_row_tiles(m):
-    """5 rows: one tile of 8 with 3 masked; 11 rows: two tiles (grid axis 1)."""
-    packed, state = weight(20, 256, torch.bfloat16, nested=True)
-    check(activations(m, 256, torch.bfloat16), packed, state, chunk_bytes=64)
-
-
-@pytest.mark.parametrize("pairs,split_x", [(False, False), (True, False), (False, True)])
-def test_lookup_and_x_variants(pairs, split_x):
-    packed, state = weight(24, 256, torch.bfloat16, quant_type="fp4", nested=True)
-    for m in (1, 3):
-        check(activations(m, 256, torch.bfloat16), packed, state, pairs=pairs, split_x=split_x)
-
-
-@pytest.mark.parametrize("scale_sums,prefetch", [(False, False), (True, False), (False, True), (True, True),
-                                                (True, "weights"), (True, None)])
-@pytest.mark.parametrize("nested", [False, True])
-def test_scaled_sums_and_prefetch(scale_sums, prefetch, nested):
-    """Rows of 6 chunks of 64 bytes: the prefetched loop's first, middle and last (masked) chunks. prefetch
-    "weights" (W and its scales ahead, x not) is the row kernel's; None its choice by row_defaults."""
-    packed, state = weight(12, 768, torch.bfloat16, nested=nested)
-    for m in (1, 2):
-        check(activations(m, 768, torch.bfloat16), packed, state, chunk_bytes=64, scale_sums=scale_sums,
-              prefetch=prefetch)
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_every_loop_the_library_takes(nested):
+    """Rows of 768 values (W, its scales and x a chunk ahead; nested: W and its scales) and of 8192 (1024-byte
+    chunks, nothing ahead): the kernel's three loops, as row_settings picks them."""
+    for k in (768, 8192):
+        packed, state = weight(6, k, torch.bfloat16, nested=nested)
+        check(activations(1, k, torch.bfloat16), packed, state)
 
 
 def test_strided_x_row():
     packed, state = weight(16, 128, torch.float32)
-    x = activations(3, 256, torch.float32)[:, ::2]  # not contiguous
+    x = activations(1, 256, torch.float32)[:, ::2]  # not contiguous
     check(x, packed, state)
 
 
@@ -156,10 +140,6 @@ def test_bad_input_is_refused():
     packed3, state3 = Q.quantize_4bit(torch.randn(4, 96), blocksize=64)
     with pytest.raises(ValueError, match="multiple of the blocksize"):
         gemv_4bit_triton(activations(1, 96, torch.float32), packed3, state3)
-    with pytest.raises(ValueError, match="power of two"):
-        gemv_4bit_triton(x, packed, state, block_n=3)
-    with pytest.raises(ValueError, match="prefetch must be"):
-        gemv_4bit_triton(x, packed, state, prefetch="x")
     # 2^31 blocks of 32 (a 2^21 x 2^15 weight): refused before anything is read. Stride-0 views stand in for
     # the 32 GiB of codes and the 8 GiB of absmax such a weight would take.
     N, K = 2**21, 2**15
@@ -170,40 +150,30 @@ def test_bad_input_is_refused():
 
 
 def test_row_defaults():
-    """The row kernel's per-weight defaults: wide chunks without prefetch for long rows, on shorter ones W and
-    its scales a chunk ahead (nested) or x as well (plain); the call without options runs the same kernel as the
-    explicit one."""
+    """The per-weight settings: wide chunks without prefetch for long rows, on shorter ones W and its scales a
+    chunk ahead (nested) or x as well (plain)."""
     assert G.row_defaults(4096, nested=False) == (512, True)
     assert G.row_defaults(8192, nested=False) == (1024, False)
     assert G.row_defaults(28672, nested=True) == (1024, False)
     assert G.row_defaults(4096, nested=True) == (512, "weights")
-    assert G.gemv_row_config(8192, False) == (4, 64, 4, 0)
-    assert G.gemv_row_config(8192, True, chunk_bytes=1024, prefetch=True) == (4, 64, 4, 1)
-    for nested in (False, True):
-        packed, state = weight(6, 8192, torch.bfloat16, nested=nested)
-        x = activations(1, 8192, torch.bfloat16)
-        chunk, prefetch = G.row_defaults(8192, nested)
-        assert torch.equal(check(x, packed, state), gemv_4bit_triton(x, packed, state, chunk_bytes=chunk,
-                                                                     prefetch=prefetch))
+    assert G.row_settings(8192, False) == (4, 64, 4, 0)
+    assert G.row_settings(4096, False) == (4, 32, 4, 1)
+    assert G.row_settings(4096, True) == (4, 32, 4, 2)
+    assert G.row_settings(96, True) == (4, 4, 4, 2)  # no wider than the row (rounded up to a power of two)
 
 
-@pytest.mark.parametrize("kernel", ["row shuffle", "row prmt", "tile", "tile m8"])
-def test_compiles_for_a_gpu_ahead_of_time(kernel):
-    """The compiled kernels (not the interpreter) build for sm_75 (a T4: no bf16 arithmetic), sm_80 and sm_90
-    without a GPU. Their fma are the explicit tl.fma of the dot products: the nested absmax adds none (a
-    product, then a separate sum). The row kernel's lookups are inline PTX: 8 shuffles or 16 prmt a word."""
-    options = {"row shuffle": {}, "row prmt": {"lookup": "prmt"}, "tile": {"row_kernel": False},
-               "tile m8": {"m_tile": 8}}[kernel]
+def test_compiles_for_a_gpu_ahead_of_time():
+    """The compiled kernel (not the interpreter) builds for sm_75 (a T4: no bf16 arithmetic), sm_80 and sm_90
+    without a GPU. Its fma are the explicit tl.fma of the dot products: the nested absmax adds none (a product,
+    then a separate sum). The lookups are inline PTX: 8 shuffles a word."""
     fmas = []
     for capability, nested in [(75, True), (80, False), (90, False), (90, True)]:
-        ptx = G.compile_ahead(capability, torch.bfloat16, nested=nested, **options).asm["ptx"]
+        ptx = G.compile_ahead(capability, torch.bfloat16, nested=nested).asm["ptx"]
         assert f".target sm_{capability}" in ptx
         assert "ld.global.v4" in ptx  # the packed bytes: 16-byte loads
         fmas.append(ptx.count("fma.rn.f32"))
-        if kernel.startswith("row"):
-            words = ptx.count("fma.rn.f32") // 8  # 7 multiply-adds per word and one by the absmax
-            lookups = ptx.count("shfl.sync.idx") if kernel == "row shuffle" else ptx.count("prmt.b32") // 2
-            assert lookups == 8 * words, (lookups, words)
+        words = ptx.count("fma.rn.f32") // 8  # 7 multiply-adds per word and one by the absmax
+        assert ptx.count("shfl.sync.idx") == 8 * words, (ptx.count("shfl.sync.idx"), words)
     assert fmas[1] > 0 and fmas[0] == fmas[2] == fmas[3], fmas
 
 
@@ -215,48 +185,21 @@ def test_compiles_for_every_x_dtype():
             assert ptx.count("shfl.sync.idx") > 0
 
 
-@pytest.mark.parametrize("lookup", ["shuffle", "prmt", "memory"])
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
-def test_row_kernel_awkward_shapes(lookup, nested):
-    """One row of x (gemv_4bit_row_kernel, its interpreter twin): N not a multiple of the row tile, K of one
-    4-word group (a chunk wider than the row), a last chunk partly outside the row, blocks of 32 and 4096."""
-    cases = [(37, 192, 64, 8, 64), (3, 32, 32, 4, 512), (21, 96, 32, 4, 32), (9, 4096, 4096, 2, 512),
-             (18, 640, 128, 16, 256)]
-    for seed, (n, k, blocksize, block_n, chunk) in enumerate(cases):
+def test_awkward_shapes(nested):
+    """N not a multiple of the row tile, K of one 4-word group (a chunk wider than the row), a last chunk partly
+    outside the row, blocks of 32 and 4096, at the library's settings (other settings: test_gemv_variants.py)."""
+    cases = [(37, 192, 64), (3, 32, 32), (21, 96, 32), (9, 4096, 4096), (18, 640, 128)]
+    for seed, (n, k, blocksize) in enumerate(cases):
         for dtype in (torch.bfloat16, torch.float16):
             packed, state = weight(n, k, dtype, blocksize, "fp4" if seed % 2 else "nf4", nested, seed)
-            for prefetch in (False, True, "weights"):
-                check(activations(1, k, dtype, seed), packed, state, lookup=lookup, block_n=block_n,
-                      chunk_bytes=chunk, prefetch=prefetch)
+            check(activations(1, k, dtype, seed), packed, state)
 
 
-def test_row_kernel_x_layouts():
+def test_x_layouts():
     """x misaligned for 16-byte loads, float32 x, and x of another dtype than W: each value loaded alone."""
     packed, state = weight(20, 256, torch.bfloat16, nested=True)
     buffer = activations(1, 257, torch.bfloat16)
     check(buffer[:, 1:], packed, state)  # x's first value not 16-byte aligned
     check(activations(1, 256, torch.float32), packed, state)
     check(activations(1, 256, torch.float16), packed, state)
-
-
-def test_row_kernel_lookups_compute_the_same_numbers():
-    """The interpreter runs every lookup as lookup="memory" on the table the GPU path reads: the exact codes for
-    "shuffle", the codes rounded to fp16 for "prmt". So "prmt" equals "memory" on a codebook rounded to fp16,
-    and the row kernel equals the tile kernel up to float32 summation order."""
-    packed, state = weight(40, 512, torch.bfloat16, quant_type="nf4", nested=True)
-    x = activations(1, 512, torch.bfloat16)
-    memory = gemv_4bit_triton(x, packed, state, lookup="memory")
-    assert torch.equal(gemv_4bit_triton(x, packed, state, lookup="shuffle"), memory)
-    half_state = dataclasses.replace(state, code=state.code.half().float())
-    assert torch.equal(gemv_4bit_triton(x, packed, state, lookup="prmt"),
-                       gemv_4bit_triton(x, packed, half_state, lookup="memory"))
-    tile = gemv_4bit_triton(x, packed, state, row_kernel=False)
-    torch.testing.assert_close(memory.float(), tile.float(), rtol=2**-7, atol=2**-7 * memory.float().abs().max().item())
-
-
-def test_prmt_lookup_refuses_float32_weights():
-    packed, state = weight(8, 64, torch.float32)
-    with pytest.raises(ValueError, match="prmt.*float32"):
-        gemv_4bit_triton(activations(1, 64, torch.float32), packed, state, lookup="prmt")
-    with pytest.raises(ValueError, match="lookup must be one of"):
-        gemv_4bit_triton(activations(1, 64, torch.float32), packed, state, lookup="table")

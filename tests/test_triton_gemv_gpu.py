@@ -18,6 +18,7 @@ bnb = pytest.importorskip("bitsandbytes", reason="the comparison needs bitsandby
 import bitsandbytes.functional as F  # noqa: E402
 
 import qlora_ref as Q  # noqa: E402
+from bench.experiments.gemv_variants import gemv_variant  # noqa: E402
 from bench.timing import LLAMA_SHAPES, state_from_bitsandbytes  # noqa: E402
 from qlora_ref.kernels.gemv_4bit import gemv_4bit_triton  # noqa: E402
 
@@ -37,7 +38,7 @@ def measures(y, reference):
     return d.abs().max().item(), d.pow(2).mean().sqrt().item()
 
 
-KERNELS = {"row": {}, "row prmt": {"lookup": "prmt"}, "tile": {"row_kernel": False}}
+KERNELS = {"row": {}, "tile": {"row_kernel": False}}  # the library's; its first design (bench/experiments/)
 
 
 @pytest.mark.parametrize("kernel", list(KERNELS))
@@ -45,10 +46,10 @@ KERNELS = {"row": {}, "row prmt": {"lookup": "prmt"}, "tile": {"row_kernel": Fal
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
 def test_error_no_larger_than_bitsandbytes(shape, dtype, nested, kernel):
-    """One row of x: the row kernel (the default; its fp16-code variant "prmt") and gemv_4bit_kernel."""
+    """One row of x: the library's kernel and gemv_4bit_kernel (bench/experiments/gemv_variants.py)."""
     x, packed, bnb_state = quantized(*shape, dtype, nested)
     reference = x.float() @ F.dequantize_4bit(packed, bnb_state).float().T
-    ours = gemv_4bit_triton(x, packed, state_from_bitsandbytes(bnb_state), **KERNELS[kernel])
+    ours = gemv_variant(x, packed, state_from_bitsandbytes(bnb_state), **KERNELS[kernel])
     theirs = bnb.matmul_4bit(x, packed.t(), quant_state=bnb_state)
     assert ours.dtype == theirs.dtype == dtype and ours.shape == theirs.shape
     scale = reference.abs().max().item()
@@ -65,13 +66,14 @@ def test_error_no_larger_than_bitsandbytes(shape, dtype, nested, kernel):
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
 @pytest.mark.parametrize("m", [1, 3, 8])
 def test_half_an_ulp_bound_small_shapes(dtype, quant_type, nested, m):
-    """The CPU test's bound on the compiled kernel: odd N, several rows, both codebooks, all dtypes."""
+    """The CPU test's bound on the compiled kernel: odd N, both codebooks, all dtypes; one row (the library's
+    kernel) or several (gemv_4bit_kernel, bench/experiments/gemv_variants.py)."""
     for n, k, blocksize in [(37, 192, 64), (1000, 1024, 128), (5, 4096, 4096), (257, 320, 32)]:
         _, packed, bnb_state = quantized(n, k, dtype, nested, quant_type, blocksize)
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         w = F.dequantize_4bit(packed, bnb_state).float()
         reference = x.float() @ w.T
-        y = gemv_4bit_triton(x, packed, state_from_bitsandbytes(bnb_state))
+        y = gemv_variant(x, packed, state_from_bitsandbytes(bnb_state))
         magnitude = x.float().abs() @ w.abs().T
         # + u * magnitude: the default scale_sums uses the unrounded float32 code * absmax (tests/test_triton_gemv.py)
         bound = UNIT_ROUNDOFF[dtype] * (reference.abs() + magnitude) + 2 * k * 2.0**-24 * magnitude
@@ -87,7 +89,7 @@ def test_tuning_settings_agree():
     x, packed, bnb_state = quantized(4096, 4096, torch.bfloat16, True)
     state = state_from_bitsandbytes(bnb_state)
     options = list(CONFIGS.values()) + [{"row_kernel": False, "split_x": False}, {"row_kernel": False, "prefetch": False}]
-    ys = [gemv_4bit_triton(x, packed, state, **o).float() for o in options]
+    ys = [gemv_variant(x, packed, state, **o).float() for o in options]
     bound = 2**-7 * ys[0].abs().max().item()
     for o, y in zip(options[1:], ys[1:]):
         assert (y - ys[0]).abs().max().item() <= bound, o
@@ -98,11 +100,11 @@ def test_cpu_state_on_the_gpu_and_cached_launches():
     specialization takes the cached launcher, a misaligned x the other specialization."""
     w = torch.randn(96, 256, generator=torch.Generator().manual_seed(3)).to(torch.float16)
     packed, state = Q.quantize_4bit(w, blocksize=64, quant_type="nf4", double_quant=True)
-    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(4)).to(torch.float16)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(4)).to(torch.float16)
     # The reference formula, not the interpreter: Triton 3.6 (the GPU image's) cannot interpret the K loop.
     expected = (x.float() @ Q.dequantize_4bit(packed, state).float().T).to(torch.float16)
-    buffer = torch.empty(2 * 256 + 1, dtype=torch.float16, device="cuda")
-    misaligned = buffer[1:].view(2, 256)
+    buffer = torch.empty(256 + 1, dtype=torch.float16, device="cuda")
+    misaligned = buffer[1:].view(1, 256)
     misaligned.copy_(x)
     for _ in range(2):
         for xs in (x.cuda(), misaligned):
@@ -122,6 +124,6 @@ def test_row_kernel_lookups_give_identical_outputs(nested):
         state = state_from_bitsandbytes(bnb_state)
         for options in ({}, {"prefetch": False}, {"prefetch": True}, {"prefetch": "weights"}, {"chunk_bytes": 1024},
                         {"chunk_bytes": 1024, "prefetch": False}, {"block_n": 2, "num_warps": 2}):
-            shuffle = gemv_4bit_triton(x, packed, state, **options)
-            memory = gemv_4bit_triton(x, packed, state, lookup="memory", **options)
+            shuffle = gemv_variant(x, packed, state, **options)
+            memory = gemv_variant(x, packed, state, lookup="memory", **options)
             assert torch.equal(shuffle, memory), (n, k, options)

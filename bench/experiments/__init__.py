@@ -1,0 +1,1 @@
+"""What was tried on the way to the library's kernels, kept runnable for bench/ (README.md: the log)."""
