@@ -101,10 +101,10 @@ _DERIVED_TABLES = {}
 def derived_table(code: torch.Tensor, device, build) -> torch.Tensor:
     """build(code, device): a lookup table derived from a codebook, kept for the last 16 uses.
 
-    Such tables (the 8-bit rounding table of dynamic8bit, the GEMV's pair table) cost more to build than
-    the work they serve, and callers pass the same code tensor every step. Keyed by the tensor (its id
-    and version), the device and the builder; an entry holds its tensor, so the id cannot be reused
-    while it is cached, and at most 16 are kept, so fresh code tensors do not pile up tables.
+    Such tables (the 8-bit rounding table of dynamic8bit; the pair table of a GEMV variant in bench/experiments)
+    cost more to build than the work they serve, and callers pass the same code tensor every step. Keyed by the
+    tensor (its id and version), the device and the builder; an entry holds its tensor, so the id cannot be
+    reused while it is cached, and at most 16 are kept, so fresh code tensors do not pile up tables.
     """
     key = (id(code), code._version, str(device), build)
     hit = _DERIVED_TABLES.get(key)
