@@ -127,3 +127,15 @@ def test_row_kernel_lookups_give_identical_outputs(nested):
             shuffle = gemv_variant(x, packed, state, **options)
             memory = gemv_variant(x, packed, state, lookup="memory", **options)
             assert torch.equal(shuffle, memory), (n, k, options)
+
+
+def test_a_module_loaded_interpreted_sends_cuda_tensors_to_the_compiled_kernel(monkeypatch):
+    # As tests/test_triton_dequantize_gpu.py: a lesson may set TRITON_INTERPRET=1 for its own kernels.
+    from qlora_ref.kernels import gemv_4bit as G
+
+    interpreted = G._twin(interpret=True)
+    assert interpreted.INTERPRETED
+    monkeypatch.setattr(interpreted, "gemv_4bit_row_kernel", None)  # launching it here would fail
+    x, packed, bnb_state = quantized(4096, 4096, torch.bfloat16, True)
+    state = state_from_bitsandbytes(bnb_state)
+    assert torch.equal(interpreted.gemv_4bit_triton(x, packed, state), gemv_4bit_triton(x, packed, state))

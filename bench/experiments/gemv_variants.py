@@ -295,8 +295,8 @@ def gemv_row(x: torch.Tensor, packed: torch.Tensor, state, *, block_n=None, chun
         raise ValueError(f"gemv_row computes one row of x, got x of shape {tuple(x.shape)}")
     if lookup not in LOOKUPS:
         raise ValueError(f"lookup must be one of {', '.join(LOOKUPS)}, got {lookup!r}")
-    if x.device.type == "cpu" and not INTERPRETED:
-        return _twin(interpret=True).gemv_row(x, packed, state, block_n=block_n, chunk_bytes=chunk_bytes,
+    if (x.device.type == "cpu") != INTERPRETED:
+        return _twin(interpret=x.device.type == "cpu").gemv_row(x, packed, state, block_n=block_n, chunk_bytes=chunk_bytes,
                                               num_warps=num_warps, prefetch=prefetch, lookup=lookup)
     x2, y = _rows(x, N, K)
     if block_n is None and INTERPRETED:
@@ -314,8 +314,8 @@ def gemv_tile(x: torch.Tensor, packed: torch.Tensor, state, *, block_n=None, chu
     `soft_bf16`: round w and y to bf16 in integer arithmetic (None: in the interpreter, whose cast truncates)."""
     N, K = G._check(x, packed, state)
     _prefetch(prefetch)
-    if x.device.type == "cpu" and not INTERPRETED:
-        return _twin(interpret=True).gemv_tile(x, packed, state, block_n=block_n, chunk_bytes=chunk_bytes,
+    if (x.device.type == "cpu") != INTERPRETED:
+        return _twin(interpret=x.device.type == "cpu").gemv_tile(x, packed, state, block_n=block_n, chunk_bytes=chunk_bytes,
                                                num_warps=num_warps, pairs=pairs, split_x=split_x,
                                                scale_sums=scale_sums, prefetch=prefetch, soft_bf16=soft_bf16)
     device = x.device

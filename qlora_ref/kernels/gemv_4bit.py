@@ -394,8 +394,8 @@ def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -
     N, K = _check(x, packed, state)
     if x.numel() != K:
         raise ValueError(f"gemv_4bit_triton computes one row of x (decoding), got x of shape {tuple(x.shape)}")
-    if x.device.type == "cpu" and not INTERPRETED:
-        return _twin(interpret=True).gemv_4bit_triton(x, packed, state)
+    if (x.device.type == "cpu") != INTERPRETED:  # CPU tensors to the interpreter, CUDA ones to the compiled kernel
+        return _twin(interpret=x.device.type == "cpu").gemv_4bit_triton(x, packed, state)
     x1 = x.reshape(1, K)
     if x1.stride(-1) != 1:
         x1 = x1.contiguous()
