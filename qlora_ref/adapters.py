@@ -262,17 +262,23 @@ def read_safetensors(path) -> dict:
 
 
 def adapter_state_dict(model: nn.Module) -> dict:
-    """{PEFT name: tensor} of the adapters: base_model.model.<path>.lora_A.weight and .lora_B.weight."""
+    """{PEFT name: tensor} of the adapters: base_model.model.<path>.lora_A.weight and .lora_B.weight.
+
+    Sharded adapters (FSDP2's DTensors, lesson 10) are all-gathered whole: every rank must call this."""
     tensors = {}
     for name, layer in lora_layers(model).items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().to("cpu").contiguous()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().to("cpu").contiguous()
+        for part in ("lora_A", "lora_B"):
+            weight = getattr(layer, part).weight.detach()
+            weight = weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+            tensors[f"{PREFIX}{name}.{part}.weight"] = weight.to("cpu").contiguous()
     return tensors
 
 
 def save_adapters(model: nn.Module, directory, base_model_name_or_path: Optional[str] = None,
-                  task_type: Optional[str] = "CAUSAL_LM") -> Path:
-    """Write adapter_config.json and adapter_model.safetensors (PEFT's LoRA layout) into `directory`."""
+                  task_type: Optional[str] = "CAUSAL_LM", tensors: Optional[dict] = None) -> Path:
+    """Write adapter_config.json and adapter_model.safetensors (PEFT's LoRA layout) into `directory`.
+
+    tensors: adapter_state_dict(model) if already gathered (a sharded run gathers on every rank, writes on one)."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to save (call prepare_model first)")
@@ -299,7 +305,8 @@ def save_adapters(model: nn.Module, directory, base_model_name_or_path: Optional
         "inference_mode": True,
     }
     directory = writable_directory(directory, "the adapters' directory")
-    atomic_write(directory / WEIGHTS_NAME, save(adapter_state_dict(model), metadata={"format": "pt"}))
+    tensors = adapter_state_dict(model) if tensors is None else tensors
+    atomic_write(directory / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
     atomic_write(directory / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     return directory
 

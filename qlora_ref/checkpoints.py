@@ -24,6 +24,7 @@ from safetensors.torch import save
 
 from .adapters import (WEIGHTS_NAME, assign_adapters, atomic_write, read_adapters, read_json_object, read_safetensors,
                        save_adapters)
+from .distributed import load_sharded_checkpoint, save_sharded_checkpoint
 from .optimizer_state import check_optimizer_state_tensors, load_optimizer_state_tensors, optimizer_state_tensors
 
 __all__ = ["DamagedCheckpointError", "checkpoints", "latest_checkpoint", "load_checkpoint", "resume_latest",
@@ -62,6 +63,8 @@ def save_checkpoint(run, directory) -> Path:
     if final.exists():
         raise FileExistsError(f"{final} exists already; a run never deletes or overwrites a checkpoint it did not "
                               f"write: move it out of {directory} (or choose a new output_dir)")
+    if run.data_parallel:  # lesson 10: every rank writes its shards (torch.distributed.checkpoint)
+        return save_sharded_checkpoint(run, final, _trainer_state(run))
     partial = directory / f".{final.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while saving this step
     partial.mkdir(parents=True)
@@ -73,12 +76,14 @@ def save_checkpoint(run, directory) -> Path:
     state = {k: v.detach().cpu().contiguous() for k, v in optimizer_state_tensors(run.optimizer).items()}
     atomic_write(partial / "optimizer.safetensors", save(state))
     atomic_write(partial / "rng.safetensors", save(_rng_tensors(run.device)))
-    trainer_state = {"step": run.step, "losses": run.losses, "evals": run.evals, "config": asdict(run.config),
-                     "scaler": run.scaler.state_dict() if run.scaler else None,
-                     "torch_threads": torch.get_num_threads()}
-    atomic_write(partial / "trainer_state.json", (json.dumps(trainer_state, indent=1) + "\n").encode())
+    atomic_write(partial / "trainer_state.json", (json.dumps(_trainer_state(run), indent=1) + "\n").encode())
     os.replace(partial, final)
     return final
+
+
+def _trainer_state(run) -> dict:
+    return {"step": run.step, "losses": run.losses, "evals": run.evals, "config": asdict(run.config),
+            "scaler": run.scaler.state_dict() if run.scaler else None, "torch_threads": torch.get_num_threads()}
 
 
 def checkpoints(directory) -> list:
@@ -169,17 +174,7 @@ def _check_weights(weights: dict, model) -> None:
 def _read_checkpoint(run, checkpoint: Path) -> _CheckpointContents:
     """Read every file of `checkpoint` and check it against the run, changing nothing: a DamagedCheckpointError
     names the file that does not read back and why; a ValueError, settings that differ from the run's."""
-    with _reading(checkpoint, "trainer_state.json") as path:
-        trainer_state = read_json_object(path, "the trainer state")
-        _check_trainer_state(trainer_state, checkpoint)
-    saved, current = trainer_state["config"], json.loads(json.dumps(asdict(run.config)))
-    changed = [k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != current.get(k)]
-    if changed:
-        raise ValueError(f"{checkpoint} was trained with different settings: "
-                         + ", ".join(f"{k} {saved[k]!r} (now {current.get(k)!r})" for k in changed)
-                         + "; resume with the same settings or start a new output_dir")
-    if trainer_state["step"] > run.config.steps:
-        raise ValueError(f"{checkpoint} is at step {trainer_state['step']}, past steps={run.config.steps}")
+    trainer_state = _read_trainer_state(run, checkpoint)
     if run.scaler and trainer_state["scaler"] is not None:
         with _reading(checkpoint, "trainer_state.json"):
             scaler = trainer_state["scaler"]
@@ -200,6 +195,23 @@ def _read_checkpoint(run, checkpoint: Path) -> _CheckpointContents:
         rng = read_safetensors(path)
         _check_rng(rng, run.device)
     return _CheckpointContents(checkpoint, trainer_state, weights, optimizer, rng)
+
+
+def _read_trainer_state(run, checkpoint: Path) -> dict:
+    """trainer_state.json of `checkpoint`, checked, and its settings compared with the run's (a ValueError names
+    those that differ)."""
+    with _reading(checkpoint, "trainer_state.json") as path:
+        trainer_state = read_json_object(path, "the trainer state")
+        _check_trainer_state(trainer_state, checkpoint)
+    saved, current = trainer_state["config"], json.loads(json.dumps(asdict(run.config)))
+    changed = [k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != current.get(k)]
+    if changed:
+        raise ValueError(f"{checkpoint} was trained with different settings: "
+                         + ", ".join(f"{k} {saved[k]!r} (now {current.get(k)!r})" for k in changed)
+                         + "; resume with the same settings or start a new output_dir")
+    if trainer_state["step"] > run.config.steps:
+        raise ValueError(f"{checkpoint} is at step {trainer_state['step']}, past steps={run.config.steps}")
+    return trainer_state
 
 
 def _apply_checkpoint(run, contents: _CheckpointContents) -> None:
@@ -253,6 +265,11 @@ def resume_latest(run, directory) -> Optional[Path]:
     A damaged checkpoint on the way (a file cut short, garbage, out of range) is skipped: a warning names it,
     its file and the reason, and the folder is renamed <name>.damaged, so that nothing is deleted and this run
     can write that step again. If every checkpoint is damaged, a DamagedCheckpointError lists them all."""
+    if run.data_parallel:  # lesson 10: the latest sharded checkpoint, read by every rank
+        checkpoint = latest_checkpoint(directory)
+        if checkpoint is not None:
+            load_sharded_checkpoint(run, checkpoint, _read_trainer_state(run, checkpoint))
+        return checkpoint
     found, damaged = checkpoints(directory), []
     for checkpoint in reversed(found):
         try:

@@ -29,6 +29,10 @@ another count warns.)
 Checkpoints (qlora_ref.checkpoints) are saved whole and resumed exactly, never losing work or accepting garbage.
 A NaN or Inf loss stops the run (NonFiniteLossError; the command exits 1) before anything of that step is saved.
 
+Under torchrun (`torchrun --nproc-per-node N -m qlora_ref.train ...`, lesson 10) the same run is spread over N
+processes by qlora_ref.distributed: FSDP2 shards the model, each rank computes its slice of every batch, and the
+checkpoints are sharded (torch.distributed.checkpoint) beside the gathered PEFT adapters.
+
 model "base" is the course's pretrained model (models/base, byte tokenizer). Any other value is a Hugging Face
 model id or local directory, loaded with transformers' AutoModelForCausalLM and AutoTokenizer (an optional
 extra): the same code fine-tunes it (on a Colab T4: dtype "auto" picks float16 and a gradient scaler).
@@ -57,6 +61,7 @@ from .checkpoints import latest_checkpoint, resume_latest, save_checkpoint
 from .llama import LlamaForCausalLM
 from .lora import QUANT_TYPES, check_lora_hyperparameters
 from .memory import PeakMemory, tensor_bytes
+from .distributed import launched_by_torchrun, shard_qlora_model, start_data_parallel
 from .optim8bit import OPTIMIZERS, AdamW8bit, optimizer_state_bytes, predicted_state_bytes
 from .paging import PagedAdamW8bit
 from .tasks import BYTES, Example, HFTokenizer, collate, date_task, exact_match, generate_answers
@@ -280,6 +285,7 @@ class Run:
     step: int = 0
     losses: list = field(default_factory=list)
     evals: list = field(default_factory=list)
+    data_parallel: Optional[object] = None  # lesson 10: qlora_ref.distributed.DataParallel under torchrun
 
     @property
     def trainable(self) -> list:
@@ -309,6 +315,7 @@ def setup(config: TrainConfig) -> Run:
     """Check the config, load the model, put LoRA (or QLoRA) in, build the data and the optimizer."""
     check_config(config)
     device, dtype = resolve_device_and_dtype(config)
+    data_parallel = start_data_parallel(config, device, dtype) if launched_by_torchrun() else None  # lesson 10
     if config.train_file is None or config.eval_file is None:
         date_train, date_eval = date_task(config.n_train, config.n_eval, seed=0)  # one fixed split of the dates
     train_examples = date_train if config.train_file is None else load_examples(config.train_file)
@@ -336,10 +343,13 @@ def setup(config: TrainConfig) -> Run:
         else:  # its name before, as Colab's transformers may still have it
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    if data_parallel:
+        shard_qlora_model(model, data_parallel.mesh)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = make_optimizer(config, named, device)
+    optimizer = data_parallel.make_optimizer(config, named) if data_parallel else make_optimizer(config, named, device)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    return Run(config, model, tokenizer, optimizer, train_examples, eval_examples, device, dtype, scaler)
+    return Run(config, model, tokenizer, optimizer, train_examples, eval_examples, device, dtype, scaler,
+               data_parallel=data_parallel)
 
 
 def train_step(run: Run) -> float:
@@ -367,6 +377,33 @@ def train_step(run: Run) -> float:
         run.scaler.update()
     else:
         run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    run.losses.append(total / config.grad_accum)
+    return run.losses[-1]
+
+
+def sharded_train_step(run: Run) -> float:
+    """train_step of one rank under torchrun (lesson 10): each micro-batch is cut into the ranks' slices
+    (DataParallel.part) and this rank's loss weighted by its share of the answer tokens, so that FSDP2's average of
+    the ranks' gradients is the whole batch's gradient (DataParallel.weight_loss); it returns the whole batch's loss.
+    The rest is train_step's: the schedule, accumulation, clipping (over DTensors: the whole gradient's norm)."""
+    config, data_parallel = run.config, run.data_parallel
+    lr = learning_rate(config, run.step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    total = 0.0
+    for micro in range(config.grad_accum):
+        index = run.step * config.grad_accum + micro
+        indices = data_parallel.part(batch_indices(len(run.train_examples), config.batch_size, config.seed, index))
+        batch = collate([run.train_examples[i] for i in indices], run.tokenizer)
+        loss = run.model(input_ids=batch["input_ids"].to(run.device), labels=batch["labels"].to(run.device)).loss
+        weighted, reported = data_parallel.weight_loss(loss, batch["labels"])
+        (weighted / config.grad_accum).backward()
+        total += reported
+    if config.max_grad_norm > 0:
+        nn.utils.clip_grad_norm_(run.trainable, config.max_grad_norm)
+    run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     run.losses.append(total / config.grad_accum)
@@ -453,17 +490,18 @@ def train(config: TrainConfig, stop_after: Optional[int] = None) -> TrainResult:
     last = config.steps if stop_after is None else min(stop_after, config.steps)
     checkpoint = None
     start = time.perf_counter()
-    with tqdm(total=config.steps, initial=run.step, disable=not config.progress, desc=config.method,
+    shown_here = config.progress and (run.data_parallel is None or run.data_parallel.rank == 0)  # one bar, rank 0's
+    with tqdm(total=config.steps, initial=run.step, disable=not shown_here, desc=config.method,
               file=sys.stderr, dynamic_ncols=True) as bar:
         while run.step < last:
-            loss = train_step(run)
+            loss = (sharded_train_step if run.data_parallel else train_step)(run)
             if not math.isfinite(loss):
                 raise NonFiniteLossError(_diverged(run, loss))
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate(config, run.step - 1):.2e}")
             if run.step == config.steps or (config.eval_every and run.step % config.eval_every == 0):
                 run.evals.append(evaluate(run))
-                if config.progress:
+                if shown_here:
                     bar.write(f"step {run.step}: eval loss {run.evals[-1]['eval_loss']:.4f}, "
                               f"exact match {run.evals[-1]['exact_match']:.3f}")
             if config.output_dir and (run.step == last or (config.save_every and run.step % config.save_every == 0)):
@@ -536,6 +574,9 @@ def main(argv=None) -> int:
     try:
         values = asdict(TrainConfig.from_file(args.config)) if args.config else {}
         config = TrainConfig.from_dict({**values, **parse_overrides(args.set)})
+        if args.merge and launched_by_torchrun():
+            raise ValueError("--merge needs the whole model on one process: under torchrun, merge afterwards from the "
+                             "saved adapters (load_adapters, then merge_adapters) in a single process")
         result = train(config)
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -543,6 +584,11 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, OSError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if torch.distributed.is_initialized():  # lesson 10: leave the process group before torchrun's exit
+            torch.distributed.destroy_process_group()
+    if result.run.data_parallel and result.run.data_parallel.rank != 0:
+        return 0  # rank 0 reports for all
     final = result.evals[-1]
     print(f"{config.method}: {result.run.step} steps in {result.seconds:.1f} s, loss {result.losses[-1]:.4f}, "
           f"eval loss {final['eval_loss']:.4f}, exact match {final['exact_match']:.3f}")

@@ -30,6 +30,8 @@ the worst moment of the step. The terms (the keys of MemoryBreakdown.parts):
                              same bytes, but each state tensor of >= 100,000 values lives in unified memory
                              and must be on the GPU only while its parameter is updated: the GPU term is the
                              unpaged states plus the largest paged parameter's (the rest: optimizer_host_bytes)
+    gathered layers (FSDP2)  n_gpus > 1 only (lesson 10): what FSDP2 holds whole for a while, a layer and the
+                             next one it prefetches, lm_head at the head's backward (`_fsdp_per_gpu`)
     activations (saved)      what autograd keeps through the backward pass: `activations` has the formulas
     logits                   the logits the forward returns, held until the output is dropped
     then the larger of two moments of the backward pass (the other part(s) are 0, see `moments`):
@@ -40,7 +42,8 @@ the worst moment of the step. The terms (the keys of MemoryBreakdown.parts):
     dequantization workspace QLoRA: the largest linear weight dequantized to bf16 (2 in out bytes), one at a
                              time (counted at the layer's backward, although it is briefly freed there)
     CUDA context             CUDA_CONTEXT_BYTES, a constant of the GPU and its software, measured on an H100
-    allocator overhead       ALLOCATOR_OVERHEAD times the step's activations and temporaries (TRANSIENT_PARTS):
+    allocator overhead       ALLOCATOR_OVERHEAD times the step's activations and temporaries (TRANSIENT_PARTS, and
+                             across GPUs the gathered layers):
                              the caching allocator's rounding and fragmentation, measured on an H100 too.
                              These two are DEVICE_PARTS: not derived from the model.
 
@@ -140,6 +143,7 @@ PARTS = (
     "trainable weights",
     "gradients",
     "optimizer states",
+    "gathered layers (FSDP2)",
     "activations (saved)",
     "logits",
     "head and loss backward",
@@ -630,7 +634,7 @@ def estimate(model="Llama-2-7B", method: str = "qlora_nf4_dq", optimizer: str = 
              batch: int = 1, seq_len: int = 512, r: int = 64, gradient_checkpointing: bool = True,
              lora_targets=LORA_TARGETS, adapter_bytes: int = 4, blocksize: int = 64,
              optimizer_in_backward: bool = False, context_bytes: int = CUDA_CONTEXT_BYTES,
-             allocator_overhead: float = ALLOCATOR_OVERHEAD) -> MemoryBreakdown:
+             allocator_overhead: float = ALLOCATOR_OVERHEAD, n_gpus: int = 1) -> MemoryBreakdown:
     """The VRAM of one training step (its peak), by part: see the module docstring for each term.
 
     model: a PRESETS name, a ModelShape, or a config.json (dict or path). r and lora_targets matter for
@@ -638,6 +642,7 @@ def estimate(model="Llama-2-7B", method: str = "qlora_nf4_dq", optimizer: str = 
     optimizer_in_backward: the update runs inside the backward as each gradient is complete and frees it
     (AdamW8bit.step_in_backward), so the gradients term is the largest adapted linear's two (or, training the
     whole model, the largest parameter's), not all of them.
+    n_gpus > 1: the bytes on each of n_gpus GPUs under FSDP2 (lesson 10, `_fsdp_per_gpu`), batch per GPU.
     """
     shape = _resolve_model(model)
     base, c, trains = _method(method)
@@ -679,18 +684,72 @@ def estimate(model="Llama-2-7B", method: str = "qlora_nf4_dq", optimizer: str = 
     parts["activations (saved)"] = act.layers + act.rope + act.embedding
     parts["logits"] = act.logits
     moments = {"head and loss backward": act.loss_moment, "layer backward": act.layer_moment + dequantize}
+    if n_gpus != 1:  # lesson 10
+        gathered = _fsdp_per_gpu(parts, shape, trainable, _positive_int(n_gpus, "n_gpus"), method, optimizer,
+                                 optimizer_in_backward, r, adapter_bytes, blocksize, base == "nf4_dq")
+        moments = {moment: value + gathered[moment] for moment, value in moments.items()}
+        parts["gathered layers (FSDP2)"] = gathered[max(moments, key=moments.get)]
     if moments["head and loss backward"] >= moments["layer backward"]:
         parts["head and loss backward"] = act.loss_moment
     else:
         parts["recomputed layer"] = act.recomputed_layer
         parts["backward working set"] = act.backward_working_set
         parts["dequantization workspace"] = dequantize
-    parts["allocator overhead"] = math.ceil(allocator_overhead * sum(parts[p] for p in TRANSIENT_PARTS))
+    # FSDP2's gathered layers come and go like the activations: the same overhead per byte (lesson 10)
+    transient = sum(parts[p] for p in TRANSIENT_PARTS) + parts["gathered layers (FSDP2)"]
+    parts["allocator overhead"] = math.ceil(allocator_overhead * transient)
     parts["CUDA context"] = context_bytes
     setup = {"model": shape.name, "method": method, "optimizer": optimizer, "batch": batch, "seq_len": seq_len,
              "r": None if trains else r, "gradient_checkpointing": bool(gradient_checkpointing),
              "optimizer_in_backward": bool(optimizer_in_backward)}
+    if n_gpus != 1:
+        setup["n_gpus"] = n_gpus
     return MemoryBreakdown(setup=setup, parts=parts, moments=moments, optimizer_host_bytes=host)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Across GPUs: FSDP2 (lesson 10, qlora_ref.distributed)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _fsdp_per_gpu(parts: dict, shape: ModelShape, trainable: list, n: int, method: str, optimizer: str,
+                  optimizer_in_backward: bool, r: int, adapter_bytes: int, blocksize: int, nested: bool) -> dict:
+    """Turn `parts` (one GPU's persistent terms) into one of n GPUs' under FSDP2, in place; return what is
+    gathered at each moment of the backward.
+
+    Sharded n ways (each GPU holds ceil(1/n) of every tensor): the 4-bit codes and their constants (but the
+    offset and the code tables, which every rank keeps: 4 + 1088 bytes a linear), the 16-bit weights, the
+    adapters, their gradients (reduce-scattered) and the 8-bit optimizer's moments (ShardedAdamW8bit: 8-bit
+    or float32 as for the whole tensor). Gathered for a while: a decoder layer whole (its 4-bit weights and
+    constants, norms and adapters) while it computes and, FSDP2 prefetching, the next one with it; in a
+    layer's backward also its adapters' whole gradients before they are reduce-scattered; at the head's
+    backward lm_head whole (its own unit when untied; tied, the embeddings stay gathered in the root)."""
+    if method not in ("lora_bf16", "qlora_nf4", "qlora_nf4_dq"):
+        raise ValueError(f"n_gpus > 1 models FSDP2 over LoRA or QLoRA (qlora_ref.distributed); got {method!r}")
+    if optimizer == "paged_adamw_8bit" or optimizer_in_backward:
+        raise ValueError("under FSDP2 each GPU updates its shard after the reduce-scatter: optimizer 'adamw_8bit' or "
+                         "'adamw', without optimizer_in_backward (the paged optimizer pages whole tensors)")
+    linears = shape.linear_shapes().values()
+    replicated = (4 + 4 * (16 + 256) if nested else 4 * 16) * len(linears) * shape.num_hidden_layers
+    layer = 2 * 2 * shape.hidden_size + adapter_bytes * r * sum(i + o for i, o in linears)
+    if method != "lora_bf16":
+        layer += sum(sum(quantized_linear_bytes(i, o, blocksize, nested)) for i, o in linears)
+        parts["4-bit weights"] = -(-parts["4-bit weights"] // n)
+        parts["quantization constants"] = -(-(parts["quantization constants"] - replicated) // n) + replicated
+    else:
+        layer += 2 * sum(i * o for i, o in linears)
+    for part in ("16-bit weights", "trainable weights", "gradients"):
+        parts[part] = -(-parts[part] // n)
+    shards = [-(-t // n) for t in trainable]
+    if optimizer == "adamw":
+        parts["optimizer states"] = 2 * adapter_bytes * sum(shards)
+    else:  # 8-bit when the whole tensor has >= 4096 values: two uint8 moments and a float32 absmax per 256 each
+        parts["optimizer states"] = sum(2 * s + 8 * -(-s // 256) if t >= 4096 else 8 * s
+                                        for t, s in zip(trainable, shards))
+    head = 2 * shape.vocab_size * shape.hidden_size  # lm_head, or the tied embeddings, whole in bf16
+    layer_grads = adapter_bytes * r * sum(i + o for i, o in linears)
+    return {"head and loss backward": layer + head, "layer backward": 2 * layer + layer_grads
+            + (head if shape.tie_word_embeddings else 0)}
 
 
 def estimate_for(run: dict) -> MemoryBreakdown:

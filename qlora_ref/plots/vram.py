@@ -15,6 +15,7 @@ __all__ = ["budget_figure", "measurements_figure", "methods_figure", "PART_COLOR
 PART_COLORS = dict(zip(PARTS, (
     "#1f4e79", "#5b9bd5", "#9dc3e6",  # weights: 4-bit codes, constants, 16-bit
     "#c55a11", "#f4b183", "#ffd966",  # trainable weights, gradients, optimizer states
+    "#2e75b6",  # gathered layers (FSDP2, lesson 10)
     "#548235", "#a9d18e", "#7030a0", "#b4a7d6", "#d5a6bd", "#e06666",  # activations and transients
     "#7f7f7f", "#bfbfbf",  # DEVICE_PARTS: CUDA context, allocator overhead
 )))
