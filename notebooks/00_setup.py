@@ -351,6 +351,8 @@ for line in troubleshoot(sys.version_info[:2], torch.__version__, triton.__versi
 # needs the CUDA context, a few hundred MiB):
 
 # %%
+from qlora_ref.vram import GPUS
+
 runs_on_t4 = sorted((Path("..") / "bench" / "results").glob("lessons-*-t4.json"))
 if runs_on_t4:
     t4_run = json.loads(runs_on_t4[-1].read_text())
@@ -360,7 +362,8 @@ if runs_on_t4:
     for run in t4_run["runs"]:
         print(f"{run['notebook']:<40} {'pass' if run['passed'] else 'FAIL':<6} {run['seconds']:8.0f} "
               f"{run['peak_reserved_mib'] / 1024:9.2f}")
-    print(f"largest peak: {max(r['peak_reserved_mib'] for r in t4_run['runs']) / 1024:.2f} GiB of 14.75")
+    print(f"largest peak: {max(r['peak_reserved_mib'] for r in t4_run['runs']) / 1024:.2f} GiB of a T4's "
+          f"{GPUS['T4 (14.75 GiB)'] / 2**30}")
 else:
     print("not measured yet: bench/results/ has no lessons-*-t4.json (python tools/gpu_lessons.py --t4 on a GPU)")
 

@@ -5,8 +5,8 @@ Built as a `matplotlib.figure.Figure` (not through pyplot), like lesson 9's; ret
 
 from matplotlib.figure import Figure
 
-from ..vram import GIB, PARTS, estimate
-from .vram import _stack
+from ..vram import GIB, estimate
+from .vram import _legend_in_parts_order, _stack
 
 MODELS = ("Llama-2-7B", "Llama-2-13B", "Llama-2-70B")
 N_GPUS = (1, 2, 4, 8)
@@ -28,15 +28,12 @@ def per_gpu_figure(seq_len: int = 2048, r: int = 16, optimizer: str = "adamw_8bi
     for card in cards_gb:
         axis.axvline(card, color="red", lw=0.8, ls="--")
     top = axis.secondary_xaxis("top")
-    top.set_xticks(list(cards_gb), [f"{card} GB" for card in cards_gb], fontsize=7, color="red")
+    top.set_xticks(list(cards_gb), [f"{card} GiB" for card in cards_gb], fontsize=7, color="red")
     axis.set_yticks(range(len(breakdowns)), [f"{m} x{n}" for m, n in breakdowns], fontsize=7)
     axis.invert_yaxis()
     axis.set_xlim(0, 1.1 * max(max(b.total for b in breakdowns.values()) / GIB, max(cards_gb)))
     axis.set_xlabel("GiB per GPU")
     axis.set_title(f"per GPU under FSDP2 (x1: one GPU, no FSDP), {optimizer}, batch {batch} x {seq_len} tokens "
                    f"per GPU, r = {r}", fontsize=9)
-    handles, labels = axis.get_legend_handles_labels()
-    order = sorted(range(len(labels)), key=lambda i: PARTS.index(labels[i].removesuffix(" (H100 constant)")))
-    fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="outside right center", fontsize=7,
-               frameon=False)
+    _legend_in_parts_order(fig, axis)
     return fig, breakdowns

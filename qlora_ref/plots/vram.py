@@ -33,6 +33,14 @@ def _stack(axis, y, parts: dict, height: float, labelled: set) -> None:
             left += value / GIB
 
 
+def _legend_in_parts_order(fig, axis) -> None:
+    """One legend for the figure, its parts in PARTS order (the order the bars stack them)."""
+    handles, labels = axis.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda i: PARTS.index(labels[i].removesuffix(" (H100 constant)")))
+    fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="outside right center", fontsize=7,
+               frameon=False)
+
+
 def budget_figure(model="Llama-2-7B", method: str = "qlora_nf4_dq", seq_len: int = 512, batch: int = 1,
                   r: int = 64, gpu: str = "T4 (14.75 GiB)", optimizer: str = "paged_adamw_8bit",
                   gradient_checkpointing: bool = True, optimizer_in_backward: bool = False):
@@ -83,10 +91,7 @@ def methods_figure(model="Llama-2-7B", seq_len: int = 512, batch: int = 1, r: in
     axis.set_xlabel("GiB")
     axis.set_title(f"{next(iter(breakdowns.values())).setup['model']}, {optimizer}, batch {batch} x {seq_len} "
                    f"tokens, r = {r}{', checkpointing' if gradient_checkpointing else ''}", fontsize=9)
-    handles, labels = axis.get_legend_handles_labels()
-    order = sorted(range(len(labels)), key=lambda i: PARTS.index(labels[i].removesuffix(" (H100 constant)")))
-    fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="outside right center", fontsize=7,
-               frameon=False)
+    _legend_in_parts_order(fig, axis)
     return fig, breakdowns
 
 
