@@ -60,21 +60,40 @@ device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 compute_dtype = torch.float16 if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0) else torch.bfloat16
 
 # %% [markdown]
+# ## 0. The picture first
+#
+# Here is what quantizing means. The grey histogram is 65,536 numbers drawn from N(0, 1), standing in for a
+# weight matrix. The red lines are the only values a 4-bit quantizer can give back: every number is replaced
+# by the red line nearest to it, and the distance it moves is the error. The rest of the lesson is about
+# where to put those lines.
+
+# %%
+W = torch.randn(256, 256, generator=generator)  # a stand-in weight matrix, N(0, 1) entries
+fig, info = plot_levels(W, bits=4, scheme="absmax")
+print(f"{W.numel():,} values, {info['levels'].numel()} levels, {info['scale']:.4f} apart; mean |error| {info['mae']:.4f}")
+fig
+
+# %% [markdown]
+# The left panel spans all the levels, the right one only the data's own range (here nearly the same).
+# Two things to keep in mind: the lines are evenly spaced, and one of them sits at exactly 0.
+#
 # ## 1. Why quantize: bytes per weight
 #
 # A model's memory is mostly its weights, and a weight's size is its number of bits. For a 7-billion-parameter
-# model (1 GB = 10^9 bytes; a GiB is 2^30 bytes, 7% more):
+# model (1 GB = 10^9 bytes; a GiB is 2^30 bytes, a little more):
 
 # %%
 parameters = 7e9
 for name, bits in [("float32", 32), ("bfloat16 / float16", 16), ("8-bit", 8), ("4-bit", 4)]:
     print(f"{name:>18}: {bits:2d} bits -> {parameters * bits / 8 / 1e9:5.1f} GB = {parameters * bits / 8 / 2**30:5.2f} GiB")
+print(f"a GiB is {2**30 / 1e9:.4f} GB")
 
 # %% [markdown]
 # So the 28 / 14 / 7 / 3.5 GB tables in the course's sources are right in GB. (They leave out the scales
 # that every quantized format has to store next to the codes; this lesson counts them.) The question of the
 # whole course is how to give each weight fewer bits while losing as little as possible.
-#
+
+# %% [markdown]
 # ## 2. Symmetric (absmax) quantization, derived
 #
 # With b bits we can store 2^b integers. Take the signed ones from -(2^(b-1) - 1) to 2^(b-1) - 1, a range
@@ -86,7 +105,8 @@ for name, bits in [("float32", 32), ("bfloat16 / float16", 16), ("8-bit", 8), ("
 # The stored data are the integers q (b bits each) and the one number s. Every $\hat x$ is a multiple of s:
 # the levels are evenly spaced, s apart, and 0 is one of them. Rounding to the nearest level is off by at most
 # s/2. (With absmax scaling the clamp never acts; it matters when s is chosen otherwise.)
-#
+
+# %% [markdown]
 # ## 3. Asymmetric (zero-point) quantization, derived
 #
 # If the data are not centred on 0 (think of activations after a ReLU or GELU), half of the symmetric levels
@@ -100,7 +120,8 @@ for name, bits in [("float32", 32), ("bfloat16 / float16", 16), ("8-bit", 8), ("
 # each of them would add up. Because z is rounded, the grid can shift by up to s/2 against [min, max], so one
 # end of the range may be clipped by up to s/2 (the example below shows it). `qlora_ref` also widens the
 # range to include 0 first (min ≤ 0 ≤ max), so that z is always a valid code.
-#
+
+# %% [markdown]
 # ## 4. A worked example by hand
 #
 # Five numbers, 4 bits. First symmetric: q_max = 7.
@@ -181,7 +202,6 @@ print(f"Q(0) = {Q_seed[2]:.4f}, not 0; ours: {float(zeropoint_4bit.dequantize()[
 # variance is not 1, and depends on how many values share the maximum:
 
 # %%
-W = torch.randn(256, 256, generator=generator)  # a stand-in weight matrix, N(0, 1) entries
 unit_tensor = W / W.abs().max()
 unit_blocks = W.reshape(-1, 64) / W.reshape(-1, 64).abs().amax(dim=1, keepdim=True)
 # Statistics that are printed are summed in float64: a float32 sum's last digits depend on the order of the
@@ -193,7 +213,7 @@ print(f"x / x.std() (that would be unit variance): std = {(W / W.std()).double()
 # %% [markdown]
 # ## 6. Error against bits, on normal data
 #
-# Quantize the 256 x 256 matrix W (entries N(0, 1)) per tensor with 2 to 8 bits. When the levels are dense
+# Quantize section 0's 256 x 256 matrix W (entries N(0, 1)) per tensor with 2 to 8 bits. When the levels are dense
 # compared with the data, the rounding error of a value is spread evenly over [-s/2, s/2], which predicts a
 # mean absolute error of s/4 and a root-mean-square error of s/√12. Each extra bit halves s, so it should halve
 # the error:
@@ -209,12 +229,14 @@ for b in range(2, 9):
         f"{b:4d} {2**b - 1:7d} {s:8.4f} {err['mae']:9.5f} {s / 4:7.4f} {err['mae'] / (s / 4):9.3f}"
         f" {err['rmse']:8.5f} {s / math.sqrt(12):7.4f} | {asym_err['mae']:.5f}"
     )
+mae_4, mae_8 = (quantization_error(W, quantize_absmax(W, bits=b).dequantize())["mae"] for b in (4, 8))
+print(f"INT4's error / INT8's: {mae_4 / mae_8:.1f}; mean |x| of W {W.double().abs().mean():.4f}, √(2/π) = {math.sqrt(2 / math.pi):.4f}")
 
 # %% [markdown]
 # From 3 bits up, the measured error matches s/4 and s/√12 to within 1%, and INT8's error (0.0090) is 18
-# times smaller than INT4's (0.1625). At 2 bits the prediction fails: with levels -s, 0, s and
+# times smaller than INT4's (0.1625), as their steps are: s shrinks from absmax/7 to absmax/127. At 2 bits the prediction fails: with levels -s, 0, s and
 # s = max|x| = 4.56, almost every value rounds to 0 and its error is just |x| (the mean of |x| for N(0, 1)
-# is √(2/π) = 0.798). On this symmetric data the zero-point scheme gains little: one more level (2^b
+# is √(2/π) = 0.798, and W's is 0.80). On this symmetric data the zero-point scheme gains little: one more level (2^b
 # instead of 2^b - 1).
 #
 # ## 7. Skewed data: where the zero-point pays
@@ -241,7 +263,7 @@ for b in (4, 8):
 #
 # ## 8. One outlier ruins a per-tensor scale
 #
-# Now put one large value into W, as if one weight had grown 11 times larger than all others. (LLM.int8(),
+# Now put one large value, 50, into W, as if one weight had grown about 11 times larger than all others. (LLM.int8(),
 # Dettmers et al. 2022, arXiv:2208.07339, found such systematic outliers in the hidden states of large
 # transformers.) With one scale for the whole tensor, s grows with the outlier, and the other 65,535 values
 # share a grid that has become far too coarse:
@@ -259,6 +281,7 @@ for b in (8, 4):
         f"{b} bits per tensor: s {clean.scale.item():.4f} -> {spoiled.scale.item():.4f}, "
         f"MAE {err_clean:.4f} -> {err_spoiled:.4f} ({err_spoiled / err_clean:.1f}x), values rounded to 0: {zeros:,} of {W.numel():,}"
     )
+print(f"the outlier is {50 / W.abs().max():.1f} times W's largest |x| ({W.abs().max():.2f})")
 big = int((W.abs() > 50 / 7 / 2).sum())
 print(f"values of W with |x| > 3.57 (half a 4-bit step): {big}")
 
@@ -322,7 +345,8 @@ _ = compare(
 #
 # `plot_levels` draws the histogram of the data and the quantizer's levels (red lines) on top: on the left
 # the whole range, on the right only the bulk of the data (its own min..max, the outlier excluded). It
-# returns the figure and the numbers it drew. Here: 4 bits, absmax, and an outlier at 20 appended to W.
+# returns the figure and the numbers it drew. Section 0's picture again, now with an outlier at 20
+# appended to W.
 
 # %%
 fig, info = plot_levels(W, bits=4, scheme="absmax", outlier=20.0)
@@ -359,12 +383,56 @@ _ = interact(show_levels, data=list(DATA), bits=(2, 8), scheme=["absmax", "zerop
 #   Per channel or per block of 64, only its own group is hurt, for 32/64 = 0.5 extra bits per value at B = 64.
 # - Corrected from the sources: seed 003's Q(w) = round((w - z)/s)·s + z has no clamp and misses 0; dividing
 #   by the absmax maps values into [-1, 1], it does not normalise to unit variance.
-#
+
+# %% [markdown]
 # ## Check your understanding
 #
 # 1. Why does the symmetric scheme use -127..127 at 8 bits and not -128..127?
+#
+# <details><summary>Answer</summary>
+#
+# So that +x and -x get codes of the same size: the range is symmetric around 0 and absmax scaling maps the
+# largest |x| onto ±127. The code -128 has no positive partner; with s = max|x| / 127 nothing would round
+# to it, so it is simply not used (one code of 256).
+#
+# </details>
+
+# %% [markdown]
 # 2. A tensor's values lie in [0.5, 3.5]. Which of the two schemes quantizes it better at 4 bits, and what are
 #    s and z? (Remember that `qlora_ref` widens the range to include 0 first.)
+#
+# <details><summary>Answer</summary>
+#
+# The zero-point scheme. Widened to [0, 3.5], its 16 codes cover the data: s = 3.5 / 15 ≈ 0.233 and
+# z = round(0 / s) = 0. Absmax needs s = 3.5 / 7 = 0.5 and wastes all its negative codes (the values use
+# codes 1..7 only), so its step, and its error, is about twice as large. Check with
+# `quantize_zeropoint(torch.tensor([0.5, 3.5]), bits=4)`.
+#
+# </details>
+
+# %% [markdown]
 # 3. In section 6 the 2-bit MAE (0.78) is far below the predicted s/4 = 1.14. Explain why the prediction fails.
+#
+# <details><summary>Answer</summary>
+#
+# s/4 assumes levels dense compared with the data, so that each value's rounding error is spread evenly over
+# [-s/2, s/2]. At 2 bits there are three levels, -s, 0, s, with s = 4.56: almost every value rounds to 0 and
+# its error is |x| itself, whose mean is about √(2/π) = 0.798, less for the few values that round to ±s.
+#
+# </details>
+
+# %% [markdown]
 # 4. With blocks of 64, how many extra bits per value do the float32 scales cost, and how many with blocks of
 #    256? What do you lose with the larger blocks?
+#
+# <details><summary>Answer</summary>
+#
+# 32/64 = 0.5 bits and 32/256 = 0.125 bits per value. With larger blocks an outlier coarsens the grid of
+# 256 values instead of 64, and even without outliers a block's absmax is larger (the maximum of more
+# normal values), so the step is larger and so is the error (lesson 3 measures it).
+#
+# </details>
+
+# %% [markdown]
+# **Exercise:** [exercises/01_linear_quantization.ipynb](../exercises/01_linear_quantization.ipynb) (solution:
+# [solutions/01_linear_quantization.ipynb](../solutions/01_linear_quantization.ipynb))
