@@ -55,7 +55,7 @@ from scipy.stats import norm
 import qlora_ref
 from qlora_ref import bnb_cpu, dequantize_4bit, fp4_codebook, int4_codebook, nf4_codebook, quantize_4bit
 from qlora_ref.compare import compare
-from qlora_ref.plots.codebooks import bin_masses, code_usage, plot_bin_masses, plot_codebook_levels
+from qlora_ref.plots.codebooks import bin_masses, code_usage, plot_bin_masses, plot_codebook_levels, plot_equal_mass_slabs
 
 # %matplotlib inline
 _ = torch.manual_seed(0)
@@ -121,19 +121,27 @@ print(f"the centre level is used {usage.max() / usage.min():.1f}x as often as th
 
 # %% [markdown]
 # A 4-bit code carries the most information, 4 bits, when all 16 values are used equally often (its entropy
-# is then log2 16 = 4). So choose the levels such that each of the 16 bins holds the same probability, 1/16,
-# of N(0, 1). That is **quantile quantization** (QLoRA builds NF4 on it, citing the 8-bit optimizers paper,
-# Dettmers et al. 2021, arXiv:2110.02861): the bin edges are the quantiles Φ^-1(i/16), i = 0..16, where Φ^-1 is the normal quantile
-# function, `scipy.stats.norm.ppf`:
+# is then log2 16 = 4). So cut N(0, 1) into 16 slabs that each hold the same probability, 1/16, and give
+# each slab one level. Here are the slabs: narrow in the crowded centre, wide in the tails.
+
+# %%
+fig, slab_edges = plot_equal_mass_slabs(16)
+fig
+
+# %% [markdown]
+# That is **quantile quantization** (QLoRA builds NF4 on it, citing the 8-bit optimizers paper,
+# Dettmers et al. 2021, arXiv:2110.02861): the slab edges are the quantiles Φ^-1(i/16), i = 0..16, where
+# Φ^-1 is the normal quantile function, `scipy.stats.norm.ppf`:
 
 # %%
 edges = norm.ppf(np.arange(17) / 16)
 print("edges Φ^-1(i/16):", show(edges, 3))
+print("each slab's probability:", show(np.diff(norm.cdf(edges)), 4))
 
 # %% [markdown]
 # The two outer edges are infinite: Φ(x) reaches 0 and 1 only at ∓∞. The QLoRA paper (its equation 4) puts
-# each level halfway between two quantiles, q_i = ½(Φ^-1(i/17) + Φ^-1((i+1)/17)), which makes the outermost
-# levels infinite too:
+# each level halfway between two quantiles, q_i = ½(Φ^-1(i/17) + Φ^-1((i+1)/17)), i = 0..15. Taken as
+# written, its lowest level is infinite (i = 0 takes Φ^-1(0) = -∞) and its highest is not:
 
 # %%
 paper_levels = 0.5 * (norm.ppf(np.arange(16) / 17) + norm.ppf(np.arange(1, 17) / 17))
@@ -199,6 +207,7 @@ compare("float64 derivation vs bitsandbytes", ours_float64, bnb_nf4, rtol=1e-6)
 compare("float64 derivation vs bitsandbytes, bit for bit", ours_float64, bnb_nf4)
 ulps = ours_float64.view(torch.int32) - bnb_nf4.view(torch.int32)  # neighbouring float32s differ by 1 here
 print("difference in float32 steps, per entry:", ulps.tolist())
+print(f"{int((ulps != 0).sum())} of 16 entries differ, by at most {(ours_float64 - bnb_nf4).abs().max().item():.1e}")
 
 # %% [markdown]
 # The difference is in the recipe. bitsandbytes' `create_normal_map` builds the probabilities with
@@ -472,12 +481,56 @@ _ = interact(
 # - Corrected from the sources: NF4 has 16 values, not 15 (seed 004's positive half is wrong); dequantizing
 #   needs the lookup (seed 001); "information theoretically optimal" holds only under assumptions blockwise
 #   scaling breaks (seed 002, and the paper).
-#
+
+# %% [markdown]
 # ## Check your understanding
 #
 # 1. Why does quantile quantization need an offset such as δ, and what would happen to the table without it?
+#
+# <details><summary>Answer</summary>
+#
+# The quantiles of probability 0 and 1 are at ∓∞, so without an offset an outer level is infinite (section 2
+# prints the paper's equation 4: its lowest level is -inf), and the table could not be scaled to [-1, 1]. Stopping at δ = 0.9677083 puts the outermost level at Φ^-1(δ) = 1.848 standard deviations,
+# which is then divided out so that the block's absmax lands on ±1.
+#
+# </details>
+
+# %% [markdown]
 # 2. Count NF4's levels: how many are positive, how many negative, and why not 8 of each?
+#
+# <details><summary>Answer</summary>
+#
+# 8 positive, 7 negative and an exact 0: 16. A code with 8 of each would be symmetric and have no zero
+# (section 3: its smallest |level| is not 0), and zero must be exact. Adding a zero to 8 + 8 would need 17
+# codes; 7 + 7 + 1 would leave one of the 16 codes unused.
+#
+# </details>
+
+# %% [markdown]
 # 3. bitsandbytes and a float64 derivation disagree in the last bits of 10 entries. Which one is "right", and
 #    why does this course's code follow bitsandbytes?
+#
+# <details><summary>Answer</summary>
+#
+# Neither is better in any way that matters: they differ by a few float32 steps, far below any quantization
+# error. The float64 derivation is the cleaner computation of the formula; bitsandbytes' float32 recipe gives
+# the table its kernels actually use. The course follows bitsandbytes because it checks its dequantized
+# weights against bitsandbytes byte for byte, and a different table would break that.
+#
+# </details>
+
+# %% [markdown]
 # 4. The measured usage of NF4's ±1 levels is about 1.8% each at blocksize 64. What would you expect at
 #    blocksize 32, and why? (Try it with `code_usage`.)
+#
+# <details><summary>Answer</summary>
+#
+# More: one value of every block is the block's absmax and lands exactly on ±1, so at blocksize 32 at least
+# 1/32 of all values (3.1%, twice the 1/64) go to ±1 together. The absmax of 32 values is also smaller on
+# average, so the other values reach the outer levels a little more often too.
+#
+# </details>
+
+# %% [markdown]
+# **Exercise:** [exercises/02_nf4_codebook.ipynb](../exercises/02_nf4_codebook.ipynb) (solution:
+# [solutions/02_nf4_codebook.ipynb](../solutions/02_nf4_codebook.ipynb))

@@ -13,6 +13,7 @@ from qlora_ref.plots.codebooks import (
     levels_of,
     plot_bin_masses,
     plot_codebook_levels,
+    plot_equal_mass_slabs,
     resolve_codes,
     unit_values,
 )
@@ -112,3 +113,13 @@ def test_plot_bin_masses_with_and_without_usage(normal):
 def test_invalid_blocksize_is_refused(normal):
     with pytest.raises(ValueError, match="blocksize must be one of"):
         plot_codebook_levels(data=normal, blocksize=100)
+
+
+def test_equal_mass_slabs_each_hold_one_sixteenth():
+    fig, edges = plot_equal_mass_slabs(16)
+    assert isinstance(fig, Figure) and len(fig.axes) == 1
+    assert len(edges) == 17 and edges[0] == -float("inf") and edges[-1] == float("inf")
+    assert norm.cdf(edges[1:]) - norm.cdf(edges[:-1]) == pytest.approx([1 / 16] * 16, abs=1e-12)
+    assert len(fig.axes[0].collections) == 16  # one filled slab each
+    with pytest.raises(ValueError, match="at least 2"):
+        plot_equal_mass_slabs(1)

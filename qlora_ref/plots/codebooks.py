@@ -6,6 +6,8 @@
   per block, nearest level), the measured counterpart of bin_masses.
 - `blockwise_mae(x, code, blocksize)`: the mean absolute error of that quantization, for any 16-level code
   (also one that bitsandbytes does not have, such as NF4 with another offset).
+- `plot_equal_mass_slabs(n)`: the N(0, 1) density cut into n slabs of equal probability, the picture
+  quantile quantization starts from.
 - `plot_codebook_levels(...)` and `plot_bin_masses(...)`: the figures, built on matplotlib's Figure directly
   (not pyplot), each returned with the numbers it drew.
 """
@@ -147,3 +149,27 @@ def plot_bin_masses(code: torch.Tensor, scale: float, usage=None, name: str = "n
     ax.set_xlabel(f"{name} level")
     ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=3, frameon=False)
     return fig, (levels, masses)
+
+
+def plot_equal_mass_slabs(n: int = 16, span: float = 3.5):
+    """The N(0, 1) density on [-span, span], cut into n slabs that each hold probability 1/n.
+
+    The slab edges are the quantiles Phi^-1(i/n), i = 0..n: narrow slabs in the crowded centre, wide ones in
+    the tails (the two outer slabs reach to -inf and +inf; the plot cuts them at +-span).
+    Returns (figure, edges) with edges the n + 1 quantiles, infinite at both ends.
+    """
+    if n < 2:
+        raise ValueError(f"n must be at least 2, got {n}")
+    edges = norm.ppf(np.arange(n + 1) / n)
+    fig = Figure(figsize=(8, 2.4), layout="constrained")
+    ax = fig.subplots()
+    for i, (left, right) in enumerate(zip(edges[:-1], edges[1:])):
+        grid = np.linspace(max(left, -span), min(right, span), 50)
+        ax.fill_between(grid, norm.pdf(grid), color="C3" if i % 2 else "C0", alpha=0.45, linewidth=0)
+    ax.plot(np.linspace(-span, span, 401), norm.pdf(np.linspace(-span, span, 401)), color="k", linewidth=1)
+    ax.set_xlim(-span, span)
+    ax.set_ylim(0, None)
+    ax.set_yticks([])
+    ax.set_xlabel("value, in standard deviations")
+    ax.set_title(f"N(0, 1) cut into {n} slabs, each holding probability 1/{n}", fontsize=9)
+    return fig, edges
