@@ -99,6 +99,7 @@ for blocksize, label in [(4096, "one absmax per tensor"), (64, "one absmax per 6
         f"values set to 0: {(x_hat[ordinary] == 0).float().mean():.1%}"
     )
 print(f"per-tensor error / per-block error: {mae[4096] / mae[64]:.1f}")
+print(f"divided by the outlier, the ordinary values lie within ±{x[ordinary].abs().max() / 20:.3f}")
 
 # %% [markdown]
 # With one scale for the tensor the ordinary values are divided by 20, so they all fall within about
@@ -391,9 +392,11 @@ W = torch.randn(4096, 1024, generator=gen)
 for blocksize in (32, 64, 256):
     _, state = quantize_4bit(W, blocksize=blocksize)
     print(f"B = {blocksize:3d}: {state.absmax.numel():7,} absmax values, {state.bits_per_parameter():.4f} bits per parameter (4 + 32/{blocksize} = {4 + 32 / blocksize})")
+print(f"at B = 64 the absmax values are {0.5 / 4.5:.1%} of the bits")
 
 # %% [markdown]
-# 4.5 bits at B = 64: the constants are 11% of the memory of a QLoRA weight. Lesson 4 compresses them.
+# 4.5 bits at B = 64: the constants are 11% of the memory of a QLoRA weight (0.5 of 4.5 bits). Lesson 4
+# compresses them.
 #
 # ## 9. Try it: block size and outlier
 #
@@ -438,15 +441,57 @@ interact(
 # - Two codes per byte, the even element high; packed shape [(n+1)//2, 1]; an odd length pads with the
 #   code of 0.0 (0b0111 in NF4).
 # - Block size trades error for memory: 4 + 32/B bits per parameter, 4.5 at B = 64, where NF4's mean
-#   absolute error on N(0, 1) is 0.0728.
+#   absolute error on N(0, 1) is 0.0727 here (0.0728 on lesson 2's larger sample).
 # - `qlora_ref.quantize_4bit` reproduces bitsandbytes' packed bytes, absmax and dequantized values exactly.
-#
+
+# %% [markdown]
 # ## Check your understanding
 #
 # 1. A block of 64 values holds one value of 8.0 and otherwise values within ±1. After scaling, the
 #    ordinary values lie within ±1/8: which NF4 levels can they use? Check with `nearest_code`.
+#
+# <details><summary>Answer</summary>
+#
+# Four: -0.0911, 0, 0.0796 and 0.1609. The midpoint between -0.1848 and -0.0911 is -0.138, below -1/8, so
+# nothing reaches -0.1848; the midpoint between 0.0796 and 0.1609 is 0.120, so values in (0.120, 0.125]
+# take 0.1609. `nearest_code(torch.linspace(-0.125, 0.125, 101), NF4).unique()` gives codes 6, 7, 8, 9.
+#
+# </details>
+
+# %% [markdown]
 # 2. Why does the mean error grow with the block size even on data without outliers?
+#
+# <details><summary>Answer</summary>
+#
+# The absmax of a block is the largest of B values, and the largest of more normal values is larger
+# (section 8's "mean absmax" column). Dividing by a larger absmax squeezes the block's values towards 0,
+# and multiplying back spreads NF4's levels wider apart in the data's units: a coarser grid, a larger error.
+#
+# </details>
+
+# %% [markdown]
 # 3. A tensor has 4097 values. How many bytes does the packed tensor have, how many absmax values at B = 64,
 #    and what is in the last nibble?
+#
+# <details><summary>Answer</summary>
+#
+# (4097 + 1) // 2 = 2049 bytes; 65 absmax values (64 full blocks and a last block of one value); the last
+# low nibble holds the code of 0.0, 0b0111 (7) in NF4, as section 4 shows for 5 values.
+#
+# </details>
+
+# %% [markdown]
 # 4. bitsandbytes breaks a tie towards the lower level. Write a value for which "ties away from zero" would
 #    give a different NF4 code, and check it with `nearest_code`.
+#
+# <details><summary>Answer</summary>
+#
+# Section 3's `mid_pos`, the float32 midpoint between levels 8 (0.0796) and 9 (0.1609):
+# `nearest_code(mid_pos.reshape(1), NF4)` gives 8, the lower level; ties away from zero would give 9. On the
+# negative side the two rules agree: the lower level of a tie there is the one farther from zero.
+#
+# </details>
+
+# %% [markdown]
+# **Exercise:** [exercises/03_blockwise_4bit.ipynb](../exercises/03_blockwise_4bit.ipynb) (solution:
+# [solutions/03_blockwise_4bit.ipynb](../solutions/03_blockwise_4bit.ipynb))
