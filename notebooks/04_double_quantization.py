@@ -71,7 +71,7 @@ from qlora_ref import (
 from qlora_ref.blockwise import scale_to_unit
 from qlora_ref.compare import compare
 from qlora_ref.double_quant import decompress_absmax
-from qlora_ref.plots.double_quant import overhead_figure
+from qlora_ref.plots.double_quant import dynamic_map_figure, overhead_figure
 
 _ = torch.manual_seed(0)  # `_ =` keeps the generator's repr (a memory address) out of the output
 gen = torch.Generator().manual_seed(0)
@@ -114,7 +114,7 @@ print(f"for a 65B-parameter model: {65e9 * 32 / 64 / 8e9:.2f} GB of absmax value
 # %%
 absmax = state.absmax
 print(f"{absmax.numel():,} values: min {absmax.min():.3f}, mean {absmax.double().mean():.3f}, max {absmax.max():.3f}, "
-      f"std / mean {absmax.double().std() / absmax.double().mean():.3f}")
+      f"std / mean {absmax.double().std() / absmax.double().mean():.3f}; max / min {absmax.max() / absmax.min():.1f}")
 
 # %% [markdown]
 # 8 bits are plenty for numbers like these; what matters is how the 256 codes are spread.
@@ -122,14 +122,24 @@ print(f"{absmax.numel():,} values: min {absmax.min():.3f}, mean {absmax.double()
 # ## 3. The 8-bit dynamic map
 #
 # bitsandbytes quantizes the constants with the **dynamic map** of its 8-bit optimizers (Dettmers 2015;
-# Dettmers et al. 2021), `qlora_ref.dynamic_map()`. (The QLoRA paper says "8-bit Floats"; the code uses
-# this map.) It is a table of 256 values in [-1, 1] built decade by decade: for e = 0..6 the decade
+# Dettmers et al. 2021), `qlora_ref.dynamic_map()`, a table of 256 values in [-1, 1]. (The QLoRA paper says
+# "8-bit Floats"; the code uses this map.) Its positive levels, first on a linear axis, then on a log axis:
+
+# %%
+DYN = dynamic_map(signed=True)
+fig, per_decade = dynamic_map_figure(DYN)
+print("positive levels per decade, from [1e-07, 1e-06] up to [0.1, 1]:", per_decade)
+fig
+
+# %% [markdown]
+# On the linear axis the 63 levels below 0.1 are squeezed into the left tenth, and the 31 below 0.01
+# cannot be told from 0. The log axis shows the design: one group of levels per decade, twice as many in each decade as in
+# the one below. The recipe: for e = 0..6 the decade
 # [10^(e-7), 10^(e-6)] gets 2^e values, 10^(e-6) times the midpoints of `linspace(0.1, 1, 2^e + 1)`,
 # and their negatives; then 0 and 1 are added. Large magnitudes get many levels, tiny ones few, and the
 # range covers 7 decades:
 
 # %%
-DYN = dynamic_map(signed=True)
 print(f"{DYN.numel()} levels, from {DYN.min():.5f} to {DYN.max():.5f}; equal to bitsandbytes' create_dynamic_map(signed=True):",
       torch.equal(DYN, bnbF.create_dynamic_map(signed=True)))
 positive = DYN[DYN > 0]
@@ -139,6 +149,8 @@ for e in range(7):
     levels = positive[(positive > low) & (positive < high)]
     print(f" {e}   [{low:.0e}, {high:.0e}]   {levels.numel():15d}   {levels.min():.3e}   {levels.max():.3e}")
 print(f"plus 0 and 1.0: {2 * positive[positive < 1].numel()} + 2 = {DYN.numel()}")
+top = positive[positive > 0.1]
+print(f"spacing in the top decade: {(top[1:] - top[:-1]).mean():.4f} (0.9 / 64 = {0.9 / 64:.4f})")
 
 # %% [markdown]
 # The largest negative level is -0.99297 (the midpoint of the last linspace step), the largest positive
@@ -161,7 +173,8 @@ scalar_map = subprocess.run([sys.executable, "-c", scalar_build], env=os.environ
 scalar_map = torch.tensor(json.loads(scalar_map))
 print(f"torch's CPU code here: {torch.backends.cpu.get_cpu_capability()}; levels that its scalar code puts elsewhere: "
       f"{int((scalar_map != DYN).sum())} of {DYN.numel()}, by at most {(scalar_map - DYN).abs().max().item():.1e}")
-#
+
+# %% [markdown]
 # ## 4. Subtract the mean first
 #
 # The absmax values are all positive. Quantized as they are, they only use the positive half of the map,
@@ -172,16 +185,18 @@ print(f"torch's CPU code here: {torch.backends.cpu.get_cpu_capability()}; levels
 # The mean summed in float64: a float32 sum of 262,144 values ends in other bits on another CPU (more on that
 # in section 5).
 offset = absmax.double().mean().float()
+mean_rel = []
 for name, values in [("absmax as it is   ", absmax), ("absmax - mean     ", absmax - offset)]:
     q, st = quantize_blockwise(values, blocksize=256)
     restored = dequantize_blockwise(q, st) + (absmax - values)  # add the offset back where it was taken
     rel = ((restored - absmax).abs() / absmax).double()
+    mean_rel.append(rel.mean().item())
     print(f"{name}: codes used {q.unique().numel():3d} of 256, relative error of absmax^: mean {rel.mean():.5f}, max {rel.max():.5f}")
-print(f"offset = {offset:.4f}")
+print(f"offset = {offset:.4f}; centring divides the mean relative error by {mean_rel[0] / mean_rel[1]:.1f}")
 
 # %% [markdown]
 # Centring uses almost all 256 codes and cuts the mean relative error of the restored absmax by a factor
-# of about 3.5. The offset is one float32 for the whole tensor.
+# of 3.6. The offset is one float32 for the whole tensor.
 #
 # ## 5. The nested state, field by field against bitsandbytes
 #
@@ -200,7 +215,8 @@ packed_dq, state_dq = quantize_4bit(W, blocksize=64, quant_type="nf4", double_qu
 bnb_packed, bnb_state = bnbF.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
 
 print(f"state.absmax: {state_dq.absmax.dtype}, {state_dq.absmax.numel():,} codes | state2.absmax: "
-      f"{state_dq.state2.absmax.dtype}, {state_dq.state2.absmax.numel():,} values | offset {state_dq.offset.item():.4f}")
+      f"{state_dq.state2.absmax.dtype}, {state_dq.state2.absmax.numel():,} values, mean {state_dq.state2.absmax.double().mean():.3f} | "
+      f"offset {state_dq.offset.item():.4f}")
 compare("packed 4-bit codes     ", packed_dq, bnb_packed)
 compare("nested absmax (uint8)  ", state_dq.absmax, bnb_state.absmax)
 compare("offset                 ", state_dq.offset, bnb_state.offset)
@@ -248,6 +264,7 @@ print(f"offset with {threads} threads {state_dq.offset.item():.9f}, with 1 threa
 
 # %%
 centred = state.absmax - offset
+print(f"grid step 2/65535 = {2 / 65535:.2e}; half of it {1 / 65535:.2e}")
 sample = torch.randn(2**22, generator=gen, dtype=torch.float64).float()  # float64 first, as W
 for name, values in [("nested absmax (4096x4096 weight)", centred), ("2^22 values of N(0, 1)", sample)]:
     q_lut, st_lut = quantize_blockwise(values, blocksize=256, rounding="lut")
@@ -353,6 +370,7 @@ for source, claim, value in [
     ("note 002: 'approximately 3GB' at 65B", 3.0, saved_65b),
 ]:
     print(f"{source:52s} claim {claim:<5} computed {value:.3f}  (off by {claim / value - 1:+.0%})")
+print(f"the saving is {saved / plain:.0%} of what the constants cost without double quantization")
 
 # %% [markdown]
 # 0.5 bits is what the constants cost *before* double quantization, not what it saves: the saving is 0.373
@@ -391,6 +409,7 @@ print(f"the 4-bit codes are the same either way: {torch.equal(packed, packed_dq)
 fig, row = overhead_figure(highlight=64, parameters=65e9)
 print(f"B = {row['blocksize']}: {row['plain_bits']} -> {row['nested_bits']:.4f} bits per parameter; "
       f"65B parameters: {row['plain_gb']:.2f} GB -> {row['nested_gb']:.2f} GB, {row['saved_gb']:.2f} GB saved")
+print(f"B = 256 without double quantization: {constant_bits_per_parameter(256, double_quant=False)} bits per parameter")
 display(fig)
 
 # %% [markdown]
@@ -425,13 +444,58 @@ interact(
 # - bitsandbytes' CPU 8-bit quantizer uses a 65536-point lookup table that disagrees with the nearest code
 #   on about 0.15-0.2% of values; byte-exactness means reproducing it. Our nested state equals
 #   bitsandbytes' in every field.
-#
+
+# %% [markdown]
 # ## Check your understanding
 #
 # 1. With blocks of 128 and double quantization, how many bits per parameter do the constants cost?
 #    Check with `constant_bits_per_parameter`.
+#
+# <details><summary>Answer</summary>
+#
+# 8/128 + 32/(128 · 256) = 0.0625 + 0.00098 = 0.0635 bits per parameter, against 32/128 = 0.25 without
+# double quantization.
+#
+# </details>
+
+# %% [markdown]
 # 2. Why would the absmax values, quantized without subtracting their mean, use so few of the 256 codes?
+#
+# <details><summary>Answer</summary>
+#
+# They are all positive, so the negative half of the map is never used. And each nested block is divided by
+# its largest value, while the absmax values differ by a factor of only about 4 (section 2): every scaled
+# value lies between about 0.2 and 1, inside the top decade, whose 64 positive levels (and 1.0) are all it
+# can reach. Section 4 counts the codes actually used.
+#
+# </details>
+
+# %% [markdown]
 # 3. A nested absmax code is off by one level. How many weights does that affect, and by roughly how much
 #    (relative), if the level is in the top decade of the dynamic map?
+#
+# <details><summary>Answer</summary>
+#
+# One nested code is the scale of one block: all 64 of its weights, each multiplied by the same wrong
+# absmax^. One level in the top decade is 0.014 of the nested block's scale (`state2.absmax`, 1.56 on
+# average in section 5), so absmax^ moves by about 0.014 × 1.56 ≈ 0.022, which is 0.8% of an absmax of
+# 2.6 (section 2's mean). Every weight of the block is off by that same relative amount.
+#
+# </details>
+
+# %% [markdown]
 # 4. Would the table rounding of section 6 ever pick a level two steps away from u in the top decade
 #    [0.1, 1]? (Compare the grid step with the spacing of the levels there.)
+#
+# <details><summary>Answer</summary>
+#
+# No. The grid point is within half a grid step (1.5e-5) of u, while the levels there are 0.014 apart.
+# The table's code can differ from the nearest one only when u lies within 1.5e-5 of a midpoint, and then
+# it is the level on the other side of that midpoint: a neighbour, one step away. Larger jumps happen only
+# near zero, where the levels are closer together than the grid step.
+#
+# </details>
+
+# %% [markdown]
+# **Exercise:** [exercises/04_double_quantization.ipynb](../exercises/04_double_quantization.ipynb) (solution:
+# [solutions/04_double_quantization.ipynb](../solutions/04_double_quantization.ipynb))

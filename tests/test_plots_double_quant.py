@@ -8,9 +8,9 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from qlora_ref import quantize_4bit
+from qlora_ref import dynamic_map, quantize_4bit
 from qlora_ref.double_quant import constants_memory_table
-from qlora_ref.plots.double_quant import overhead_figure, overhead_rows
+from qlora_ref.plots.double_quant import dynamic_map_figure, overhead_figure, overhead_rows
 from qlora_ref.validation import BLOCKSIZES
 
 MODEL_SIZES = (7e9, 13e9, 65e9, 70e9)
@@ -62,3 +62,12 @@ def test_overhead_figure_draws():
 def test_overhead_figure_rejects_a_blocksize_it_does_not_plot():
     with pytest.raises(ValueError, match="highlight"):
         overhead_figure(blocksizes=(64, 128), highlight=32)
+
+
+def test_dynamic_map_figure_counts_each_decade():
+    fig, counts = dynamic_map_figure()
+    assert isinstance(fig, Figure) and len(fig.axes) == 2
+    assert fig.axes[1].get_xscale() == "log"
+    assert counts == [2**e for e in range(7)]  # 2^e levels in the decade [10^(e-7), 10^(e-6)]
+    assert sum(counts) + 1 == int((dynamic_map(signed=True) > 0).sum())  # and the level 1.0 itself
+    fig.canvas.draw()

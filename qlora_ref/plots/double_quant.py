@@ -1,16 +1,51 @@
-"""Lesson 4's figure: what the quantization constants cost, with and without double quantization.
+"""Lesson 4's figures: the 8-bit dynamic map that double quantization uses (`dynamic_map_figure`), and what
+the quantization constants cost, with and without double quantization (`overhead_figure`).
 
 The function builds a `matplotlib.figure.Figure` directly (not through pyplot), so nothing is left open
 in pyplot's figure list: the caller shows it (`display(fig)`, or as a cell's last value) or drops it.
 It also returns the numbers it drew, so that tests and learners can check them.
 """
 
+import torch
 from matplotlib.figure import Figure
 
+from ..codebooks import dynamic_map
 from ..double_quant import NESTED_BLOCKSIZE, constant_bits_per_parameter
 from ..validation import BLOCKSIZES
 
-__all__ = ["overhead_rows", "overhead_figure"]
+__all__ = ["dynamic_map_figure", "overhead_rows", "overhead_figure"]
+
+
+def dynamic_map_figure(code: torch.Tensor = None, decades: int = 7):
+    """The positive levels of the dynamic map (default: the signed 256-level one), once on a linear axis and
+    once on a log axis, where each decade [10^-k, 10^-k+1] is shaded and labelled with its number of levels.
+
+    On the linear axis the levels below 0.01 all sit on top of 0; the log axis shows that the map is built
+    decade by decade, with more levels in the larger decades.
+    Returns (figure, counts): counts[k] is the number of positive levels in the decade (10^(k-decades), 10^(k-decades+1)).
+    """
+    code = dynamic_map(signed=True) if code is None else code
+    positive = code[code > 0].double()
+    bounds = [10.0 ** (k - decades) for k in range(decades + 1)]
+    counts = [int(((positive > low) & (positive < high)).sum()) for low, high in zip(bounds[:-1], bounds[1:])]
+
+    fig = Figure(figsize=(8, 2.8), layout="constrained")
+    linear, log = fig.subplots(2, 1)
+    for ax in (linear, log):
+        ax.vlines(positive.numpy(), 0, 1, color="tab:blue", linewidth=0.7)
+        ax.set_yticks([])
+    linear.set_xlim(0, 1.02)
+    linear.set_title(f"{positive.numel()} positive levels, linear axis", fontsize=9, loc="left")
+    log.set_xscale("log")
+    log.set_xlim(bounds[0] * 0.8, 1.25)
+    for k, (low, high, count) in enumerate(zip(bounds[:-1], bounds[1:], counts)):
+        if k % 2:
+            log.axvspan(low, high, color="0.92", zorder=0)
+        log.text((low * high) ** 0.5, 1.08, str(count), ha="center", va="bottom", fontsize=8)
+    log.set_ylim(0, 1.35)
+    log.set_title("log axis: levels per decade", fontsize=9, loc="left")
+    log.set_xlabel("|level|")
+    return fig, counts
 
 
 def overhead_rows(blocksizes=BLOCKSIZES, parameters: float = 65e9) -> list:
