@@ -233,11 +233,11 @@ mae_4, mae_8 = (quantization_error(W, quantize_absmax(W, bits=b).dequantize())["
 print(f"INT4's error / INT8's: {mae_4 / mae_8:.1f}; mean |x| of W {W.double().abs().mean():.4f}, √(2/π) = {math.sqrt(2 / math.pi):.4f}")
 
 # %% [markdown]
-# From 3 bits up, the measured error matches s/4 and s/√12 to within 1%, and INT8's error (0.0090) is 18
-# times smaller than INT4's (0.1625), as their steps are: s shrinks from absmax/7 to absmax/127. At 2 bits the prediction fails: with levels -s, 0, s and
-# s = max|x| = 4.56, almost every value rounds to 0 and its error is just |x| (the mean of |x| for N(0, 1)
-# is √(2/π) = 0.798, and W's is 0.80). On this symmetric data the zero-point scheme gains little: one more level (2^b
-# instead of 2^b - 1).
+# From 3 bits up, the measured error matches s/4 and s/√12 to within 1%, and INT8's error (0.0090) is 18 times
+# smaller than INT4's (0.1625), as their steps are: s shrinks from absmax/7 to absmax/127. At 2 bits the
+# prediction fails: with levels -s, 0, s and s = max|x| = 4.56, almost every value rounds to 0 and its error is
+# just |x| (the mean of |x| for N(0, 1) is √(2/π) = 0.798, and W's is 0.80). On this symmetric data the
+# zero-point scheme gains little: one more level (2^b instead of 2^b - 1).
 #
 # ## 7. Skewed data: where the zero-point pays
 #

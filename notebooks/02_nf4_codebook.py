@@ -490,8 +490,9 @@ _ = interact(
 # <details><summary>Answer</summary>
 #
 # The quantiles of probability 0 and 1 are at ∓∞, so without an offset an outer level is infinite (section 2
-# prints the paper's equation 4: its lowest level is -inf), and the table could not be scaled to [-1, 1]. Stopping at δ = 0.9677083 puts the outermost level at Φ^-1(δ) = 1.848 standard deviations,
-# which is then divided out so that the block's absmax lands on ±1.
+# prints the paper's equation 4: its lowest level is -inf), and the table could not be scaled to [-1, 1].
+# Stopping at δ = 0.9677083 puts the outermost level at Φ^-1(δ) = 1.848 standard deviations, which is then
+# divided out so that the block's absmax lands on ±1.
 #
 # </details>
 

@@ -132,12 +132,11 @@ print("positive levels per decade, from [1e-07, 1e-06] up to [0.1, 1]:", per_dec
 fig
 
 # %% [markdown]
-# On the linear axis the 63 levels below 0.1 are squeezed into the left tenth, and the 31 below 0.01
-# cannot be told from 0. The log axis shows the design: one group of levels per decade, twice as many in each decade as in
-# the one below. The recipe: for e = 0..6 the decade
-# [10^(e-7), 10^(e-6)] gets 2^e values, 10^(e-6) times the midpoints of `linspace(0.1, 1, 2^e + 1)`,
-# and their negatives; then 0 and 1 are added. Large magnitudes get many levels, tiny ones few, and the
-# range covers 7 decades:
+# On the linear axis the 63 levels below 0.1 are squeezed into the left tenth, and the 31 below 0.01 cannot be
+# told from 0. The log axis shows the design: one group of levels per decade, twice as many in each decade as in
+# the one below. The recipe: for e = 0..6 the decade [10^(e-7), 10^(e-6)] gets 2^e values, 10^(e-6) times the
+# midpoints of `linspace(0.1, 1, 2^e + 1)`, and their negatives; then 0 and 1 are added. Large magnitudes get
+# many levels, tiny ones few, and the range covers 7 decades:
 
 # %%
 print(f"{DYN.numel()} levels, from {DYN.min():.5f} to {DYN.max():.5f}; equal to bitsandbytes' create_dynamic_map(signed=True):",
