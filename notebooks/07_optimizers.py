@@ -7,23 +7,25 @@
 # the weights themselves, and they sit in GPU memory for the whole run although each is used once per
 # step. This lesson shrinks them to one byte each (8-bit AdamW, Dettmers et al. 2021) and then moves
 # them out of the GPU whenever something else needs the room (paged optimizers, QLoRA section 3).
-#
+# QLoRA trains only the adapters, so their moments are small; what it needs paging for is the
+# memory spike of a long batch.
+
+# %% [markdown]
 # **What you will learn**
 # - what full fine-tuning of a 7B-shaped model keeps per parameter (weights, gradients, Adam's m and v),
-#   computed, and which of the course's source notes get it wrong;
-# - the 8-bit dynamic map, signed and unsigned: why Adam's second moment takes the unsigned one, how
-#   finely it resolves values near 0 and near 1 (plotted), and how it beats a linear 8-bit map on
-#   Adam-like moments, blockwise in blocks of 256;
+#   computed, and which of the course's source notes get it wrong; what QLoRA keeps instead: the
+#   adapters' moments at rank 64, float32 against 8-bit;
+# - the 8-bit dynamic map, signed and unsigned: why Adam's second moment takes the unsigned one, and how
+#   it beats a linear 8-bit map on Adam-like moments, blockwise in blocks of 256;
 # - `qlora_ref.optim8bit.AdamW8bit` against bitsandbytes' `AdamW8bit` over 100 steps on a CPU: the
-#   moments byte for byte, the parameters to a few float32 roundings (and why), its NaN/Inf rule, and
-#   the optimizer state bytes measured against the formula;
-# - paging: a `Pager` under a byte budget, its page traffic, and a training step with a memory spike that
-#   runs out of memory without paging and completes with it, with the same weights;
+#   moments byte for byte, the parameters to a few float32 roundings (and why), its NaN/Inf rule;
+# - paging: why QLoRA needs it (long sequences under gradient checkpointing), a `Pager` under a byte budget,
+#   and a training step with a memory spike that runs out of memory without paging and completes with it;
 # - what bitsandbytes does on a GPU instead (`cudaMallocManaged`, `cudaMemPrefetchAsync`), and why a
 #   capped PyTorch allocator does not see those states.
 #
 # Every demonstration runs on a CPU. Each has a GPU variant, which runs only where CUDA is available and
-# otherwise prints what it shows, with the H100 results stored in the course's tests.
+# otherwise prints what it shows.
 #
 # **Prerequisites:** lesson 4 (the dynamic map, `quantize_blockwise`, bitsandbytes' CPU lookup-table
 # rounding); Adam's update (Kingma & Ba 2014, arXiv:1412.6980) at the level of its two formulas.
@@ -73,11 +75,13 @@ import qlora_ref
 from qlora_ref import QuantState, dequantize_blockwise, dynamic_map, quantize_blockwise
 from qlora_ref.compare import compare
 from qlora_ref.adamw_step import adamw_update_
-from qlora_ref.optim8bit import AdamW8bit, bytes_per_parameter, optimizer_state_bytes, predicted_state_bytes
+from qlora_ref.optim8bit import OPTIMIZERS, AdamW8bit, bytes_per_parameter, optimizer_state_bytes, predicted_state_bytes
 from qlora_ref.pager import Pager
 from qlora_ref.spike import simulate_spike
 from qlora_ref.plots.optimizers import error_by_decade_figure, linear_code, resolution_figure
 from qlora_ref.plots.paging import page_traffic_figure, spike_timeline_figure
+from qlora_ref.results import load_measurements
+from qlora_ref.vram import GIB, PRESETS, estimate
 
 _ = torch.manual_seed(0)  # `_ =` keeps the generator's repr (a memory address) out of the output
 gen = torch.Generator().manual_seed(0)
@@ -172,6 +176,39 @@ else:
     print("no GPU here: the GPU variant measures the first step of torch AdamW, ours and bitsandbytes' AdamW8bit "
           "on CUDA tensors with torch.cuda.memory_allocated, next to optimizer_state_bytes; no H100 run of it "
           "is stored in the course")
+
+# %% [markdown]
+# ### In QLoRA: only the adapters have moments
+#
+# QLoRA freezes the 4-bit base: it has no gradients and no optimizer state. Adam's m and v exist only
+# for the LoRA adapters, A (r × in) and B (out × r) on each linear layer. Counted as in lesson 6, for
+# the same Llama-2-7B shape (`PRESETS`) at rank 64 on all seven linear layers of each block, and checked
+# against the adapters that `bench/memory.py` trained on an H100 (read from `bench/results`):
+
+# %%
+LLAMA_7B, RANK = PRESETS["Llama-2-7B"], 64
+adapter_sizes = [RANK * n for i, o in LLAMA_7B.linear_shapes().values() for n in (i, o)] * LLAMA_7B.num_hidden_layers
+n_adapters = sum(adapter_sizes)
+measured = [run for run in load_measurements("../bench/results") if run["model"] == "Llama-2-7B" and run["r"] == RANK]
+print(f"{len(adapter_sizes)} adapter tensors, {n_adapters:,} parameters ({n_adapters / N:.2%} of the model); "
+      f"the H100 run trained {measured[0]['trainable_parameters']:,}")
+adapter_states = {"float32 AdamW": bytes_per_parameter(32) * n_adapters, "8-bit AdamW": predicted_state_bytes(adapter_sizes)}
+for name, nbytes in adapter_states.items():
+    print(f"{name:14s} m + v of the adapters: {nbytes / 1e9:.3f} GB ({nbytes / n_adapters:.5f} bytes per parameter)")
+print(f"saved by 8-bit moments: {(adapter_states['float32 AdamW'] - adapter_states['8-bit AdamW']) / 1e9:.2f} GB; "
+      f"full fine-tuning's float32 m + v: {8 * N / 1e9:.1f} GB")
+print()
+for optimizer in OPTIMIZERS:  # lesson 9's estimate of the whole step: batch 1, 512 tokens, checkpointing
+    budget = estimate(LLAMA_7B, optimizer=optimizer, r=RANK, seq_len=512)
+    print(f"QLoRA step with {optimizer:17s}: {budget.total / GIB:5.2f} GiB on the GPU, of which optimizer states "
+          f"{budget.parts['optimizer states'] / GIB:.2f} GiB (+ {budget.optimizer_host_bytes / GIB:.2f} GiB that may sit in host RAM)")
+
+# %% [markdown]
+# The adapters are 2.37% of the parameters, so their float32 moments take 1.279 GB instead of full
+# fine-tuning's 53.9 GB. 8-bit moments save another 0.95 GB: worth having on a 16 or 24 GB card, but no
+# longer the term that decides whether a 7B model fits. The paged optimizer keeps on the GPU only the
+# small states and one parameter's large ones at a time: the rest may leave. Section 4 says why they
+# must be able to.
 
 # %% [markdown]
 # ## 2. The dynamic 8-bit map
@@ -572,12 +609,36 @@ else:
 # %% [markdown]
 # ## 4. Paging: states leave the GPU while it needs the room
 #
-# 8-bit moments are a quarter of float32 ones, but they still sit on the GPU all the time, although each
-# parameter's state is used once per step, in `optimizer.step()`. Training memory is not flat: one
-# batch of long sequences can need several times the activations of the others. QLoRA's *paged
-# optimizers* (Dettmers et al. 2023, section 3) let the optimizer states leave the GPU during such a
-# spike and come back for the update.
+# 8-bit moments sit on the GPU all the time, although each parameter's state is used once per step, in
+# `optimizer.step()`. Training memory is not flat: activations grow with the sequence length, and a
+# dataset of mixed lengths now and then batches long ones. The QLoRA paper introduces *paged optimizers*
+# "to prevent memory spikes during gradient checkpointing from causing out-of-memory errors" (section 3):
+# the states leave the GPU during such a spike and come back for the update. Lesson 9's estimate of one
+# QLoRA step at rank 64 shows the spike's size:
+
+# %%
+print(f"{'model':12s} {'tokens':>6s} {'adamw_8bit':>11s} {'growth over 512 tokens':>23s} {'8-bit states':>13s} "
+      f"{'paged_adamw_8bit':>17s}  (GiB, batch 1)")
+for model in ("Llama-2-7B", "Llama-2-70B"):
+    usual = estimate(model, optimizer="adamw_8bit", r=RANK, seq_len=512).total
+    for seq_len in (512, 2048, 4096):
+        fixed, paged = (estimate(model, optimizer=o, r=RANK, seq_len=seq_len) for o in ("adamw_8bit", "paged_adamw_8bit"))
+        print(f"{model:12s} {seq_len:6d} {fixed.total / GIB:11.2f} {(fixed.total - usual) / GIB:23.2f} "
+              f"{fixed.parts['optimizer states'] / GIB:13.2f} {paged.total / GIB:17.2f}")
+
+# %% [markdown]
+# Even with gradient checkpointing, the activations, the logits and the backward's working set grow with
+# the tokens: 4096 of them need 4.10 GiB more than 512 on the 7B shape, 12.07 GiB more on the 70B one. A
+# run sized for its usual batches meets the long one rarely, but once is enough to end it. Paging lets
+# the states give up their room at that moment: 0.30 GiB (7B) or 1.57 GiB (70B) of 8-bit states. That
+# decides a run near the edge of its GPU; a larger spike still needs a smaller batch or shorter sequences.
 #
+# What does paging cost? Section 4 of the QLoRA paper gives no hard measurements, "since the paging only
+# occurs when processing mini-batches with long sequence lengths, which is rare"; its runtime analysis of
+# 65B models on 48 GB GPUs finds that with a batch size of 16 "paged optimizers provide the same training
+# speed as regular optimizers", and it leaves to future work when paging slows training down.
+
+# %% [markdown]
 # ### A pager by hand
 #
 # `qlora_ref.pager.Pager` makes the moves explicit. A page is a group of tensors (one parameter's
@@ -676,7 +737,8 @@ print(f"all {len(run.parameters)} parameters torch.equal to the unpaged run: "
 # needs it; what goes to host memory are the optimizer states, which nothing needs until
 # `optimizer.step()`. Computed above: every one of the run's page moves is an optimizer-state page,
 # and at the spike's peak all the activation bytes were on the device while most state pages were out.
-#
+
+# %% [markdown]
 # ### On a GPU: unified memory, and why a capped allocator does not see it
 #
 # bitsandbytes' paged optimizers (`bnb.optim.PagedAdamW8bit`, and `PagedAdamW8bit(paging="managed")`
@@ -768,32 +830,72 @@ else:
 # ## Summary
 #
 # - Full fine-tuning with float32 AdamW keeps 16 bytes per parameter (weights 4, gradients 4, m and v 8):
-#   107.8 GB for a 7B-shaped model before activations, not the "~28 GB" of note 001 (that is the
-#   float32 weights alone). 8-bit AdamW stores m and v in 2.03125 bytes: 10.03 bytes per parameter in all.
-# - The dynamic map's relative gap between levels only doubles per decade towards 0 (a linear map's grows
-#   tenfold), and it has levels down to 10^-6 of the absmax; the unsigned variant, for v ≥ 0, is twice as
-#   fine as the signed one. A linear 8-bit map stored 27% of a simulated v as 0, and Adam's step
-#   m / (√v + ε) then explodes (3,713 of 16,384 updates off by more than 1); the dynamic map's are not.
-# - Blocks of 256, one absmax each, isolate rows of different scales: on the simulation the error of v
-#   is ten times lower than with the paper's blocks of 2048.
-# - `qlora_ref.optim8bit.AdamW8bit` matches bitsandbytes' `AdamW8bit` byte for byte in its moments
-#   over 100 steps on a CPU; parameters differ by a few float32 roundings because bitsandbytes' CPU path
-#   groups the step differently (its formula, written out, reproduces its bytes exactly) and applies weight
-#   decay before the step. NaN/Inf gradient elements are skipped, as in bitsandbytes' CUDA kernel; its
-#   CPU path lets one Inf turn a block of 256 weights into NaN.
-# - Paging moves optimizer states off the device during a memory spike and back for the update: the
-#   simulated spike runs out of memory without paging and completes with it, with weights equal bit for
-#   bit to an unpaged run. On a GPU, bitsandbytes does this with `cudaMallocManaged` and
-#   `cudaMemPrefetchAsync`, memory that a capped PyTorch allocator does not count.
+#   107.8 GB for a 7B-shaped model before activations, not the "~28 GB" of note 001 (the float32 weights
+#   alone). 8-bit AdamW stores m and v in 2.03125 bytes per parameter.
+# - QLoRA has moments only for the adapters: at rank 64 on the 7B shape, 1.279 GB in float32, 0.325 GB in
+#   8 bits.
+# - The dynamic map's relative gap only doubles per decade towards 0 (a linear map's grows tenfold); the
+#   unsigned map, for v ≥ 0, is twice as fine. A linear 8-bit map stores much of a small v as 0, and
+#   Adam's step m / (√v + ε) then explodes. Blocks of 256 keep rows of different scales apart.
+# - `qlora_ref.optim8bit.AdamW8bit` matches bitsandbytes' `AdamW8bit` byte for byte in its moments over
+#   100 steps on a CPU; parameters differ by a few float32 roundings (a different grouping of the same
+#   step). NaN/Inf gradient elements are skipped, as in bitsandbytes' CUDA kernel.
+# - Paging moves optimizer states off the device during a memory spike (a batch of long sequences) and
+#   back for the update: the simulated spike runs out of memory without paging and completes with it,
+#   bit for bit the same weights. The QLoRA paper found no loss of speed at batch size 16 (65B, 48 GB).
 #
+# **Exercise:** [exercises/07_optimizers.ipynb](../exercises/07_optimizers.ipynb) (solution:
+# [solutions/07_optimizers.ipynb](../solutions/07_optimizers.ipynb)): write one AdamW step and the pager's
+# least-recently-used bookkeeping.
+
+# %% [markdown]
 # ## Check your understanding
 #
 # 1. A Llama-2-13B-shaped model has 40 layers, hidden size 5120, intermediate size 13824 and the same
 #    vocabulary. How many GB do float32 AdamW states take, and 8-bit ones? (Build its `sizes` list and use
 #    `predicted_state_bytes`.)
+#
+# <details><summary>Answer</summary>
+#
+# As `sizes_7b` with the 13B numbers: `[VOCAB * 5120] + per_layer_13b * 40 + [5120, VOCAB * 5120]`, where
+# `per_layer_13b` holds four 5120 × 5120 projections, three 5120 × 13824 ones and two norms of 5120.
+# Float32 states are `8 * sum(sizes_13b)` bytes, 8-bit ones `predicted_state_bytes(sizes_13b)`. Every
+# tensor has more than 4096 values, so the 8-bit states are 2.03125 / 8 of the float32 ones, as for 7B.
+#
+# </details>
+#
 # 2. With the linear map, why does Adam's step explode rather than vanish when a small v is stored as 0?
 #    Would storing m as 0 be as bad?
+#
+# <details><summary>Answer</summary>
+#
+# The step divides by √v + ε. With v stored as 0 the divisor is ε = 1e-8, so a small but nonzero m gives
+# a step of m / 1e-8: tens of thousands of learning rates. An m stored as 0 gives a step of 0: the weight
+# misses one update, a small loss rather than a jump.
+#
+# </details>
+
+# %% [markdown]
 # 3. In `simulate_spike`, what is the smallest budget with which the spike step still completes with
 #    paging? (What must be on the device at the peak of the spike's forward pass, and what during an update?)
+#
+# <details><summary>Answer</summary>
+#
+# At the peak of the spike's forward pass: the weights and gradients (717,440 bytes, printed above) and all
+# the activations saved so far (688,128); every state page can be out. During an update the activations
+# are gone and one page must come in, far less. So `run.fixed_bytes + peak.activation_bytes` =
+# 1,405,568 bytes: `simulate_spike(budget_bytes=1_405_568)` completes, one byte less runs out of memory.
+#
+# </details>
+#
 # 4. Why does bitsandbytes page only states of at least 100,000 values, and why can a paged optimizer's
 #    update be slower than an unpaged one's even when nothing is ever evicted?
+#
+# <details><summary>Answer</summary>
+#
+# Unified memory moves whole pages (4 KB to 2 MB) and each paged tensor costs a driver call per step:
+# for small states the bookkeeping outweighs the bytes it could free, and all of them together are
+# little. Even without evictions, each update first queues `cudaMemPrefetchAsync` for its states, a
+# driver call an unpaged optimizer does not make; with evictions, the pages also cross PCIe.
+#
+# </details>

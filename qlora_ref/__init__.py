@@ -5,7 +5,7 @@ kernels (5), lora and adapters (6), optim8bit and paging (7); fourbit puts lesso
 behind bitsandbytes' API.
 """
 
-from .codebooks import codebook_4bit, dynamic_map, fp4_codebook, int4_codebook, nf4_codebook
+from .codebooks import codebook_4bit, dynamic_map, fp4_codebook, fp4_e3m0_codebook, int4_codebook, nf4_codebook
 from .double_quant import constant_bits_per_parameter, constants_memory_table
 from .dynamic8bit import dequantize_blockwise, quantize_blockwise
 from .fourbit import dequantize_4bit, quantize_4bit
@@ -27,6 +27,7 @@ __all__ = [
     "dequantize_blockwise",
     "dynamic_map",
     "fp4_codebook",
+    "fp4_e3m0_codebook",
     "int4_codebook",
     "nf4_codebook",
     "quantization_error",

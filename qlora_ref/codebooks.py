@@ -64,6 +64,18 @@ def int4_codebook() -> torch.Tensor:
     return table / table.abs().max()
 
 
+def fp4_e3m0_codebook() -> torch.Tensor:
+    """FP4 with 3 exponent bits and no mantissa (E3M0), the QLoRA paper's Table 2 "Float4 (E3M0)".
+
+    Bit 3 is the sign, bits 0-2 the exponent field e: e = 0 is zero, e = 1..7 is 2^(e - 7). So the
+    magnitudes are 0 and the seven powers of two 1/64 .. 1 (each level twice the one below: equal
+    relative, not absolute, steps), and +0 and -0 take two codes. The values are those of bitsandbytes'
+    `create_fp8_map(signed=True, exponent_bits=3, precision_bits=0, total_bits=4)` (which sorts them).
+    """
+    magnitudes = torch.tensor([0.0] + [2.0 ** (e - 7) for e in range(1, 8)])
+    return torch.cat([magnitudes, -magnitudes])
+
+
 def dynamic_map(signed: bool = True) -> torch.Tensor:
     """The 8-bit dynamic map (Dettmers 2015), bitsandbytes' `create_dynamic_map(signed, 7, 8)`.
 
@@ -85,11 +97,11 @@ def dynamic_map(signed: bool = True) -> torch.Tensor:
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
-CODEBOOKS = {"nf4": nf4_codebook, "fp4": fp4_codebook, "int4": int4_codebook}
+CODEBOOKS = {"nf4": nf4_codebook, "fp4": fp4_codebook, "fp4_e3m0": fp4_e3m0_codebook, "int4": int4_codebook}
 
 
 def codebook_4bit(quant_type: str) -> torch.Tensor:
-    """The 16-entry table for 'nf4', 'fp4' or 'int4'."""
+    """The 16-entry table for 'nf4', 'fp4', 'fp4_e3m0' or 'int4'."""
     if quant_type not in CODEBOOKS:
         raise ValueError(f"quant_type must be one of {sorted(CODEBOOKS)}, got {quant_type!r}")
     return CODEBOOKS[quant_type]()

@@ -44,6 +44,23 @@ def test_bitsandbytes_dequantizes_fp4_code_8_to_negative_zero_as_we_do():
     assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32)), "same bytes, signs of zero included"
 
 
+def test_fp4_e3m0_is_signed_powers_of_two_as_create_fp8_map_builds_them():
+    table = Q.fp4_e3m0_codebook()
+    assert table.dtype == torch.float32 and table.shape == (16,)
+    magnitudes = sorted(set(table.abs().tolist()))
+    assert magnitudes == [0.0] + [2.0**-k for k in range(6, -1, -1)]
+    theirs = bnb.create_fp8_map(signed=True, exponent_bits=3, precision_bits=0, total_bits=4)
+    nonzero = theirs[theirs != 0]
+    assert torch.equal(table[table != 0].sort().values, nonzero)
+
+
+def test_fp4_e3m0_round_trips_through_quantize_4bit():
+    x = torch.tensor([1.0, -0.5, 0.3, 0.01, -0.0001] + [0.0] * 59)
+    packed, state = Q.quantize_4bit(x, blocksize=64, quant_type="fp4_e3m0")
+    expected = torch.tensor([1.0, -0.5, 0.25, 0.015625, -0.0] + [0.0] * 59)
+    assert torch.equal(Q.dequantize_4bit(packed, state), expected)
+
+
 def test_int4_is_the_symmetric_absmax_grid():
     levels = torch.tensor(sorted(set(Q.int4_codebook().tolist())))
     assert torch.equal(levels, torch.arange(-7, 8, dtype=torch.float32) / 7)
