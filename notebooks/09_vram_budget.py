@@ -652,7 +652,7 @@ for name in PRESETS:
           f"{b.peak_moment}")
 
 # %% [markdown]
-# This lesson has no exercise notebook: the calculator above is its practice. Try your own model and card.
+# This lesson has no exercise notebook: section 8, *Try it*, is its practice. Try your own model and card.
 #
 # ## Summary
 #
