@@ -745,7 +745,7 @@ for name in PRESETS:
 #
 # <details><summary>Answer</summary>
 #
-# Less: section 3's table gives 14.957 GiB in bf16 (lora_bf16) against 5.311 GiB for QLoRA, about 2.8x.
+# Less: section 3's table gives 14.958 GiB in bf16 (lora_bf16) against 5.311 GiB for QLoRA, about 2.8x.
 # Llama-3's vocabulary of 128,256 makes its embeddings and head, which stay in 16 bits, an eighth of the
 # model (section 2), so a larger part of the weights is not quantized.
 #
