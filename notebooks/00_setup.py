@@ -13,7 +13,8 @@
 #
 # **Prerequisites:** Python and PyTorch basics. No GPU is needed: every lesson runs on a CPU, and with a GPU
 # lessons 5-8 also time and train on it (section 6 says what each needs).
-#
+
+# %% [markdown]
 # **Install, locally:** `make lab` in the repository root sets everything up and opens JupyterLab; `make test`
 # runs the course's own checks. Both install exactly the versions in `requirements.lock` (one version of every
 # package, with its hash), so that your outputs are the ones printed here. With conda: `conda env create -f
@@ -382,14 +383,63 @@ else:
 #   rows that are not whole blocks: the lessons check against its portable path, the same on every CPU.
 # - `troubleshoot` names the usual problems (no GPU runtime, a T4 without bfloat16, an old Python or torch,
 #   triton missing) and their fix.
-#
+
+# %% [markdown]
 # ## Check your understanding
 #
 # 1. Why does the version cell start with `# NBVAL_IGNORE_OUTPUT`, but the self-check cell does not?
+#
+# <details><summary>Answer</summary>
+#
+# The versions differ from machine to machine, so comparing them with the stored output would fail for
+# reasons that are not bugs. The self-check prints the same `[OK]` lines on every machine, so a different
+# line there is exactly the failure the automatic checks should catch.
+#
+# </details>
+#
 # 2. On a T4, `torch.cuda.is_bf16_supported()` returns True. What does it actually check, and which dtype
 #    should a QLoRA run on a T4 compute in?
+#
+# <details><summary>Answer</summary>
+#
+# With its default `including_emulation=True` it only checks that a bfloat16 tensor can be created on the
+# GPU, not that the GPU does bfloat16 arithmetic, which needs sm_80. A T4 is sm_75: compute in float16, as
+# section 2's one line chooses from the compute capability.
+#
+# </details>
+
+# %% [markdown]
 # 3. Two float32 tensors of values near 1 differ by at most 2.4e-07. Is that a bug in our code? Which `rtol`
 #    would you state, and why not claim exactness? (Hint: how far apart are neighbouring float32 numbers near 1?)
+#
+# <details><summary>Answer</summary>
+#
+# Probably not: neighbouring float32 numbers near 1 are 2^-23 apart (`torch.finfo(torch.float32).eps`), so
+# 2.4e-07 is two such steps, what summing in another order gives. State a tolerance of a few steps, such as
+# section 4's `rtol=1e-6`. Exactness would hold only for one order of operations, and the order changes
+# with the CPU, the thread count and the BLAS library.
+#
+# </details>
+
+# %% [markdown]
 # 4. Your CPU has AVX-512 and bitsandbytes decodes a weight of shape (128, 160) differently from ours, from
 #    the same bytes. Whose values are right, and how would you show it?
+#
+# <details><summary>Answer</summary>
+#
+# Ours. Rows of 160 values are not whole blocks of 64, and bitsandbytes' AVX-512 loop misreads the scales
+# of such rows. Show it two ways: bitsandbytes' own portable path (`bnb_cpu.dequantize_4bit_portable`)
+# decodes the same bytes to our values bit for bit, and against the original weight our error is the
+# smaller one, as `bnb_cpu.native_decoder_report` (section 4) reports on a CPU that takes that path.
+#
+# </details>
+#
 # 5. Why can a Triton kernel be tested on a laptop without a GPU, and what does it cost?
+#
+# <details><summary>Answer</summary>
+#
+# With `TRITON_INTERPRET=1`, `@triton.jit` runs the same kernel code in Python with numpy, one program
+# instance after another, on CPU tensors. It costs speed: the interpreter is far slower, so it suits small
+# tests, and it says nothing about how fast the compiled kernel runs on a GPU.
+#
+# </details>

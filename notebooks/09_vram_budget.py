@@ -4,27 +4,22 @@
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/qlora-course/blob/main/notebooks/09_vram_budget.ipynb)
 #
 # Will it fit? Every QLoRA tutorial has a table: "7B: 28 GB in FP32, 5-7 GB with QLoRA". This lesson
-# builds that table from first principles, term by term, in bytes: the 4-bit weights and their
-# constants, the 16-bit parts that are not quantized, the adapters, their gradients and optimizer
-# states, the activations, the temporaries of the backward pass, and what CUDA itself takes. Each term
-# is a formula from the architecture; the activation terms are checked by measuring what PyTorch keeps
-# in a small model on the CPU. At the end, a calculator for any model, method, sequence length, batch,
-# rank and GPU.
+# builds that table term by term, in bytes: 4-bit weights and their constants, the 16-bit parts, the
+# adapters, their gradients and optimizer states, the activations and temporaries, and what CUDA takes.
+# Each term is a formula from the architecture, checked by measuring a small model on the CPU.
 #
 # **What you will learn**
 # - to count a Llama model's parameters exactly from its config.json (Llama-2-7B has 6,738,415,616);
-# - what each fine-tuning method stores per parameter: full fp32 and bf16, 16-bit LoRA, QLoRA with and
-#   without double quantization, and AdamW, 8-bit AdamW and paged 8-bit AdamW;
-# - which tensors autograd saves for the backward pass in a Llama block, with and without gradient
-#   checkpointing, and how to measure them with `torch.autograd.graph.saved_tensors_hooks`;
+# - what each fine-tuning method stores per parameter (full fp32 and bf16, 16-bit LoRA, QLoRA with and
+#   without double quantization) and what AdamW, 8-bit AdamW and paged 8-bit AdamW keep;
+# - which tensors autograd saves for the backward pass, with and without gradient checkpointing, and how
+#   to measure them with `torch.autograd.graph.saved_tensors_hooks`;
 # - where a training step peaks, and why the vocabulary size can decide it;
-# - what the source documents' VRAM table gets right and what it leaves out;
-# - how our QLoRA step compares, measured on an H100, with transformers + peft + bitsandbytes, what
-#   `prepare_model_for_kbit_training` costs, and how an update inside the backward pass and a CUDA graph
-#   make a step smaller and faster.
+# - what the source documents' claims and VRAM table get right and what they leave out.
 #
 # **Prerequisites:** lessons 4 (double quantization), 6 (LoRA, `QLoRALinear`) and 7 (8-bit and paged
-# optimizers); autograd (`loss.backward()`). Everything runs on a CPU.
+# optimizers); autograd (`loss.backward()`). Everything runs on a CPU; the GPU numbers are read from
+# `bench/results/`.
 #
 # **Sources:** QLoRA (Dettmers et al. 2023, arXiv:2305.14314), section 2 and its memory figure;
 # 8-bit optimizers (Dettmers et al. 2021, arXiv:2110.02861); gradient checkpointing (Chen et al. 2016,
@@ -193,6 +188,29 @@ for name in ("Llama-2-7B", "Llama-2-13B", "Llama-2-70B", "Llama-3-8B"):
     print(f"{name:12s}" + "".join(f"{b / GIB:14.3f}" for b in row))
 
 # %% [markdown]
+# **A claim of the source documents: "approximately 4x".** One says QLoRA stores the weights in 4 bits,
+# "reducing memory by approximately 4x compared to full-precision training"; another that 4-bit
+# quantization "reduces memory by ~75%". Both read 16 bits → 4 bits as the whole story. Llama-2-7B's
+# weights, in bf16 and the QLoRA way:
+
+# %%
+bf16_weights = 2 * PRESETS["Llama-2-7B"].parameter_count
+p = estimate("Llama-2-7B", method="qlora_nf4_dq").parts
+qlora_weights = p["4-bit weights"] + p["quantization constants"] + p["16-bit weights"]
+bits = 4 + constant_bits_per_parameter(64, double_quant=True)
+print(f"Llama-2-7B weights: bf16 {bf16_weights / GIB:.2f} GiB -> QLoRA {qlora_weights / GIB:.2f} GiB: "
+      f"{bf16_weights / qlora_weights:.2f}x smaller, {1 - qlora_weights / bf16_weights:.0%} less")
+print(f"one quantized linear: 16 -> {bits:.3f} bits a weight, {16 / bits:.2f}x")
+print(f"left in bf16 (embeddings, lm_head, norms): {p['16-bit weights'] / GIB:.2f} GiB, "
+      f"{p['16-bit weights'] / qlora_weights:.0%} of the QLoRA weights")
+
+# %% [markdown]
+# **Verdict: about 3.5x, not 4x (and 71%, not 75%).** Each quantized linear does shrink 3.88x, not 4x,
+# because its constants add 0.127 bits to every 4-bit code. The whole model shrinks less again: the
+# embeddings, the output head and the norms stay in 16 bits, and once the linears are small those few
+# percent of the parameters are about a seventh of what is left. (Against full-precision *training*, which
+# also holds gradients and optimizer states, the saving is far more than 4x: section 7.)
+#
 # The estimator counts the bytes of each layer as `QLoRALinear` stores them: the packed codes, the
 # absmax (8-bit codes with double quantization), the second-level absmax and offset, and the code
 # tables. A real layer, measured, for an awkward shape and for Llama-3-8B's k_proj (4096 → 1024):
@@ -242,11 +260,13 @@ print(f"gradients alive at once: all {qlora.parts['gradients'] / GIB:.3f} GiB, o
 # takes nearly all of them off the GPU. The gradients are not small (as large as the float32 adapters),
 # but they need not all exist at once: an optimizer that updates each parameter inside the backward pass,
 # as soon as its gradient is complete, frees it there (`estimate(..., optimizer_in_backward=True)`;
-# section 8 measures it), and only the largest adapted linear's gradients are ever alive. For full fine-tuning they are as large as weights and gradients
-# together. (torch's AdamW on bf16 weights keeps
-# bf16 moments, 4 bytes a parameter, half of what float32 moments would take.) Paged states cost the GPU
-# almost nothing between updates; they do not make the weights or gradients smaller.
-#
+# [lesson 11](11_performance.ipynb) measures it), and only the largest adapted linear's gradients are ever
+# alive. For full fine-tuning the optimizer states are as large as weights and gradients together. (torch's
+# AdamW on bf16 weights keeps bf16 moments, 4 bytes a parameter, half of what float32 moments would take.)
+# Paged states cost the GPU almost nothing between updates; they do not make the weights or gradients
+# smaller.
+
+# %% [markdown]
 # ## 5. Activations: what autograd keeps
 #
 # For the backward pass, autograd keeps some tensors of the forward pass: the input of every linear layer
@@ -263,7 +283,8 @@ print(f"gradients alive at once: all {qlora.parts['gradients'] / GIB:.3f} GiB, o
 # | post_attention_layernorm | input in float32, 1/rms | 4d + 4 |
 # | gate/up_proj (LoRA) | shared input; x Aᵀ each | c d + 2 a r |
 # | SwiGLU and down_proj | gate, silu(gate), up, their product; x Aᵀ | 4 c f + a r |
-#
+
+# %% [markdown]
 # That is 20 d + 8 f + 28 r + 4 H + 8 bytes (with H d_h = d). Attention is PyTorch's
 # `scaled_dot_product_attention`, whose flash and memory-efficient kernels keep the log-sum-exp of each
 # row instead of the seq × seq probabilities: O(seq), not O(seq²). The first layer keeps 4d + 4 less:
@@ -271,7 +292,8 @@ print(f"gradients alive at once: all {qlora.parts['gradients'] / GIB:.3f} GiB, o
 # With gradient checkpointing a layer keeps only its input (c d) and is recomputed in the backward.
 # After the layers: the final norm (4d + 4), the float32 log-probabilities of the loss (4V per predicted
 # position) and the logits the forward returns (c V per token).
-#
+
+# %% [markdown]
 # Now measured. `measure_saved_bytes` runs one forward pass under `torch.autograd.graph.saved_tensors_hooks`:
 # every tensor autograd saves passes through its pack hook, and we add up the bytes of their storages
 # (each once, leaving out parameters and buffers). A small `qlora_ref.llama` (hidden 96, MLP 256, 3
@@ -396,7 +418,7 @@ print(f"measured on an H100 (torch 2.11, CUDA 13.0): CUDA context {CUDA_CONTEXT_
 # Next to it: our count of FP32 weights, our estimate of full FP32 fine-tuning (torch AdamW), our QLoRA
 # estimate (NF4 + double quantization, r = 64, paged 8-bit AdamW updating inside the backward,
 # checkpointing, batch 1, 512 tokens) and its measurement on an H100 (`python -m bench.memory`,
-# the step of section 8 replayed as a CUDA graph; `bench/results/memory-*.json`): reserved + context,
+# the step replayed as a CUDA graph, as lesson 11 explains; `bench/results/memory-*.json`): reserved + context,
 # every paged state on the GPU, as a GPU with room keeps them:
 
 # %%
@@ -518,152 +540,59 @@ for name, cards in SEED_HARDWARE.items():
 # the 70B row no longer do: the column holds for short sequences only, and a 70B run on one 48 GiB card is a
 # 512-token run.
 #
-# ## 8. Against the standard stack: transformers + peft + bitsandbytes
-#
-# How does our QLoRA step compare with the way practitioners train? The course's target for 7B (batch 1,
-# 512 tokens, r = 64): **at least 1.3 times the baseline's tokens per second at no more than 0.85 times
-# its peak memory**. Everything below was measured in one process on one H100
-# (`python -m bench.baseline --recipes standard no_upcast qlora_ref qlora_ref_in_backward
-# qlora_ref_graph`), with the same settings (NF4 + double quantization, LoRA on all seven linears,
-# alpha = 2r, float32 adapters, gradient checkpointing, paged 8-bit AdamW, no gradient clipping, random
-# token ids, 4 timed steps, tokens per second of the last 3) and the same protocol (peak statistics reset
-# before the model is built or loaded, so the peaks include it):
-#
-# - **the baseline**: a random Llama-2-7B checkpoint loaded with `from_pretrained(...,
-#   quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-#   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16))`, then `get_peft_model` and
-#   `bitsandbytes.optim.PagedAdamW8bit`, in two recipes. **standard** calls
-#   `peft.prepare_model_for_kbit_training` first, as every QLoRA tutorial does: it casts every parameter
-#   that is not 4-bit (embeddings, lm_head, norms) to float32. **no_upcast** skips it, so those stay in
-#   bf16 as in ours: the closest to our setup.
-# - **ours**, the model built in NF4 with `QLoRALinear` layers and our `PagedAdamW8bit` (lesson 7), its
-#   step run three ways: **eager**, the baseline's loop (forward, backward, then the optimizer step);
-#   **in backward**, each adapter updated inside the backward pass as soon as its gradient is complete
-#   (`AdamW8bit.step_in_backward`); **graph**, that step recorded once as a CUDA graph and replayed
-#   (`qlora_ref.cuda_graph.CapturedStep`).
+# **A claim of the source documents: 70B "on a single high-end consumer GPU".** One says that dequantizing
+# on the fly "allows for 70B models to be fine-tuned on a single high-end consumer GPU"; the same document
+# puts consumer cards at 24 or 48 GB. Measured at the smallest setting above, and what a 24 GiB card holds:
 
 # %%
-GPU_NAME = "nvidia-h100-80gb-hbm3"
-side_by_side = json.loads((RESULTS / f"baseline-{GPU_NAME}.json").read_text())
-print(f"{side_by_side['device']}, {side_by_side['date']}, torch {side_by_side['torch']}, triton "
-      f"{side_by_side['triton']}, bitsandbytes {side_by_side['bitsandbytes']}, transformers "
-      f"{side_by_side['transformers']}, peft {side_by_side['peft']}")
+consumer_card = "RTX 4090 (24 GiB)"
+b70 = estimate("Llama-2-70B", optimizer_in_backward=True)
+run70 = matching_run(b70, runs)
+print(f"Llama-2-70B, batch 1, 512 tokens, r = 64: peak allocated {run70['peak_allocated'] / 1e9:.1f} GB measured "
+      f"on an H100; its 4-bit weights and constants alone "
+      f"{(b70.parts['4-bit weights'] + b70.parts['quantization constants']) / GIB:.1f} GiB")
+for name in PRESETS:
+    verdicts = []
+    for seq in (512, 2048):
+        b = estimate(name, seq_len=seq)  # the setting of the hardware check above
+        verdicts.append(f"{seq} tokens {b.total / GIB:5.1f} GiB: {'fits' if b.fits(consumer_card) else 'does NOT fit'}")
+    print(f"{consumer_card}, {name:11s}  " + ";  ".join(verdicts))
+smallest = min((g for g in GPUS if estimate("Llama-2-70B").fits(g)), key=GPUS.get)
+print(f"the smallest card of our list for Llama-2-70B at 512 tokens: {smallest}")
+
+# %% [markdown]
+# **Verdict: not on a single consumer card.** QLoRA fine-tuning of a 70B model needs about 42 GB even at
+# batch 1 and 512 tokens; its 4-bit weights alone overflow a 24 GB RTX 3090 or 4090. Such a card fits 7B,
+# 8B and 13B, at 2,048 tokens too. 70B takes a 48 GB workstation card (an A6000, which the seeds' own table
+# calls enterprise) for short sequences, or an 80 GB one. Whether two 24 GB cards can share it is
+# [lesson 10](10_fsdp2_qlora.ipynb)'s question.
+#
+# **Against transformers + peft + bitsandbytes.** How does the course's step compare with the way
+# practitioners train? Measured in one process on one H100 (`python -m bench.baseline`), Llama-2-7B at the
+# setting above: the standard stack in two recipes, **standard** (with `peft.prepare_model_for_kbit_training`,
+# which casts the embeddings, head and norms to float32) and **no_upcast** (without it), against our step run
+# eagerly, with each adapter updated **in backward** as soon as its gradient is complete, and replayed as a
+# CUDA **graph**. Our eager step takes about no_upcast's bytes: the same work in the same order takes the same
+# memory, and what the standard recipe adds is its float32 upcast. Updating inside the backward frees the
+# adapters' gradients before the peak; the graph removes the host's kernel launches, which bound the eager
+# step's speed. [Lesson 11](11_performance.ipynb) measures each change, at other lengths and ranks too.
+
+# %%
+side_by_side = json.loads((RESULTS / "baseline-nvidia-h100-80gb-hbm3.json").read_text())
 RECIPES = {"standard": "standard", "no_upcast": "no_upcast", "ours, eager": "qlora_ref",
            "ours, in backward": "qlora_ref_in_backward", "ours, graph": "qlora_ref_graph"}
-stacks = {name: {(run["seq_len"], run["r"]): run for run in side_by_side["runs"] if run["recipe"] == recipe}
+at_512 = {name: next(run for run in side_by_side["runs"]
+                     if run["recipe"] == recipe and (run["seq_len"], run["r"]) == (512, 64))
           for name, recipe in RECIPES.items()}
-SETTINGS = ((512, 64), (512, 16), (2048, 64), (2048, 16))
-for setting in SETTINGS:
-    standard = stacks["standard"][setting]
-    print(f"\n{setting[0]} tokens, r = {setting[1]:<3d}{'':7s} {'peak allocated':>15s} {'peak reserved':>14s} "
-          f"{'tokens/s':>9s}   / standard: {'tokens/s':>8s} {'allocated':>9s}")
-    for name, runs in stacks.items():
-        run = runs[setting]
-        print(f"  {name:19s} {run['peak_allocated'] / GIB:11.2f} GiB {run['peak_reserved'] / GIB:10.2f} GiB "
-              f"{run['tokens_per_second']:9.0f}{'':14s}{run['tokens_per_second'] / standard['tokens_per_second']:7.2f}x "
-              f"{run['peak_allocated'] / standard['peak_allocated']:8.3f}x")
+print(f"{side_by_side['device']}, Llama-2-7B, batch 1, 512 tokens, r = 64; ratios to the standard recipe")
+print(f"{'':19s} {'peak allocated':>15s} {'tokens/s':>9s} {'memory':>7s} {'speed':>6s}")
+for name, run in at_512.items():
+    print(f"{name:19s} {run['peak_allocated'] / GIB:11.2f} GiB {run['tokens_per_second']:9.0f} "
+          f"{run['peak_allocated'] / at_512['standard']['peak_allocated']:6.2f}x "
+          f"{run['tokens_per_second'] / at_512['standard']['tokens_per_second']:5.1f}x")
 
 # %% [markdown]
-# **Memory, the eager step.** Both stacks hold the same things: the same NF4 codes and double-quantized
-# constants, the same float32 adapters and their gradients, paged optimizer states that PyTorch's
-# allocator never sees. Against no_upcast, which differs from our eager step only in whose code runs, the
-# peaks agree within 1.5%. What the standard recipe adds is `prepare_model_for_kbit_training`'s float32
-# copies, and the float32 activations they bring: the embeddings hand float32 vectors to the first layer
-# and every RMSNorm multiplies by a float32 weight, so the residual stream, attention and the logits run in
-# float32. What the model holds, then the upcast measured (each loaded model minus what was allocated
-# before it) and predicted from the parameter count:
-
-# %%
-ours, standard = stacks["ours, eager"][(512, 64)], stacks["standard"][(512, 64)]
-parts = estimate("Llama-2-7B").parts  # section 1's budget: batch 1, 512 tokens, r = 64
-held = {"NF4 codes + constants": parts["4-bit weights"] + parts["quantization constants"],
-        "bf16 embeddings, head, norms": parts["16-bit weights"], "float32 adapters": parts["trainable weights"]}
-print("the model both stacks hold: " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in held.items()) +
-      f"; sum {sum(held.values()) / GIB:.2f} GiB, ours measured "
-      f"{(ours['model_allocated'] - ours['start_allocated']) / GIB:.2f} GiB")
-print(f"adapter numbers: ours {ours['trainable_parameters']:,}, baseline {standard['trainable_parameters']:,}")
-counts = PRESETS["Llama-2-7B"].parameter_counts()
-upcast = counts["embeddings"] + counts["lm_head"] + counts["norms"]
-loaded = {name: stacks[name][(512, 64)]["model_allocated"] - stacks[name][(512, 64)]["start_allocated"]
-          for name in ("standard", "no_upcast")}
-print(f"loaded model, standard - no_upcast: {(loaded['standard'] - loaded['no_upcast']) / GIB:.3f} GiB measured; "
-      f"{upcast:,} numbers x 2 more bytes = {2 * upcast / GIB:.3f} GiB predicted")
-print(f"eager: ours / no_upcast peak {ours['peak_allocated'] / stacks['no_upcast'][(512, 64)]['peak_allocated']:.3f}x, "
-      f"ours / standard {ours['peak_allocated'] / standard['peak_allocated']:.3f}x")
-
-# %% [markdown]
-# So our eager step is about 10% smaller than the standard recipe only because it does not upcast: the
-# same work in the same order takes the same bytes. To do better, the step has to hold less at its peak.
-#
-# **Memory, the update in the backward.** At 512 tokens the eager step peaks at the end of the backward
-# pass, when every adapter has its float32 gradient (0.60 GiB at r = 64) and the optimizer has not yet
-# run. But AdamW updates each parameter from its own gradient and state alone, so the update can run as
-# soon as that gradient is complete, inside the backward pass, and free it: a post-accumulate-grad hook per
-# parameter (`step_in_backward`). The numbers are those of backward-then-step, byte for byte
-# (tests/test_optim8bit.py); the gradients never all exist at once. The price: no clipping by the global
-# gradient norm and no gradient accumulation, which need every gradient before any update. What it saves,
-# measured against what the gradients weigh:
-
-# %%
-inside = stacks["ours, in backward"]
-for setting in ((512, 64), (512, 16), (2048, 64)):
-    saved = stacks["ours, eager"][setting]["peak_allocated"] - inside[setting]["peak_allocated"]
-    gradients = 4 * inside[setting]["trainable_parameters"]
-    moment = estimate("Llama-2-7B", seq_len=setting[0], r=setting[1]).peak_moment
-    print(f"{setting[0]} tokens, r = {setting[1]}: peak {saved / GIB:+.3f} GiB lower; the adapters' gradients "
-          f"{gradients / GIB:.3f} GiB; the estimator's peak moment: the {moment}")
-
-# %% [markdown]
-# At 512 tokens and r = 64 the peak drops by three quarters of the gradients' bytes: it is still a layer's
-# backward, now without them. At r = 16 the gradients are a quarter as large, smaller than what a layer's
-# backward itself allocates, and the peak barely moves. At 2048 tokens it does not move at all: there the
-# peak is the loss's backward (two float32 [tokens, 32000] gradients), which comes before any adapter has a
-# gradient. The estimator has the same switch (`estimate(..., optimizer_in_backward=True)`), and section
-# 7's measured runs use it.
-#
-# **Speed.** The eager step runs at about the standard recipe's speed, and not because the GPU is busy.
-# A profile of 4 such layers (forward and backward, 512 tokens;
-# bench/results/profile-qlora-4layers-512-*.log) took 52 ms of wall time for 16 ms of GPU work: some 350
-# kernel launches a layer (the checkpointed forward twice, the backward once), each costing the host
-# 10-30 µs of Python and driver work, longer than many of the kernels run. The GPU waits for the host.
-# A CUDA graph removes the host from the step: `CapturedStep` records every launch of one step (forward,
-# loss, backward and the updates inside it) once, and each replay issues them all with one call. That
-# needs fixed shapes and addresses (each batch is copied into the same buffers), nothing that reads a
-# GPU value back during the step, no random numbers (checkpointing would recompute different ones), and an
-# optimizer whose per-step numbers (bias corrections, learning rate) come from GPU memory, rewritten
-# before each replay, since a replayed launch cannot take new arguments. Its replays give the eager step's
-# bytes (tests/test_cuda_graph_gpu.py). The targets, ours / standard in every setting measured:
-
-# %%
-SPEED_TARGET, MEMORY_TARGET = 1.3, 0.85
-for name in ("ours, eager", "ours, in backward", "ours, graph"):
-    print(name)
-    for setting in SETTINGS:
-        run, standard = stacks[name][setting], stacks["standard"][setting]
-        speed = run["tokens_per_second"] / standard["tokens_per_second"]
-        memory = run["peak_allocated"] / standard["peak_allocated"]
-        both = speed >= SPEED_TARGET and memory <= MEMORY_TARGET
-        print(f"  {setting[0]:4d} tokens, r = {setting[1]:2d}: tokens/s {speed:.2f}x, peak allocated {memory:.3f}x: "
-              f"{'both met' if both else 'not both met'}" + ("  <- the target's setting" * (setting == (512, 64))))
-spread = max(max(runs[(512, 64)]["step_seconds"][1:]) / min(runs[(512, 64)]["step_seconds"][1:]) - 1
-             for runs in stacks.values())
-print(f"the 3 timed steps of a run differ by up to {spread:.0%} at 512 tokens, r = 64")
-
-# %% [markdown]
-# With the update in the backward and the step replayed as a graph, both targets are met where the course
-# sets them (512 tokens, r = 64): four times the standard recipe's tokens per second at 0.83 times its peak
-# memory. Each change alone meets one target: the update in the backward the memory, the graph the speed.
-# At 2048 tokens the GPU has more work per launch, the eager steps are less host-bound, and the graph's
-# gain is smaller; the memory ratio there, and at r = 16, is mostly the upcast's (the update in the
-# backward saves little when the gradients are small or the loss is the peak). The graph also reserves
-# more than the eager step: its private memory pool keeps every block the step used (section 6's
-# allocator overhead).
-#
-# What the graph is not: a different computation. The same kernels run in the same order on the same
-# numbers; only the host stops issuing them one by one. Lesson 8's trainer keeps the eager step, because it
-# clips gradients by their global norm and accumulates them, and changes sequence lengths between batches.
-#
-# ## 9. Try it
+# ## 8. Try it
 #
 # `budget_figure` draws one setting as a stacked bar against a GPU's memory, and returns the breakdown;
 # `methods_figure` puts the five methods side by side:
@@ -709,39 +638,115 @@ _ = interact(
 )
 
 # %% [markdown]
+# How long a sequence fits a T4? The longest, in steps of 512 tokens, at batch 1 (QLoRA, r = 64, paged 8-bit
+# AdamW, checkpointing), and the estimate at the first length that does not fit:
+
+# %%
+T4 = "T4 (14.75 GiB)"
+for name in PRESETS:
+    lengths = range(512, 65537, 512)
+    too_long = next(seq for seq in lengths if not estimate(name, seq_len=seq).fits(T4))
+    longest = f"{too_long - 512:5d} tokens" if too_long > 512 else "none     "
+    b = estimate(name, seq_len=too_long)
+    print(f"{name:11s} longest on a T4: {longest}; at {too_long:5d}: {b.total / GIB:6.2f} GiB, peak at the "
+          f"{b.peak_moment}")
+
+# %% [markdown]
+# This lesson has no exercise notebook: section 8, *Try it*, is its practice. Try your own model and card.
+#
 # ## Summary
 #
 # - Parameter counts follow exactly from a config.json: Llama-2-7B has 6,738,415,616, of which 96% are
 #   in the linear layers QLoRA quantizes; the embeddings and head stay in 16 bits.
-# - QLoRA's base costs 4.127 bits a quantized weight (4.5 without double quantization); the adapters,
+# - QLoRA's base costs 4.127 bits a quantized weight (4.5 without double quantization): 3.88x smaller per
+#   linear, 3.5x for the whole 7B model's weights (12.55 → 3.60 GiB), not the sources' "4x". The adapters,
 #   their float32 gradients and the optimizer states are small at r = 64 (about 1.2 GiB for 7B), and a
 #   paged optimizer keeps its states off the GPU between updates.
 # - Activations are O(tokens) with PyTorch's SDPA; we predict what autograd saves to the byte (measured
-#   with `saved_tensors_hooks`) and the peak of a step on the CPU (within 0.1% when the loss is the peak,
-#   within the adapters' gradients otherwise). Checkpointing cuts what is saved more than tenfold. A
-#   large vocabulary can make the loss the peak.
+#   with `saved_tensors_hooks`) and the peak of a step; checkpointing cuts what is saved more than
+#   tenfold; a large vocabulary can make the loss the peak.
 # - The source table's FP32 column is weights only; its QLoRA column holds at batch 1 and short
-#   sequences, and says neither. Measured on an H100 (batch 1, 512 tokens, r = 64), QLoRA peaks at
-#   5.0 GB allocated for 7B, 9.2 GB for 13B and 42.0 GB for 70B; the estimator is within 5% of all twelve
-#   runs, using two constants of the GPU measured from them (CUDA context, allocator overhead).
-# - Against transformers + peft + bitsandbytes (7B, batch 1, 512 tokens, r = 64, one run on an H100):
-#   the same step in the same loop takes the same bytes, 0.90x the standard recipe's peak only because
-#   `prepare_model_for_kbit_training` upcasts to float32, and runs at about its speed, bound by the host's
-#   kernel launches. Updating each adapter inside the backward pass frees the gradients (0.82x), and
-#   replaying the whole step as a CUDA graph removes the host (4.0x the tokens per second at 0.83x the
-#   peak): the same numbers, computed with less held and nothing waiting on Python.
-#
+#   sequences. Measured on an H100 (batch 1, 512 tokens, r = 64), QLoRA peaks at
+#   5.0 GB allocated for 7B, 9.2 GB for 13B and 42.0 GB for 70B: 70B does not fit a 24 GB consumer card.
+# - Against transformers + peft + bitsandbytes, the same step takes the same bytes; the standard recipe's
+#   float32 upcast, the gradients held until the optimizer runs and the host's kernel launches are what
+#   [lesson 11](11_performance.ipynb) removes.
+
+# %% [markdown]
 # ## Check your understanding
 #
 # 1. Llama-2-70B has 64 query heads but 8 key/value heads. How many parameters does that save per layer
 #    compared with 64 K/V heads? Check with `ModelShape`.
+#
+# <details><summary>Answer</summary>
+#
+# k_proj and v_proj are d × K d_h each, so 8 instead of 64 heads saves 2 d (H − K) d_h per layer:
+# 2 · 8192 · 56 · 128 = 117,440,512 parameters, about 9.4 billion over 80 layers.
+# `dataclasses.replace(PRESETS["Llama-2-70B"], num_key_value_heads=64).parameter_count` minus the preset's
+# count gives the same. The 64 query heads are unchanged.
+#
+# </details>
+#
 # 2. Why does the first layer save 4d + 4 bytes per token less than the others in QLoRA, but not in full
 #    fine-tuning?
+#
+# <details><summary>Answer</summary>
+#
+# Its first RMSNorm saves its float32 input and 1/rms only if something upstream or its own weight needs a
+# gradient. In QLoRA the embeddings and the norm's weight are frozen, so nothing before the first adapter
+# needs a gradient and the norm saves nothing. In full fine-tuning the norm's weight trains (and the
+# embeddings too), so the norm must keep its input to compute those gradients.
+#
+# </details>
+
+# %% [markdown]
 # 3. With bf16 adapters (`estimate(..., adapter_bytes=2)`), which lines of the 7B budget change, and by
 #    how much?
+#
+# <details><summary>Answer</summary>
+#
+# The adapters and their gradients halve: section 4 prints 0.596 GiB each in float32, so half of that in
+# bf16. The 8-bit optimizer states do not change (one byte a moment whatever the adapters' dtype). The
+# saved x Aᵀ tensors halve too, but they are small. Because the layer's backward shrinks, the peak can
+# move to the loss's backward, which changes the transient lines and the allocator overhead: compare the
+# two tables with `print(estimate("Llama-2-7B", adapter_bytes=2).table())`.
+#
+# </details>
+#
 # 4. At what sequence length does Llama-2-7B's QLoRA step (batch 1, checkpointing) stop fitting a T4?
 #    Find it with `estimate` and explain which term grows.
+#
+# <details><summary>Answer</summary>
+#
+# The last cell of section 8 finds it: 7,680 tokens fit, 8,192 do not. Everything that scales with the
+# tokens grows, but the loss's backward grows fastest: float32 log-probabilities and their gradients, 12
+# bytes per vocabulary entry (32,000) and position, with the allocator's overhead on top. The weights and
+# adapters do not change with the length.
+#
+# </details>
+
+# %% [markdown]
 # 5. Why can the update move into the backward pass for AdamW but not when gradients are clipped by
 #    their global norm? What would gradient accumulation over two micro-batches need instead?
-# 6. A CUDA graph replays its kernels with the arguments they were recorded with. Name three things in a
-#    training step that change from one step to the next, and how `CapturedStep` handles each.
+#
+# <details><summary>Answer</summary>
+#
+# AdamW updates each parameter from its own gradient and state, so it can run as soon as that gradient is
+# complete. Clipping by the global norm scales every gradient by a factor that depends on all of them,
+# known only when the whole backward pass has finished. Accumulation must keep every gradient from the first
+# micro-batch's backward and add the second's before updating: the update could run inside the second
+# backward only, and all the gradients are alive in between, which is the memory the update in the backward
+# was meant to save.
+#
+# </details>
+#
+# 6. A source says QLoRA reduces memory "~75%". Would the weights of Llama-3-8B shrink more or less than
+#    Llama-2-7B's 3.5x, and why?
+#
+# <details><summary>Answer</summary>
+#
+# Less: section 3's table gives 14.958 GiB in bf16 (lora_bf16) against 5.311 GiB for QLoRA, about 2.8x.
+# Llama-3's vocabulary of 128,256 makes its embeddings and head, which stay in 16 bits, an eighth of the
+# model (section 2), so a larger part of the weights is not quantized.
+#
+# </details>

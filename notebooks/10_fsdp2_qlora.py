@@ -17,7 +17,8 @@
 # - that data-parallel training over N processes computes the single-process step, up to the order of
 #   float32 sums;
 # - what each GPU holds, and whether 70B fits two 24 GB cards.
-#
+
+# %% [markdown]
 # **Prerequisites:** lessons 3 and 4 (the 4-bit bytes and their constants), 6 (`QLoRALinear`), 7 (8-bit
 # AdamW), 8 (the trainer) and 9 (the estimator). Everything runs on a CPU: the processes talk through
 # gloo, PyTorch's CPU backend (on GPUs the same code uses NCCL).
@@ -99,7 +100,8 @@ for n in (1, 2):
 #    computes (its forward, and again its backward);
 # 2. the sharded run computes what one process computes: the gathered bytes are the single-process
 #    quantization's, and the gradients are those of the whole batch.
-#
+
+# %% [markdown]
 # ## 2. Why a 4-bit weight needs hooks of its own
 #
 # FSDP2 cuts a parameter of shape [R, C] along dim 0: rank k of N keeps rows k R/N to (k+1) R/N. For a
@@ -253,7 +255,8 @@ print("two ranks:  ", [f"{x:.7f}" for x in sharded[0]["losses"]])
 # The 8-bit moments stay exact per block only if a shard starts on a block of 256 moments: each rank then
 # quantizes the same blocks the single process does. `ShardedAdamW8bit.shard_blocks_aligned()` says
 # whether they do.
-#
+
+# %% [markdown]
 # ## 5. From the command line
 #
 # The trainer of lesson 8 runs under `torchrun`, which starts the processes and tells each its rank:
@@ -275,7 +278,8 @@ print("two ranks:  ", [f"{x:.7f}" for x in sharded[0]["losses"]])
 # process, as in lesson 8. `resume=true` continues bit for bit, with as many processes as wrote the
 # checkpoint; another number stops with a message: the adapters would reshard, but the 8-bit moments are
 # quantized per shard, and cut elsewhere they are other numbers.
-#
+
+# %% [markdown]
 # ## 6. What each GPU holds
 #
 # `estimate(..., n_gpus=N)` gives one GPU's share under FSDP2. Divided by N: the 4-bit weights and their
@@ -336,6 +340,11 @@ for seq_len in (1024, 512):
 # H100 with CUDA graphs (an eager step may waste less). Four GPUs fit at rank 64. Two GPUs need the
 # measurement that the estimate cannot replace: the overhead term decides.
 #
+# **Exercise:** [exercises/10_fsdp_shards.ipynb](../exercises/10_fsdp_shards.ipynb) (solution:
+# [solutions/10_fsdp_shards.ipynb](../solutions/10_fsdp_shards.ipynb)): cut a 4-bit weight's three streams into
+# one rank's shard, and weight each rank's loss.
+
+# %% [markdown]
 # ## Summary
 #
 # - FSDP2 cuts every parameter by rows over N processes, all-gathers a layer for its forward and again for
@@ -347,13 +356,56 @@ for seq_len in (1024, 512):
 #   single-process step, to float32 rounding (exactly with one rank).
 # - Each GPU holds 1/N of the weights, adapters, gradients and moments, plus a layer or two whole; 70B at
 #   2,048 tokens needs more than two 24 GB cards by this estimate.
-#
+
+# %% [markdown]
 # ## Check your understanding
 #
 # 1. Why must a shard boundary fall on a nested block of 16,384 values and not only on a block of 64?
 #    What would the rank holding half a nested block be missing?
+#
+# <details><summary>Answer</summary>
+#
+# With double quantization the absmax of each block of 64 is stored as an 8-bit code, and 256 such codes
+# share one float32 nested absmax: 64 x 256 = 16,384 values. Cut inside that group, and one rank gets the
+# codes of some blocks but not the nested absmax they are decoded with (it sits in the other rank's
+# stream). Its shard would no longer be a complete quantization of its rows, and making it one would mean
+# other bytes than the single process's.
+#
+# </details>
+#
 # 2. FSDP2 averages the ranks' gradients. Why does each rank multiply its loss by N T_k / T rather than
 #    simply use its own mean loss? When would the two give the same gradient?
+#
+# <details><summary>Answer</summary>
+#
+# The batch's loss is the mean over all T answer tokens, Σ_k (T_k / T) l_k. FSDP2 computes (1/N) Σ_k of the
+# ranks' gradients, so rank k must back-propagate N (T_k / T) l_k for that average to be the batch's
+# gradient. Each rank's own mean would weight every rank equally, so a token on a rank with few answer
+# tokens would count more than one on a rank with many. The two agree when every rank has the same
+# number of answer tokens, T_k = T / N.
+#
+# </details>
+
+# %% [markdown]
 # 3. Why are 8-bit moments not reshardable to another number of processes, while the adapters are?
+#
+# <details><summary>Answer</summary>
+#
+# The adapters are plain float32 tensors: cut at any row, their numbers are the same numbers, so a
+# checkpoint can hand them to any number of ranks. The 8-bit moments are quantized per shard, in blocks of
+# 256 with an absmax each. Cut at other rows, the blocks hold other moments, and they would have to be
+# dequantized and quantized again: other bytes, and a resume that is no longer bit for bit.
+#
+# </details>
+#
 # 4. With `reshard_after_forward=False` a layer stays gathered from its forward to its backward. How much
 #    would that add per GPU for 70B, and what would it save?
+#
+# <details><summary>Answer</summary>
+#
+# After the forward every layer would be whole on every GPU: the whole model's 4-bit weights instead of
+# this GPU's shard. On two GPUs that is the other half, about 16 GiB more per GPU (section 1: 31.9 GiB
+# for the whole model, 15.9 per GPU). It would save the second all-gather of every layer, the one before
+# its backward (and its recomputed forward): half of the step's all-gathers.
+#
+# </details>

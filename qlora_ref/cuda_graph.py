@@ -1,4 +1,4 @@
-"""A whole training step recorded once as a CUDA graph and replayed (lesson 9, section 8).
+"""A whole training step recorded once as a CUDA graph and replayed (lesson 11; lesson 9 keeps its result in one table).
 
 Why
 ---
