@@ -241,8 +241,9 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
 
 # %% [markdown]
 # float16 is *finer* (10 mantissa bits to bfloat16's 7) but *narrower*: nothing above 65504, and values
-# below 6.1e-5 lose precision (subnormals) or become 0. The weights and activations of a QLoRA layer sit well
-# inside that range. Gradients are the risk: many are tiny. Here are the adapters' gradients of the trained
+# below 6.1e-5 lose precision (subnormals) or become 0. Dequantized weights sit well inside that range (an
+# NF4 value is at most its block's absmax); activations usually do (question 2 below is the exception).
+# Gradients are the risk: many are tiny. Here are the adapters' gradients of the trained
 # run on one batch, cast to each type, as they would be with and without loss scaling (PyTorch's
 # `GradScaler`, which the course's trainer uses for float16, starts by multiplying the loss by 2^16):
 
