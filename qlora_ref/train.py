@@ -39,7 +39,6 @@ extra): the same code fine-tunes it (on a Colab T4: dtype "auto" picks float16 a
 """
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -59,7 +58,7 @@ from .llama import LlamaForCausalLM
 from .memory import PeakMemory, tensor_bytes
 from .optim8bit import AdamW8bit, optimizer_state_bytes, predicted_state_bytes
 from .paging import PagedAdamW8bit
-from .tasks import BYTES, Example, HFTokenizer, collate, date_task, exact_match, generate_answers
+from .tasks import BYTES, HFTokenizer, collate, date_task, exact_match, generate_answers, load_examples
 from .train_config import DTYPES, TrainConfig, check_config, parse_overrides
 
 
@@ -80,24 +79,6 @@ def batch_indices(n: int, batch_size: int, seed: int, index: int) -> list:
     epoch, position = divmod(index, per_epoch)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
     return order[position * batch_size:(position + 1) * batch_size].tolist()
-
-
-def load_examples(path) -> list:
-    """Examples from a JSON-lines file, one {"prompt": str, "answer": str} object a line."""
-    examples = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}, line {number}: not JSON ({error})") from None
-        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("prompt", "answer")):
-            raise ValueError(f"{path}, line {number}: expected {{\"prompt\": str, \"answer\": str}}, got {line[:80]!r}")
-        examples.append(Example(item["prompt"], item["answer"]))
-    if not examples:
-        raise ValueError(f"{path} holds no examples")
-    return examples
 
 
 def resolve_device_and_dtype(config: TrainConfig) -> tuple:
