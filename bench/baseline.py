@@ -5,7 +5,7 @@ bitsandbytes, measured exactly as bench.memory measures ours (on a CUDA GPU).
                                        [--recipes standard no_upcast qlora_ref qlora_ref_in_backward
                                                   qlora_ref_graph qlora_ref_bnb_optimizer]
 
-The model: transformers' LlamaForCausalLM with Llama-2-7B's shape (qlora_ref.vram.PRESETS) and random weights
+The model: transformers' LlamaForCausalLM with Llama-2-7B's shape (qlora_ref.model_shapes.PRESETS) and random weights
 (transformers' own initialisation, N(0, 0.02^2), norms 1), built once on the GPU in bf16 and saved with
 save_pretrained to a temporary folder, so that every run loads it the way a practitioner loads a checkpoint:
 
@@ -56,7 +56,8 @@ from pathlib import Path
 import torch
 
 from qlora_ref.paging import PagedAdamW8bit
-from qlora_ref.vram import LORA_TARGETS, PRESETS
+from qlora_ref.methods import LORA_TARGETS
+from qlora_ref.model_shapes import PRESETS
 
 from .timing import gpu_run, write_results
 from .memory import build, config_of, parse_settings, timed_steps

@@ -36,7 +36,8 @@ import torch
 from qlora_ref.results import dequantize_summary, load_kernel_results
 from qlora_ref.state import QuantState
 
-from .timing import DEVICE, DTYPE_NAMES, LLAMA_SHAPES, device_ms, host_us, median_ms, slug, state_from_bitsandbytes, versions
+from .timing import (DEVICE, DTYPE_NAMES, LLAMA_SHAPES, device_ms, host_us, median_ms, slug, state_from_bitsandbytes,
+                     versions, write_results)
 
 # (bsz, qlen, hd, m, dtype): the weight is hd x m.
 CHALLENGE_SHAPES = [

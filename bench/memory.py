@@ -34,7 +34,8 @@ from qlora_ref.cuda_graph import CapturedStep
 from qlora_ref.llama import LlamaConfig, LlamaForCausalLM
 from qlora_ref.lora import QLoRALinear
 from qlora_ref.paging import PagedAdamW8bit
-from qlora_ref.vram import LORA_TARGETS, PRESETS
+from qlora_ref.methods import LORA_TARGETS
+from qlora_ref.model_shapes import PRESETS
 
 from .timing import gpu_run, write_results
 

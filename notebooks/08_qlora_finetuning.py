@@ -69,7 +69,7 @@ from qlora_ref.llama import LlamaForCausalLM
 from qlora_ref.plots.training import training_curves_figure
 from qlora_ref.tasks import collate, corpus_ids, date_task, decode, exact_match, generate_answers, perplexity
 from qlora_ref.train import TrainConfig, learning_rate, setup, step_memory, train, train_step
-from qlora_ref.vram import PRESETS
+from qlora_ref.model_shapes import PRESETS
 
 # One thread: the same arithmetic in the same order on every run, so the figures below repeat exactly.
 torch.set_num_threads(1)

@@ -63,22 +63,19 @@ from qlora_ref.llama import LlamaConfig, LlamaForCausalLM
 from qlora_ref.optim8bit import OPTIMIZERS, bytes_per_parameter
 from qlora_ref.plots.vram import budget_figure, measurements_figure, methods_figure
 from qlora_ref.results import load_measurements
+from qlora_ref.activations import activations, measure_peak_bytes, measure_saved_bytes
+from qlora_ref.methods import RECIPES
+from qlora_ref.model_shapes import PRESETS, from_hf_config
 from qlora_ref.vram import (
     ALLOCATOR_OVERHEAD,
     CUDA_CONTEXT_BYTES,
     GIB,
     GPUS,
-    METHODS,
-    PRESETS,
     TRANSIENT_PARTS,
-    activations,
     estimate,
     estimate_for,
-    from_hf_config,
     matching_run,
-    measure_peak_bytes,
     measurement_line,
-    measure_saved_bytes,
     quantized_linear_bytes,
 )
 
@@ -178,12 +175,12 @@ for dq in (False, True):
     print(f"NF4{' + double quantization' if dq else ''}: 4 + {constant_bits_per_parameter(64, dq):.4f} = "
           f"{bits:.4f} bits per quantized weight")
 print()
-print(f"{'weights, GiB':12s}" + "".join(f"{m:>14s}" for m in METHODS))
+print(f"{'weights, GiB':12s}" + "".join(f"{m:>14s}" for m in RECIPES))
 for name in ("Llama-2-7B", "Llama-2-13B", "Llama-2-70B", "Llama-3-8B"):
     row = []
-    for method in METHODS:
+    for method in RECIPES:
         p = estimate(name, method=method).parts
-        frozen_or_trained = p["16-bit weights"] + (p["trainable weights"] if METHODS[method][2] else 0)
+        frozen_or_trained = p["16-bit weights"] + (p["trainable weights"] if RECIPES[method].trains_base else 0)
         row.append(p["4-bit weights"] + p["quantization constants"] + frozen_or_trained)
     print(f"{name:12s}" + "".join(f"{b / GIB:14.3f}" for b in row))
 
@@ -271,7 +268,7 @@ print(f"gradients alive at once: all {qlora.parts['gradients'] / GIB:.3f} GiB, o
 #
 # For the backward pass, autograd keeps some tensors of the forward pass: the input of every linear layer
 # whose weight (or adapter) needs a gradient, the input of every nonlinearity. Which ones is decided by
-# `requires_grad`, and `qlora_ref.vram.activations` walks the same decisions for `qlora_ref.llama`.
+# `requires_grad`, and `qlora_ref.activations.activations` walks the same decisions for `qlora_ref.llama`.
 # Per token and per layer, in bf16 (c = 2 bytes) with float32 adapters (a = 4) on all seven linears:
 #
 # | saved by | tensor | bytes per token |
@@ -305,7 +302,7 @@ def small_model(method, checkpointing, r=4):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=300, hidden_size=96, intermediate_size=256, num_hidden_layers=3,
                          num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64)
-    base, compute_bytes, trains = METHODS[method]
+    base, compute_bytes, trains, _ = RECIPES[method]
     model = LlamaForCausalLM(config).to(torch.float32 if compute_bytes == 4 else torch.bfloat16)
     if not trains:
         prepare_model(model, r=r, alpha=2 * r, quantize=base.startswith("nf4"), double_quant=base == "nf4_dq",
@@ -627,7 +624,7 @@ def show(model="Llama-2-7B", method="qlora_nf4_dq", optimizer="paged_adamw_8bit"
 _ = interact(
     show,
     model=Dropdown(options=list(PRESETS), value="Llama-2-7B"),
-    method=Dropdown(options=list(METHODS), value="qlora_nf4_dq"),
+    method=Dropdown(options=list(RECIPES), value="qlora_nf4_dq"),
     optimizer=Dropdown(options=list(OPTIMIZERS), value="paged_adamw_8bit"),
     seq_len=Dropdown(options=[256, 512, 1024, 2048, 4096, 8192], value=512),
     batch=IntSlider(min=1, max=16, value=1),

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .vram import ModelShape
+from .model_shapes import ModelShape
 
 # HuggingFaceTB/SmolLM2-360M (Apache 2.0): a Llama of 362M parameters, the shape of its config.json. A real model
 # a Colab T4 fine-tunes with QLoRA in minutes, and one lesson 9's estimator can budget (Llama's layout: no biases).

@@ -27,6 +27,7 @@ prompt and answer are tokenized separately and joined the same way.
 """
 
 import gzip
+import json
 import math
 import random
 from dataclasses import dataclass
@@ -152,6 +153,24 @@ class Example:
 
     prompt: str
     answer: str
+
+
+def load_examples(path) -> list:
+    """Examples from a JSON-lines file, one {"prompt": str, "answer": str} object a line."""
+    examples = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not JSON ({error})") from None
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("prompt", "answer")):
+            raise ValueError(f"{path}, line {number}: expected {{\"prompt\": str, \"answer\": str}}, got {line[:80]!r}")
+        examples.append(Example(item["prompt"], item["answer"]))
+    if not examples:
+        raise ValueError(f"{path} holds no examples")
+    return examples
 
 
 FIRST_DAY, LAST_DAY = date(1900, 1, 1), date(2099, 12, 31)

@@ -43,6 +43,13 @@ def check_blocksize(blocksize) -> None:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
 
 
+def check_positive_int(value, name: str) -> int:
+    """`value`, or a ValueError unless it is an int of at least 1 (True is not a count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
 def check_bool(value, name: str) -> None:
     """Raise unless `value` is True or False: a string such as "False" is truthy, so it would mean the opposite."""
     if not isinstance(value, bool):

@@ -3,13 +3,9 @@
     b = estimate("Llama-2-7B", method="qlora_nf4_dq", optimizer="paged_adamw_8bit", batch=1, seq_len=512, r=64)
     print(b.table("T4 (14.75 GiB)")); b.fits("T4 (14.75 GiB)")
 
-The model is a preset (PRESETS) or any Llama-family config.json (from_hf_config). Its parameters are
-counted exactly from the architecture: V = vocab_size, d = hidden_size, f = intermediate_size, L layers,
-H heads and K key/value heads of d_h = head_dim numbers each:
-
-    per layer   q_proj d x H d_h, k_proj and v_proj d x K d_h, o_proj H d_h x d,
-                gate_proj and up_proj d x f, down_proj f x d, two RMSNorm weights of d
-    the rest    embeddings V x d, lm_head V x d (none when tied to the embeddings), a final norm of d
+Read qlora_ref.model_shapes first (the model's shape and its parameters, counted exactly), then
+qlora_ref.activations (what autograd keeps), then this module, which adds everything up. The methods are
+qlora_ref.methods' RECIPES.
 
 A training step's memory is what stays (weights, gradients, optimizer states) plus the activations at
 the worst moment of the step. The terms (the keys of MemoryBreakdown.parts):
@@ -32,7 +28,7 @@ the worst moment of the step. The terms (the keys of MemoryBreakdown.parts):
                              unpaged states plus the largest paged parameter's (the rest: optimizer_host_bytes)
     gathered layers (FSDP2)  n_gpus > 1 only (lesson 10): what FSDP2 holds whole for a while, a layer and the
                              next one it prefetches, lm_head at the head's backward (`_fsdp_per_gpu`)
-    activations (saved)      what autograd keeps through the backward pass: `activations` has the formulas
+    activations (saved)      what autograd keeps through the backward pass: qlora_ref.activations has the formulas
     logits                   the logits the forward returns, held until the output is dropped
     then the larger of two moments of the backward pass (the other part(s) are 0, see `moments`):
     head and loss backward   the final norm's and the loss's saved tensors plus two float32 [tokens, V]
@@ -53,44 +49,32 @@ dropout. On a CPU `measure_saved_bytes` (what autograd saves) equals the predict
 `measure_peak_bytes` (every tensor alive during a step) is within 10% of it: tests/test_vram.py.
 """
 
-import json
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
-from .adapters import read_json_object
+from .activations import activations
 from .double_quant import NESTED_BLOCKSIZE
-from .memory import PeakMemory
+from .methods import LORA_TARGETS, check_lora_targets, recipe
+from .model_shapes import ModelShape, resolve_model
 from .optim8bit import OPTIMIZERS, predicted_state_bytes
 from .paging import MANAGED_MIN_NUMEL
 from .results import SETUP_KEYS
-from .validation import check_blocksize
+from .validation import check_blocksize, check_positive_int
 
 __all__ = [
     "ALLOCATOR_OVERHEAD",
     "CUDA_CONTEXT_BYTES",
     "DEVICE_PARTS",
     "GPUS",
-    "LORA_TARGETS",
-    "METHODS",
     "PARTS",
-    "PRESETS",
     "TRANSIENT_PARTS",
-    "Activations",
     "MemoryBreakdown",
-    "ModelShape",
-    "activations",
     "estimate",
     "estimate_for",
-    "from_hf_config",
     "gpu_memory",
     "matching_run",
     "measurement_line",
-    "measure_peak_bytes",
-    "measure_saved_bytes",
     "quantized_linear_bytes",
 ]
 
@@ -125,17 +109,6 @@ GPUS = {
     "H100 (80 GiB)": 80 * GIB,
 }
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # "all-linear"
-
-# method -> (base storage, compute bytes, trains the base): the five ways of fine-tuning the issue compares
-METHODS = {
-    "full_fp32": ("fp32", 4, True),  # every weight, gradient and activation in float32
-    "full_bf16": ("bf16", 2, True),  # pure bf16: weights, gradients (and torch AdamW's moments) in bfloat16
-    "lora_bf16": ("bf16", 2, False),  # frozen bf16 base + LoRA adapters
-    "qlora_nf4": ("nf4", 2, False),  # frozen NF4 base, float32 constants, + LoRA adapters
-    "qlora_nf4_dq": ("nf4_dq", 2, False),  # the same with double-quantized constants (QLoRA's default)
-}
-
 PARTS = (
     "4-bit weights",
     "quantization constants",
@@ -157,130 +130,6 @@ DEVICE_PARTS = ("CUDA context", "allocator overhead")
 TRANSIENT_PARTS = ("activations (saved)", "logits", "head and loss backward", "recomputed layer",
                    "backward working set", "dequantization workspace")
 
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-# ---------------------------------------------------------------------------------------------------
-# The architecture and its parameters
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """A Llama-family decoder's shape: everything the budget needs from a config.json."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    tie_word_embeddings: bool = False
-    name: str = "custom"
-
-    def __post_init__(self):
-        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "head_dim"):
-            _positive_int(getattr(self, f), f)
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                             f"num_key_value_heads ({self.num_key_value_heads})")
-
-    def linear_shapes(self) -> dict:
-        """{name: (in_features, out_features)} of the seven linears of one decoder layer."""
-        d, f = self.hidden_size, self.intermediate_size
-        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
-        return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
-                "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
-
-    def parameter_counts(self) -> dict:
-        """Parameters by kind: linear (the layers' seven linears), embeddings, lm_head, norms."""
-        d, V, L = self.hidden_size, self.vocab_size, self.num_hidden_layers
-        return {"linear": L * sum(i * o for i, o in self.linear_shapes().values()), "embeddings": V * d,
-                "lm_head": 0 if self.tie_word_embeddings else V * d, "norms": (2 * L + 1) * d}
-
-    @property
-    def parameter_count(self) -> int:
-        return sum(self.parameter_counts().values())
-
-    def parameter_tensors(self) -> list:
-        """Element counts of every parameter tensor, in model order (the optimizer keeps state per tensor)."""
-        V, d, L = self.vocab_size, self.hidden_size, self.num_hidden_layers
-        layer = [i * o for i, o in self.linear_shapes().values()] + [d, d]
-        return [V * d] + layer * L + [d] + ([] if self.tie_word_embeddings else [V * d])
-
-
-PRESETS = {
-    "Llama-2-7B": ModelShape(32000, 4096, 11008, 32, 32, 32, 128, name="Llama-2-7B"),
-    "Llama-2-13B": ModelShape(32000, 5120, 13824, 40, 40, 40, 128, name="Llama-2-13B"),
-    "Llama-2-70B": ModelShape(32000, 8192, 28672, 80, 64, 8, 128, name="Llama-2-70B"),
-    "Llama-3-8B": ModelShape(128256, 4096, 14336, 32, 32, 8, 128, name="Llama-3-8B"),
-    "Llama-3-70B": ModelShape(128256, 8192, 28672, 80, 64, 8, 128, name="Llama-3-70B"),
-}
-
-_LLAMA_LIKE = ("llama", "mistral")  # the same tensors; other families add biases or other blocks
-
-
-def from_hf_config(path_or_dict, name: Optional[str] = None) -> ModelShape:
-    """The ModelShape of a Hugging Face config.json (a path to the file or its folder, or the dict).
-
-    Defaults are transformers' LlamaConfig's: num_key_value_heads = num_attention_heads,
-    head_dim = hidden_size / num_attention_heads, tie_word_embeddings = False.
-    """
-    if isinstance(path_or_dict, dict):
-        config, source = path_or_dict, "the config"
-    else:
-        path = Path(path_or_dict)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist (give a config.json, its folder, or a dict)")
-        config, source = read_json_object(path, "the model config"), str(path)
-    model_type = config.get("model_type")
-    if model_type not in _LLAMA_LIKE:
-        raise ValueError(f"{source} has model_type {model_type!r}; this estimator models the Llama layout "
-                         f"({', '.join(_LLAMA_LIKE)})")
-    for flag in ("attention_bias", "mlp_bias"):
-        if config.get(flag):
-            raise ValueError(f"{source} sets {flag}; the estimator models Llama's linears without biases")
-    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                           "num_attention_heads") if k not in config]
-    if missing:
-        raise ValueError(f"{source} lacks {missing}: the parameter count needs them")
-    hidden, heads = config["hidden_size"], config["num_attention_heads"]
-    head_dim = config.get("head_dim")
-    if head_dim is None:
-        _positive_int(hidden, "hidden_size")
-        _positive_int(heads, "num_attention_heads")
-        if hidden % heads:
-            raise ValueError(f"{source} has no head_dim and hidden_size {hidden} is not a multiple of "
-                             f"num_attention_heads {heads}")
-        head_dim = hidden // heads
-    tied = config.get("tie_word_embeddings", False)
-    if not isinstance(tied, bool):
-        raise ValueError(f"{source}: tie_word_embeddings must be true or false, got {tied!r}")
-    kv_heads = config.get("num_key_value_heads")
-    try:
-        return ModelShape(config["vocab_size"], hidden, config["intermediate_size"], config["num_hidden_layers"],
-                          heads, heads if kv_heads is None else kv_heads, head_dim, tied,
-                          name or config.get("_name_or_path") or "custom")
-    except ValueError as error:
-        raise ValueError(f"{source}: {error}") from None
-
-
-def _resolve_model(model) -> ModelShape:
-    if isinstance(model, ModelShape):
-        return model
-    if isinstance(model, str) and model in PRESETS:
-        return PRESETS[model]
-    if isinstance(model, (dict, Path)) or (isinstance(model, str) and Path(model).exists()):
-        return from_hf_config(model)
-    raise ValueError(f"model must be one of the presets {list(PRESETS)}, a ModelShape, a config.json "
-                     f"dict or path; got {model!r}")
 
 
 def quantized_linear_bytes(in_features: int, out_features: int, blocksize: int = 64,
@@ -293,8 +142,8 @@ def quantized_linear_bytes(in_features: int, out_features: int, blocksize: int =
     (16 float32 NF4 levels, 256 float32 dynamic-map levels when nested). When B * 256 divides n this is
     n * constant_bits_per_parameter(B, double_quant) / 8 plus the tables.
     """
-    _positive_int(in_features, "in_features")
-    _positive_int(out_features, "out_features")
+    check_positive_int(in_features, "in_features")
+    check_positive_int(out_features, "out_features")
     check_blocksize(blocksize)
     n = in_features * out_features
     blocks = -(-n // blocksize)
@@ -303,240 +152,6 @@ def quantized_linear_bytes(in_features: int, out_features: int, blocksize: int =
     else:
         constants = 4 * blocks + 4 * 16
     return -(-n // 2), constants
-
-
-# ---------------------------------------------------------------------------------------------------
-# Activations: what autograd saves for the backward pass
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Activations:
-    """Bytes of activation memory in one training step (forward, then backward).
-
-    `saved` (layers + rope + embedding + head + loss) is what autograd keeps at the end of the forward
-    pass: measure_saved_bytes measures exactly that. The backward pass then peaks at one of two moments:
-    the loss's backward (its saved log-probabilities plus two float32 [positions, V] gradients) or a
-    layer's backward (with checkpointing the layer's rebuilt tensors, plus the gradients in flight).
-    `peak` is the larger, on top of what stays: measure_peak_bytes measures it on a CPU.
-    """
-
-    layers: int  # saved by the decoder layers; with checkpointing, each layer's input only
-    rope: int  # the cos and sin tables [seq, head_dim], shared by every layer
-    embedding: int  # the input ids (int64), saved only when the embeddings train
-    head: int  # the final norm's tensors, and lm_head's input when lm_head trains
-    loss: int  # float32 log-probabilities [batch (seq - 1), V], the int64 targets and a 0-d float32
-    logits: int  # the logits the forward returns [batch, seq, V]: alive until the output is dropped
-    loss_transient: int  # two float32 [batch (seq - 1), V] tensors in the loss's backward
-    recomputed_layer: int  # checkpointing: one layer's saved tensors, rebuilt for its backward
-    backward_working_set: int  # gradients in flight in a layer's backward (see _working_set)
-    per_layer: tuple = field(default=())  # bytes each layer saves without checkpointing
-
-    @property
-    def saved(self) -> int:
-        return self.layers + self.rope + self.embedding + self.head + self.loss
-
-    @property
-    def loss_moment(self) -> int:
-        """The backward of the head: the final norm's and the loss's saved tensors, the loss's gradients."""
-        return self.head + self.loss + self.loss_transient
-
-    @property
-    def layer_moment(self) -> int:
-        """The backward of a layer, once the head's tensors are gone."""
-        return self.recomputed_layer + self.backward_working_set
-
-    @property
-    def peak(self) -> int:
-        """What stays through the backward (the layers' tensors, rope, the logits) + the larger moment."""
-        return self.layers + self.rope + self.embedding + self.logits + max(self.loss_moment, self.layer_moment)
-
-
-def _norm(x_grad: bool, trains: bool, d: int, c: int):
-    """RMSNorm as written (x32 = x.float(); x32 * rsqrt(mean(x32^2) + eps); weight * that.to(dtype)).
-    Saves, per token: x32 (4d bytes: a float32 copy in bf16, the input itself in fp32) and the rsqrt
-    (4 bytes) when x needs a gradient; the normalized c*d when the weight trains. -> (bytes, out_grad)"""
-    return (4 * d + 4 if x_grad else 0) + (c * d if trains else 0), x_grad or trains
-
-
-def _linears(x_grad: bool, names, in_features: int, targets, trains: bool, c: int, a: int, r: int,
-             input_saved: bool = False):
-    """Linears reading one input x of `in_features`. Saved per token: x (c * in bytes) once if any of
-    them is adapted (LoRAMatmul keeps it for dA) or trains (its weight's gradient needs it) and nobody
-    saved it already; a * r for each adapter's x A^T. -> (bytes, {name: out_grad})"""
-    adapted = [n for n in names if n in targets]
-    saved = c * in_features if (adapted or trains) and not input_saved else 0
-    saved += a * r * len(adapted)
-    return saved, {n: x_grad or trains or n in targets for n in names}
-
-
-def _layer(shape: ModelShape, x_grad: bool, targets, trains: bool, c: int, a: int, r: int):
-    """Bytes per token one decoder layer saves, whether its output needs a gradient, and whether its
-    rotary embedding saved cos and sin (when q or k needs a gradient)."""
-    d, f, H = shape.hidden_size, shape.intermediate_size, shape.num_attention_heads
-    q_width = H * shape.head_dim
-    saved, n1_grad = _norm(x_grad, trains, d, c)
-    part, grads = _linears(n1_grad, ("q_proj", "k_proj", "v_proj"), d, targets, trains, c, a, r)
-    saved += part
-    rope_saved = grads["q_proj"] or grads["k_proj"]
-    attention_grad = any(grads.values())
-    # SDPA (flash / memory-efficient kernels) saves q, k and v after repeat_interleave (all H heads), its
-    # output and the float32 logsumexp [H] per token: O(seq), never the seq x seq probabilities.
-    saved += (4 * c * q_width + 4 * H) if attention_grad else 0
-    # o_proj reads the attention output through a view of the same storage: saved already when SDPA saved it.
-    part, grads = _linears(attention_grad, ("o_proj",), q_width, targets, trains, c, a, r,
-                           input_saved=attention_grad)
-    saved += part
-    h_grad = x_grad or grads["o_proj"]
-    part, n2_grad = _norm(h_grad, trains, d, c)
-    saved += part
-    part, grads = _linears(n2_grad, ("gate_proj", "up_proj"), d, targets, trains, c, a, r)
-    saved += part
-    gate_grad, up_grad = grads["gate_proj"], grads["up_proj"]
-    # silu(gate) saves gate; silu(gate) * up saves each factor for the other's gradient
-    saved += c * f * (gate_grad + up_grad + gate_grad)
-    part, grads = _linears(gate_grad or up_grad, ("down_proj",), f, targets, trains, c, a, r)
-    saved += part
-    return saved, h_grad or grads["down_proj"], rope_saved
-
-
-def _working_set(shape: ModelShape, targets, trains: bool, c: int, a: int) -> int:
-    """Bytes per token of gradients alive at once in a layer's backward, at its widest point:
-
-        the residual stream's gradient        c d, throughout
-        + the larger of
-          SwiGLU's backward                   2 c f: the product's gradient and one factor's
-          an adapted linear (in, out)         c in (dL/dx), and with adapters in another dtype than the
-                                              compute (float32 next to bf16), LoRAMatmul's a out (the
-                                              incoming gradient cast to their dtype) + 2 a in (dL/dx's
-                                              low-rank part s (g B) A and its scaled copy, before the cast)
-          a trained linear (full fine-tuning) c in (dL/dx; dL/dW is the gradient itself)
-    """
-    d, f = shape.hidden_size, shape.intermediate_size
-    sites = [2 * c * f]
-    for name, (i, o) in shape.linear_shapes().items():
-        if name in targets and a != c:
-            sites.append(a * o + c * i + 2 * a * i)
-        elif name in targets or trains:
-            sites.append(c * i)
-    return c * d + max(sites)
-
-
-def _method(method: str):
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-    return METHODS[method]
-
-
-def _check_targets(lora_targets) -> tuple:
-    targets = tuple(lora_targets)
-    unknown = [t for t in targets if t not in LORA_TARGETS]
-    if not targets or unknown:
-        raise ValueError(f"lora_targets must be a non-empty subset of {LORA_TARGETS}, got {lora_targets!r}")
-    return targets
-
-
-def activations(model, method: str = "qlora_nf4_dq", batch: int = 1, seq_len: int = 512, r: int = 64,
-                gradient_checkpointing: bool = True, lora_targets=LORA_TARGETS, adapter_bytes: int = 4) -> Activations:
-    """Activation memory of one training step of qlora_ref.llama, per term (see Activations).
-
-    With c the compute dtype's bytes (2 for bf16, 4 for fp32), a the adapters' (4: float32), N = batch *
-    seq tokens, per token and per layer whose input needs a gradient, with every linear adapted:
-
-        input_layernorm            4d + 4          x in float32, rsqrt (+ c d normalized if the norm trains)
-        q/k/v input                c d             one tensor, read by three linears
-        LoRA x A^T                 7 a r           one per adapted linear
-        SDPA                       4 c H d_h + 4H  q, k, v (repeated to H heads), output, logsumexp
-        post_attention_layernorm   4d + 4
-        gate/up input              c d
-        MLP                        4 c f           gate (silu's input), silu(gate), up, their product
-
-    so 20 d + 8 f + 28 r + 4 H + 8 bytes for Llama's bf16 QLoRA (H d_h = d). The first layer saves
-    4d + 4 less: its input, the frozen embeddings' output, needs no gradient, so input_layernorm saves
-    nothing. A linear without an adapter saves no input unless its weight trains (requires_grad decides
-    what autograd keeps: `_layer` walks it). Full fine-tuning also saves each norm's normalized input and
-    lm_head's input (c d), and the embedding's input ids (8 N).
-    With gradient checkpointing a layer keeps only its input, c d per token, and one layer's tensors are
-    rebuilt at a time in the backward (recomputed_layer). Shared by all layers: cos and sin, 2 c seq d_h.
-    The head: the final norm (4d + 4 per token), the loss: 4 V + 8 bytes per predicted position
-    (batch (seq - 1); for batch 1 the targets are a view of all seq labels) + 4, and the returned
-    logits c V N.
-    """
-    shape = _resolve_model(model)
-    _, c, trains = _method(method)
-    _positive_int(batch, "batch")
-    if _positive_int(seq_len, "seq_len") < 2:
-        raise ValueError("seq_len must be at least 2: the loss predicts each token from the ones before it")
-    targets = () if trains else _check_targets(lora_targets)
-    if not trains:
-        _positive_int(r, "r")
-        if adapter_bytes not in (2, 4):
-            raise ValueError(f"adapter_bytes must be 2 (bf16 adapters) or 4 (float32), got {adapter_bytes!r}")
-    tokens, positions = batch * seq_len, batch * (seq_len - 1)
-    # the loss flattens labels[:, 1:]: a copy of the targets, or for batch 1 a view of all of labels
-    targets_kept = tokens if batch == 1 else positions
-    d, V, L = shape.hidden_size, shape.vocab_size, shape.num_hidden_layers
-
-    per_layer, x_grad, rope_saved = [], trains, False
-    for _ in range(L):
-        saved, x_grad, rope = _layer(shape, x_grad, targets, trains, c, adapter_bytes, r)
-        per_layer.append(saved * tokens)
-        rope_saved = rope_saved or rope
-    if gradient_checkpointing:
-        # checkpoint(layer, h, cos, sin) keeps its inputs, whether or not they need a gradient
-        layers, rope_saved, recomputed = L * c * d * tokens, True, max(per_layer)
-    else:
-        layers, recomputed = sum(per_layer), 0
-    head, head_grad = _norm(x_grad, trains, d, c)
-    head += c * d if trains else 0  # lm_head's input, for its weight's gradient
-    return Activations(
-        layers=layers,
-        rope=2 * c * seq_len * shape.head_dim if rope_saved else 0,
-        embedding=8 * tokens if trains else 0,
-        head=head * tokens,
-        loss=(4 * V * positions + 8 * targets_kept + 4) if head_grad else 0,
-        logits=c * V * tokens,
-        loss_transient=2 * 4 * V * positions,
-        recomputed_layer=recomputed,
-        backward_working_set=_working_set(shape, targets, trains, c, adapter_bytes) * tokens,
-        per_layer=tuple(per_layer),
-    )
-
-
-def measure_saved_bytes(model: torch.nn.Module, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> int:
-    """Bytes autograd saves for backward in one forward pass of `model(input_ids, labels=labels)`.
-
-    Every tensor saved for backward goes through torch.autograd.graph.saved_tensors_hooks' pack hook;
-    the sum of their storages' sizes, each storage once, leaving out the model's parameters and buffers
-    (they are weights, not activations). Runs on any device; the graph is freed on return.
-    """
-    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    seen = set()
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            seen.add((storage.data_ptr(), storage.nbytes()))
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(input_ids, labels=labels)
-    return sum(nbytes for _, nbytes in seen)
-
-
-def measure_peak_bytes(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> int:
-    """Peak bytes of the tensors made in one forward and backward pass, `model(input_ids, labels=labels)
-    .loss.backward()`: activations, temporaries, and the parameters' gradients as they appear.
-
-    What a GPU's torch.cuda.max_memory_allocated would add on top of the weights, measured on any device
-    by following every tensor PyTorch creates (a TorchDispatchMode) and when it is freed. The
-    returned output is dropped only after the backward, as in a training loop that keeps `out`.
-    """
-    with PeakMemory() as tracker:
-        out = model(input_ids, labels=labels)
-        out.loss.backward()
-        del out
-    return tracker.peak
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -607,7 +222,7 @@ def gpu_memory(gpu) -> int:
         if gpu not in GPUS:
             raise ValueError(f"unknown GPU {gpu!r}; known: {list(GPUS)} (or give its memory in bytes)")
         return GPUS[gpu]
-    return _positive_int(gpu, "gpu (bytes)")
+    return check_positive_int(gpu, "gpu (bytes)")
 
 
 def _optimizer_bytes(optimizer: str, tensors, dtype_bytes: int) -> tuple:
@@ -644,8 +259,8 @@ def estimate(model="Llama-2-7B", method: str = "qlora_nf4_dq", optimizer: str = 
     whole model, the largest parameter's), not all of them.
     n_gpus > 1: the bytes on each of n_gpus GPUs under FSDP2 (lesson 10, `_fsdp_per_gpu`), batch per GPU.
     """
-    shape = _resolve_model(model)
-    base, c, trains = _method(method)
+    shape = resolve_model(model)
+    base, _, trains, _ = recipe(method)
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     check_blocksize(blocksize)
@@ -661,7 +276,7 @@ def estimate(model="Llama-2-7B", method: str = "qlora_nf4_dq", optimizer: str = 
     if trains:
         trainable, dtype_bytes = shape.parameter_tensors(), 4 if base == "fp32" else 2
     else:
-        targets = _check_targets(lora_targets)
+        targets = check_lora_targets(lora_targets)
         trainable = [r * n for name in targets for n in linears[name]] * shape.num_hidden_layers
         dtype_bytes = adapter_bytes
         if base == "bf16":
@@ -685,7 +300,7 @@ def estimate(model="Llama-2-7B", method: str = "qlora_nf4_dq", optimizer: str = 
     parts["logits"] = act.logits
     moments = {"head and loss backward": act.loss_moment, "layer backward": act.layer_moment + dequantize}
     if n_gpus != 1:  # lesson 10
-        gathered = _fsdp_per_gpu(parts, shape, trainable, _positive_int(n_gpus, "n_gpus"), method, optimizer,
+        gathered = _fsdp_per_gpu(parts, shape, trainable, check_positive_int(n_gpus, "n_gpus"), method, optimizer,
                                  optimizer_in_backward, r, adapter_bytes, blocksize, base == "nf4_dq")
         moments = {moment: value + gathered[moment] for moment, value in moments.items()}
         parts["gathered layers (FSDP2)"] = gathered[max(moments, key=moments.get)]

@@ -57,7 +57,7 @@ from graders.lesson08 import check_learning_rate, check_training_step
 from qlora_ref.adamw_step import adamw_update_
 from qlora_ref.tasks import collate
 from qlora_ref.train import TrainConfig, batch_indices, setup, train_step
-from qlora_ref.vram import PRESETS
+from qlora_ref.model_shapes import PRESETS
 
 # One thread: the same arithmetic in the same order on every run, so the figures below repeat exactly.
 torch.set_num_threads(1)

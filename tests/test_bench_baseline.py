@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 import bench.baseline as bench_baseline
-from qlora_ref.vram import PRESETS, from_hf_config
+from qlora_ref.model_shapes import PRESETS, from_hf_config
 
 
 def test_parse_settings_keeps_the_order():

@@ -112,7 +112,7 @@ def _resume_elsewhere_worker(rank, world_size, out):
 
 
 def test_a_stopped_and_resumed_sharded_run_equals_an_uninterrupted_one(tmp_path):
-    from qlora_ref.adapters import PREFIX, load_adapters, lora_layers
+    from qlora_ref.adapters import load_adapters, lora_layers
 
     run = setup(TrainConfig(**SETTINGS))  # first, so that the forked ranks find scipy and torch._dynamo imported
     (result, _) = run_on_cpus(_stop_and_resume_worker, 2, str(tmp_path), start_method="fork")

@@ -10,7 +10,9 @@ from matplotlib.figure import Figure
 
 from qlora_ref.plots.vram import budget_figure, methods_figure
 from qlora_ref.optim8bit import OPTIMIZERS
-from qlora_ref.vram import GIB, GPUS, METHODS, PRESETS, estimate
+from qlora_ref.methods import RECIPES
+from qlora_ref.model_shapes import PRESETS
+from qlora_ref.vram import GIB, GPUS, estimate
 
 
 def _bar_widths(axis) -> list:
@@ -43,7 +45,7 @@ def test_every_widget_choice_draws():
     """Each value of each widget control, with the others at their defaults."""
     for model in PRESETS:
         budget_figure(model=model)
-    for method in METHODS:
+    for method in RECIPES:
         budget_figure(method=method)
     for optimizer in OPTIMIZERS:
         budget_figure(optimizer=optimizer)
@@ -53,9 +55,9 @@ def test_every_widget_choice_draws():
 
 def test_methods_figure_has_a_bar_per_method():
     fig, breakdowns = methods_figure("Llama-2-13B", seq_len=768, batch=2, r=32, optimizer="adamw")
-    assert list(breakdowns) == list(METHODS)
+    assert list(breakdowns) == list(RECIPES)
     (axis,) = fig.axes
-    assert [t.get_text() for t in axis.get_yticklabels()] == list(METHODS)
+    assert [t.get_text() for t in axis.get_yticklabels()] == list(RECIPES)
     assert sum(_bar_widths(axis)) == pytest.approx(sum(b.total for b in breakdowns.values()) / GIB)
     assert breakdowns["full_fp32"].total > breakdowns["lora_bf16"].total > breakdowns["qlora_nf4"].total \
         > breakdowns["qlora_nf4_dq"].total

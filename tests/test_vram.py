@@ -18,23 +18,18 @@ from qlora_ref import QLoRALinear, constant_bits_per_parameter, prepare_model
 from qlora_ref.llama import LlamaConfig, LlamaForCausalLM
 from qlora_ref.optim8bit import bytes_per_parameter, predicted_state_bytes
 from qlora_ref.results import load_measurements
+from qlora_ref.activations import activations, measure_peak_bytes, measure_saved_bytes
+from qlora_ref.methods import LORA_TARGETS, METHODS, RECIPES
+from qlora_ref.model_shapes import PRESETS, ModelShape, from_hf_config
 from qlora_ref.vram import (
     GIB,
     GPUS,
-    LORA_TARGETS,
-    METHODS,
     PARTS,
-    PRESETS,
     TRANSIENT_PARTS,
-    ModelShape,
-    activations,
     estimate,
-    from_hf_config,
     gpu_memory,
     matching_run,
     measurement_line,
-    measure_peak_bytes,
-    measure_saved_bytes,
     quantized_linear_bytes,
 )
 
@@ -245,7 +240,7 @@ def _small_model(method, checkpointing=False, kv_heads=2, tie=True, targets=LORA
     config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=kv_heads, tie_word_embeddings=tie,
                          max_position_embeddings=64)
-    base, compute_bytes, trains = METHODS[method]
+    base, compute_bytes, trains, _ = RECIPES[method]
     model = LlamaForCausalLM(config).to(torch.float32 if compute_bytes == 4 else torch.bfloat16)
     if not trains:
         prepare_model(model, r=r, alpha=2 * r, target_modules=list(targets), quantize=base.startswith("nf4"),
@@ -325,7 +320,7 @@ def test_peak_of_a_step_is_predicted(method, checkpointing, options):
     predicted = activations(shape, method, batch, seq, 4, checkpointing, options.get("targets", LORA_TARGETS),
                             options.get("adapter_bytes", 4))
     gradients = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
-    if METHODS[method][2]:
+    if RECIPES[method].trains_base:
         assert 0.99 * predicted.peak <= measured <= predicted.peak + gradients
     else:
         assert measured == pytest.approx(predicted.peak + gradients, rel=0.10)
@@ -455,3 +450,11 @@ def test_every_gpu_measurement_within_ten_percent():
         assert b.allocated == pytest.approx(run["peak_allocated"], rel=0.10), run
         measured = run["peak_reserved"] + run["context_bytes"]
         assert b.total + b.optimizer_host_bytes == pytest.approx(measured, rel=0.10), run
+
+
+def test_every_recipe_is_run_by_a_trainer_method_and_every_method_budgets():
+    """The budget's recipes and the trainer's methods are one vocabulary: each recipe names the method that runs it."""
+    assert {r.method for r in RECIPES.values()} == set(METHODS)
+    assert all(r.trains_base == (r.method == "full") for r in RECIPES.values())
+    assert all(r.base.startswith("nf4") == (r.method == "qlora") for r in RECIPES.values())
+    assert tuple(PRESETS["Llama-2-7B"].linear_shapes()) == LORA_TARGETS

@@ -7,7 +7,8 @@ import torch
 
 from qlora_ref.distributed import run_on_cpus
 from qlora_ref.course_files import base_model_dir
-from qlora_ref.vram import GIB, PARTS, estimate, from_hf_config
+from qlora_ref.model_shapes import from_hf_config
+from qlora_ref.vram import GIB, PARTS, estimate
 
 SHARDED = ("4-bit weights", "16-bit weights", "trainable weights", "gradients")
 

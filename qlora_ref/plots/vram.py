@@ -8,7 +8,8 @@ can check them.
 
 from matplotlib.figure import Figure
 
-from ..vram import DEVICE_PARTS, GIB, GPUS, METHODS, PARTS, estimate, estimate_for, gpu_memory
+from ..methods import RECIPES
+from ..vram import DEVICE_PARTS, GIB, GPUS, PARTS, estimate, estimate_for, gpu_memory
 
 __all__ = ["budget_figure", "measurements_figure", "methods_figure", "PART_COLORS"]
 
@@ -68,10 +69,10 @@ def budget_figure(model="Llama-2-7B", method: str = "qlora_nf4_dq", seq_len: int
 
 def methods_figure(model="Llama-2-7B", seq_len: int = 512, batch: int = 1, r: int = 64,
                    optimizer: str = "paged_adamw_8bit", gradient_checkpointing: bool = True, gpus=tuple(GPUS)):
-    """A stacked bar per method (METHODS) for one model and setup, with a dashed line at each GPU's
+    """A stacked bar per method (RECIPES) for one model and setup, with a dashed line at each GPU's
     memory (GPUs of equal memory share a line). Returns (fig, {method: breakdown})."""
     breakdowns = {m: estimate(model, method=m, optimizer=optimizer, batch=batch, seq_len=seq_len, r=r,
-                              gradient_checkpointing=gradient_checkpointing) for m in METHODS}
+                              gradient_checkpointing=gradient_checkpointing) for m in RECIPES}
     fig = Figure(figsize=(9.0, 4.0), layout="constrained", dpi=80)
     axis = fig.subplots()
     labelled = set()
