@@ -33,20 +33,14 @@ os.environ["TORCH_COMPILE_DISABLE"] = "1"
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 IN_COLAB = "google.colab" in sys.modules
-if IN_COLAB:  # clone the course and install it next to Colab's own torch (lesson 0, "Troubleshooting")
+if IN_COLAB:  # clone the course, install it beside Colab's own torch (tools/colab_install.sh), run from notebooks/
     import importlib
     import subprocess
-    from importlib.metadata import version
 
-    COURSE = "/content/qlora-course"
-    if not os.path.isdir(COURSE):
-        url = "https://github.com/OWNER/qlora-course"
-        subprocess.run(["git", "clone", "--depth", "1", "--branch", "main", url, COURSE], check=True)
-    # torch pinned to the version installed: pip keeps Colab's CUDA build instead of replacing it
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", COURSE, "bitsandbytes==0.50.2", f"torch=={version('torch')}"],
-                   check=True)
+    subprocess.run(["sh", "-c", "[ -d qlora-course ] || git clone -q --depth 1 -b main https://github.com/OWNER/qlora-course; "
+                    f"sh qlora-course/tools/colab_install.sh {sys.executable}"], cwd="/content", check=True)
     importlib.invalidate_caches()  # so that this running kernel finds the packages just installed
-    os.chdir(f"{COURSE}/notebooks")  # the lessons run from notebooks/ (lesson 5 reads ../bench/results)
+    os.chdir("/content/qlora-course/notebooks")
 
 import math
 
@@ -57,7 +51,7 @@ from graders.lesson08 import check_learning_rate, check_training_step
 from qlora_ref.adamw_step import adamw_update_
 from qlora_ref.tasks import collate
 from qlora_ref.train import TrainConfig, batch_indices, setup, train_step
-from qlora_ref.vram import PRESETS
+from qlora_ref.model_shapes import PRESETS
 
 # One thread: the same arithmetic in the same order on every run, so the figures below repeat exactly.
 torch.set_num_threads(1)

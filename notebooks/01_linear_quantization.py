@@ -28,20 +28,14 @@ os.environ["TORCH_COMPILE_DISABLE"] = "1"
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 IN_COLAB = "google.colab" in sys.modules
-if IN_COLAB:  # clone the course and install it next to Colab's own torch (lesson 0, "Troubleshooting")
+if IN_COLAB:  # clone the course, install it beside Colab's own torch (tools/colab_install.sh), run from notebooks/
     import importlib
     import subprocess
-    from importlib.metadata import version
 
-    COURSE = "/content/qlora-course"
-    if not os.path.isdir(COURSE):
-        url = "https://github.com/OWNER/qlora-course"
-        subprocess.run(["git", "clone", "--depth", "1", "--branch", "main", url, COURSE], check=True)
-    # torch pinned to the version installed: pip keeps Colab's CUDA build instead of replacing it
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", COURSE, "bitsandbytes==0.50.2", f"torch=={version('torch')}"],
-                   check=True)
+    subprocess.run(["sh", "-c", "[ -d qlora-course ] || git clone -q --depth 1 -b main https://github.com/OWNER/qlora-course; "
+                    f"sh qlora-course/tools/colab_install.sh {sys.executable}"], cwd="/content", check=True)
     importlib.invalidate_caches()  # so that this running kernel finds the packages just installed
-    os.chdir(f"{COURSE}/notebooks")  # the lessons run from notebooks/ (lesson 5 reads ../bench/results)
+    os.chdir("/content/qlora-course/notebooks")
 
 import math
 

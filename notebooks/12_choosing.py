@@ -32,20 +32,14 @@ from pathlib import Path
 from statistics import median
 
 IN_COLAB = "google.colab" in sys.modules
-if IN_COLAB:  # clone the course and install it next to Colab's own torch (lesson 0, "Troubleshooting")
+if IN_COLAB:  # clone the course, install it beside Colab's own torch (tools/colab_install.sh), run from notebooks/
     import importlib
     import subprocess
-    from importlib.metadata import version
 
-    COURSE = "/content/qlora-course"
-    if not os.path.isdir(COURSE):
-        url = "https://github.com/OWNER/qlora-course"
-        subprocess.run(["git", "clone", "--depth", "1", "--branch", "main", url, COURSE], check=True)
-    # torch pinned to the version installed: pip keeps Colab's CUDA build instead of replacing it
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", COURSE, "bitsandbytes==0.50.2", f"torch=={version('torch')}"],
-                   check=True)
+    subprocess.run(["sh", "-c", "[ -d qlora-course ] || git clone -q --depth 1 -b main https://github.com/OWNER/qlora-course; "
+                    f"sh qlora-course/tools/colab_install.sh {sys.executable}"], cwd="/content", check=True)
     importlib.invalidate_caches()  # so that this running kernel finds the packages just installed
-    os.chdir(f"{COURSE}/notebooks")  # the lessons run from notebooks/ (lesson 5 reads ../bench/results)
+    os.chdir("/content/qlora-course/notebooks")
 
 # %matplotlib inline
 import torch
@@ -59,7 +53,8 @@ from qlora_ref.plots.vram import methods_figure
 from qlora_ref.results import SETUP_KEYS, load_measurements
 from qlora_ref.tasks import collate
 from qlora_ref.train import TrainConfig, evaluate, train
-from qlora_ref.vram import GIB, GPUS, PRESETS, estimate
+from qlora_ref.model_shapes import PRESETS
+from qlora_ref.vram import GIB, GPUS, estimate
 
 # One thread: the same arithmetic in the same order on every run, so the figures below repeat exactly.
 torch.set_num_threads(1)
@@ -88,7 +83,7 @@ display(figure)
 # lesson 8.
 
 # %%
-METHODS = ("full_bf16", "lora_bf16", "qlora_nf4_dq")
+COMPARED = ("full_bf16", "lora_bf16", "qlora_nf4_dq")
 CARDS = sorted(GPUS, key=GPUS.get)  # smallest first
 
 
@@ -96,10 +91,10 @@ def smallest_card(breakdown):
     return next((card for card in CARDS if breakdown.fits(card)), "none of them")
 
 
-print(f"{'model':<14}" + "".join(f"{m:>32}" for m in METHODS))
+print(f"{'model':<14}" + "".join(f"{m:>32}" for m in COMPARED))
 for model in (SMOLLM2_360M, PRESETS["Llama-2-7B"], PRESETS["Llama-2-13B"], PRESETS["Llama-2-70B"]):
     cells = []
-    for method in METHODS:
+    for method in COMPARED:
         b = estimate(model, method=method, **SETUP)
         cells.append(f"{b.total / GIB:8.2f} GiB, {smallest_card(b)}")
     print(f"{model.name:<14}" + "".join(f"{c:>32}" for c in cells))

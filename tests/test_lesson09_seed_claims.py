@@ -5,7 +5,8 @@ from pathlib import Path
 
 from qlora_ref import constant_bits_per_parameter
 from qlora_ref.results import load_measurements
-from qlora_ref.vram import PRESETS, estimate, matching_run
+from qlora_ref.model_shapes import PRESETS
+from qlora_ref.vram import estimate, matching_run
 
 ROOT = Path(__file__).resolve().parents[1]
 LESSON = (ROOT / "notebooks" / "09_vram_budget.py").read_text()

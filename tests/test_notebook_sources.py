@@ -15,6 +15,7 @@ import difflib
 import importlib.util
 import io
 import re
+import subprocess
 import tokenize
 from pathlib import Path
 
@@ -206,3 +207,15 @@ def test_colab_setup_fills_in_a_new_notebook_and_leaves_current_ones_alone():
         if folder != "exercises":
             text = (ROOT / folder / f"{stem}.py").read_text(encoding="utf-8")
             assert colab.with_setup(text, stem, folder) == text, f"{folder}/{stem}.py: run `python tools/colab.py --write`"
+
+
+def test_colab_install_script_keeps_colabs_torch(tmp_path):
+    """tools/colab_install.sh, run with a stand-in for Colab's Python: it asks pip for the course, bitsandbytes 0.50.2
+    and the torch already installed (so that pip keeps Colab's CUDA build)."""
+    python = tmp_path / "python"
+    log = tmp_path / "log"
+    python.write_text(f"#!/bin/sh\nif [ \"$1\" = -c ]; then echo 2.8.0+cu126; else echo \"$@\" >> {log}; fi\n")
+    python.chmod(0o755)
+    subprocess.run(["sh", str(ROOT / "tools" / "colab_install.sh"), str(python)], check=True)
+    assert log.read_text().split() == ["-m", "pip", "install", "-q", str(ROOT), "bitsandbytes==0.50.2",
+                                       "torch==2.8.0+cu126"]

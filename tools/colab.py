@@ -24,6 +24,7 @@ from pathlib import Path
 
 REPO = "OWNER/qlora-course"  # placeholder until the course is published: its GitHub "owner/name"
 BRANCH = "main"
+CLONE = REPO.rsplit("/", 1)[1]  # the folder `git clone` makes, under Colab's /content
 # The lessons that carry the set-up (notebooks/NN_*.py). Every solutions/NN_name.py carries it too, and so does
 # its exercise: they need no list.
 LESSONS = ("00", "01", "02", "03", "04", "05", "06", "07", "08", "09", "10", "12")
@@ -47,20 +48,14 @@ def badge(stem: str, folder: str = "notebooks") -> str:
 def colab_block() -> str:
     """The first code cell's Colab block (the lines from BLOCK_START to the end of its `if`)."""
     return f'''{BLOCK_START}
-if IN_COLAB:  # clone the course and install it next to Colab's own torch (lesson 0, "Troubleshooting")
+if IN_COLAB:  # clone the course, install it beside Colab's own torch (tools/colab_install.sh), run from notebooks/
     import importlib
     import subprocess
-    from importlib.metadata import version
 
-    COURSE = "/content/qlora-course"
-    if not os.path.isdir(COURSE):
-        url = "https://github.com/{REPO}"
-        subprocess.run(["git", "clone", "--depth", "1", "--branch", "{BRANCH}", url, COURSE], check=True)
-    # torch pinned to the version installed: pip keeps Colab's CUDA build instead of replacing it
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", COURSE, "bitsandbytes==0.50.2", f"torch=={{version('torch')}}"],
-                   check=True)
+    subprocess.run(["sh", "-c", "[ -d {CLONE} ] || git clone -q --depth 1 -b {BRANCH} https://github.com/{REPO}; "
+                    f"sh {CLONE}/tools/colab_install.sh {{sys.executable}}"], cwd="/content", check=True)
     importlib.invalidate_caches()  # so that this running kernel finds the packages just installed
-    os.chdir(f"{{COURSE}}/notebooks")  # the lessons run from notebooks/ (lesson 5 reads ../bench/results)'''
+    os.chdir("/content/{CLONE}/notebooks")'''
 
 
 def with_badge(text: str, stem: str, folder: str) -> str:
