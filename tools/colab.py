@@ -26,7 +26,7 @@ REPO = "OWNER/qlora-course"  # placeholder until the course is published: its Gi
 BRANCH = "main"
 # The lessons that carry the set-up (notebooks/NN_*.py). Every solutions/NN_name.py carries it too, and so does
 # its exercise: they need no list.
-LESSONS = ("00", "01", "02", "03", "04", "05", "06", "07", "08", "09", "10")
+LESSONS = ("00", "01", "02", "03", "04", "05", "06", "07", "08", "09", "10", "11")
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 SOLUTIONS = ROOT / "solutions"
