@@ -9,19 +9,19 @@
 # needs it.
 #
 # **What you will read**
-# - the dequantization kernel against bitsandbytes and against a plain copy of the same bytes, its targets
-#   met and missed, and why double quantization is where a fused kernel wins (lesson 5);
+# - the dequantization kernel against bitsandbytes and a copy of the same bytes, its targets met and missed,
+#   and why double quantization is where a fused kernel wins (lesson 5);
 # - one QLoRA layer's forward and backward against bitsandbytes + PEFT, the ceiling that the two GEMMs set,
 #   and the one-token GEMV (lesson 6);
 # - a whole QLoRA step for a 7B model against transformers + peft + bitsandbytes: memory, the update inside
 #   the backward pass, and a CUDA graph that takes the host out of the step (lesson 9).
 #
 # **Runs on a CPU.** Every number comes from the files the benchmarks wrote to `bench/results/`, read when
-# the notebook runs, so its output is checked like any lesson's. With a CUDA GPU, the cells marked "On your
-# GPU" measure your card (their output is your machine's and is not compared).
+# the notebook runs, so its output is checked like any lesson's. With a CUDA GPU, section 2's cell "On your
+# GPU" times the layer and the GEMV on your card (its output is your machine's and is not compared); lesson 5's
+# section 7 does the same for the dequantization kernel.
 #
-# **Prerequisites:** lessons 5, 6 and 9. **Sources:** QLoRA (Dettmers et al. 2023, arXiv:2305.14314); the
-# roofline model (Williams, Waterman and Patterson 2009, Communications of the ACM 52(4)).
+# **Prerequisites:** lessons 5, 6 and 9. **Source:** QLoRA (Dettmers et al. 2023, arXiv:2305.14314).
 
 # %%
 import os
@@ -54,7 +54,7 @@ from qlora_ref.results import dequantize_summary, load_kernel_results
 from qlora_ref.vram import GIB, PRESETS, estimate
 
 _ = torch.manual_seed(0)  # `_ =` keeps the generator's repr (a memory address) out of the output
-# Lesson 0's device and compute dtype (float16 on a T4): the cells marked "On your GPU" use them.
+# Lesson 0's device and compute dtype (float16 on a T4): section 2's cell "On your GPU" uses them.
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 compute_dtype = torch.float16 if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0) else torch.bfloat16
 
