@@ -4,27 +4,21 @@
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/qlora-course/blob/main/notebooks/05_triton_kernels.ipynb)
 #
 # Lessons 3 and 4 dequantized a weight with a few lines of torch: look the 4-bit codes up in a table,
-# multiply by the block's absmax. On a GPU that takes several passes over memory (unpack, look up,
-# scale, and for double quantization a separate pass over the absmax). This lesson writes the whole
-# thing as **one GPU kernel** in Triton, runs it on a CPU in Triton's interpreter, checks it against
+# multiply by the block's absmax. On a GPU that takes several passes over memory. This lesson writes the
+# whole thing as **one GPU kernel** in Triton, runs it on a CPU in Triton's interpreter, checks it against
 # bitsandbytes bit for bit, and reads what an optimized version of it achieves on an H100.
 #
 # **What you will learn**
-# - why dequantization is *memory-bound*: the bytes it must move, its arithmetic intensity, and the
-#   time floor this sets on an H100 and on a Colab T4;
-# - how a Triton kernel is built, step by step: program ids and offsets, masks for the last tile,
-#   loading packed bytes, unpacking nibbles, the table lookup, broadcasting the absmax, double
-#   dequantization of the absmax, storing even and odd values;
-# - how to check a kernel bit for bit against lesson 3's reference and against bitsandbytes, and a trap:
-#   Triton's interpreter rounds float32 → bfloat16 differently from a GPU;
-# - what the course's optimized kernel (`qlora_ref.kernels.dequantize_4bit`) does differently, read in its PTX,
-#   compiled here for an H100 and for a T4 without either GPU;
-# - what it measured on an H100 against bitsandbytes and against a plain memory copy, and where it
-#   missed its targets.
+# - why dequantization is *memory-bound*: the bytes it moves, its arithmetic intensity, the time floor;
+# - how a Triton kernel is built, step by step: program ids, offsets and masks, loading and unpacking
+#   packed bytes, the table lookup, broadcasting the absmax, double dequantization, the stores;
+# - how to check a kernel bit for bit against lesson 3 and bitsandbytes, and a trap: Triton's interpreter
+#   rounds float32 → bfloat16 differently from a GPU;
+# - what the course's optimized kernel (`qlora_ref.kernels.dequantize_4bit`) does differently, read in its
+#   PTX, and what it measured on an H100.
 #
-# **Prerequisites:** lesson 3 (blockwise 4-bit quantization, packing two codes per byte) and lesson 4
-# (double quantization). No GPU needed: everything runs on a CPU, and the H100's numbers come from a committed
-# results file; with a GPU, section 7 checks and times the kernel on yours.
+# **Prerequisites:** lessons 3 and 4. No GPU needed: the H100's numbers come from a committed results file;
+# with a GPU, section 7 checks and times the kernel on yours.
 #
 # **Sources:** QLoRA (Dettmers et al. 2023, arXiv:2305.14314); Triton (Tillet, Kung and Cox 2019,
 # "Triton: an intermediate language and compiler for tiled neural network computations", MAPL);
@@ -64,7 +58,6 @@ import bitsandbytes.functional as bnbF
 import torch
 import triton
 import triton.language as tl
-from IPython.display import Image, display
 
 from qlora_ref import bnb_cpu, dequantize_4bit, nf4_codebook, quantize_4bit
 from qlora_ref.blockwise import unpack_4bit
@@ -383,25 +376,37 @@ _ = compare("99 values, blocks of 32: kernel vs lesson 3's dequantize_4bit",
 # come from its portable decoder, the one that computes the same on every CPU (lesson 0, section 4):
 
 # %%
+def verdict(ours, reference):
+    """'exact', '±0' (equal values, some zeros of opposite sign) or the share of values that differ."""
+    ours, reference = ours.double(), reference.double()
+    if not torch.equal(ours, reference):
+        return f"{(ours != reference).double().mean():.0%} differ"
+    return "exact" if torch.equal(ours.signbit(), reference.signbit()) else "±0"
+
+
 def check(dequantizer, shape=(128, 160), dtypes=(torch.float32, torch.float16, torch.bfloat16), label=""):
+    """One row per codebook and absmax, one column per output dtype: `dequantizer` vs reference | vs bitsandbytes."""
+    print(f"{label}{shape[0]} x {shape[1]}, each cell: vs lesson 3's reference | vs bitsandbytes")
+    print(f"{'':11}" + "".join(f"{str(dtype)[6:]:>25}" for dtype in dtypes))
     for quant_type in ("nf4", "fp4"):
         for nested in (False, True):
+            cells = []
             for dtype in dtypes:
                 w = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
                 packed, state = quantize_4bit(w, blocksize=64, quant_type=quant_type, double_quant=nested)
                 bnb_packed, bnb_state = bnbF.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=nested)
                 assert torch.equal(packed, bnb_packed), "lesson 3's quantizer gives bitsandbytes' bytes"
                 ours = dequantizer(packed, state)
-                name = f"{label}{quant_type} {'nested' if nested else 'plain '} {str(dtype)[6:]:8}"
-                compare(f"{name} vs reference   ", ours, dequantize_4bit(packed, state))
-                compare(f"{name} vs bitsandbytes", ours, bnb_cpu.dequantize_4bit_portable(bnb_packed, bnb_state))
+                cells.append(f"{verdict(ours, dequantize_4bit(packed, state))} | "
+                             f"{verdict(ours, bnb_cpu.dequantize_4bit_portable(bnb_packed, bnb_state))}")
+            print(f"{quant_type + (' nested' if nested else ' plain'):11}" + "".join(f"{cell:>25}" for cell in cells))
 
 
 check(dequantize_naive)
 
 # %% [markdown]
 # float32 and float16: exact, for both codebooks, plain and nested. Against bitsandbytes FP4's zeros differ in
-# sign, and only they: its portable decoder looks codes up in its Python table, whose code 8 is +0.0, where its
+# sign (`±0`), and only they: its portable decoder looks codes up in its Python table, whose code 8 is +0.0, where its
 # C++ scalar loop and ours give -0.0 (lesson 2). bfloat16: a quarter to a half of the values differ, by one
 # bfloat16 step. The kernel is right; the interpreter is not a GPU.
 #
@@ -588,102 +593,28 @@ print(f"compile_ahead took {time.perf_counter() - start:.2f} s on this CPU")
 #
 # The results file of section 1 holds the benchmark: each Llama weight quantized to NF4 (blocks of 64) by
 # bitsandbytes on the GPU, both dequantizers checked to give the same bits, then timed with
-# `triton.testing.do_bench` (median, L2 cache flushed before every call), next to a copy of a tensor of
-# the output's size. GB/s counts the bytes each must move (section 1's formula). Every number below is read
-# from the committed file, so this cell's output is checked like any other.
+# `triton.testing.do_bench` (median, L2 cache flushed before every call) next to a copy of a tensor of the
+# output's size. GB/s counts the bytes each must move (section 1). The bf16 rows, read from the file:
 
 # %%
-print(f"{results['device']}, {results['date']}; {results['quant']}")
-print(f"{'weight':>10} {'dtype':5} {'absmax':6} | {'triton ms':>9} {'bnb ms':>7} {'copy ms':>7} | {'triton GB/s':>11} {'bnb GB/s':>8} "
-      f"{'copy GB/s':>9} | {'vs bnb':>6} {'triton/copy':>11} {'bnb/copy':>8} | exact")
+print(f"{results['device']}, {results['date'][:10]}; bf16 output")
+print(f"{'weight':>10} {'absmax':6} | {'ours ms':>7} {'copy ms':>7} | {'ours GB/s':>9} {'bnb GB/s':>8} {'copy GB/s':>9} | "
+      f"{'ours/copy':>9} {'vs bnb':>6} | same bits")
 for r in results["llama"]:
-    v = dequantize_summary(r)
-    weight = f"{r['shape'][0]}x{r['shape'][1]}"
-    print(f"{weight:>10} {r['dtype']:5} {'nested' if r['nested'] else 'plain':6} | {v['ms']:9.4f} {v['bnb_ms']:7.4f} {v['copy_ms']:7.4f} | "
-          f"{v['gbps']:11.0f} {v['bnb_gbps']:8.0f} {v['copy_gbps']:9.0f} | {v['speedup_vs_bnb']:5.2f}x {v['fraction_of_copy']:11.0%} "
-          f"{v['bnb_gbps'] / v['copy_gbps']:8.0%} | {v['exact']}")
-
-# %%
-display(Image(filename=str(RESULTS.with_suffix(".png")), width=800))
+    if r["dtype"] == "bf16":
+        v = dequantize_summary(r)
+        print(f"{r['shape'][0]:>4}x{r['shape'][1]:<5} {'nested' if r['nested'] else 'plain':6} | {v['ms']:7.4f} {v['copy_ms']:7.4f} | "
+              f"{v['gbps']:9.0f} {v['bnb_gbps']:8.0f} {v['copy_gbps']:9.0f} | {v['fraction_of_copy']:9.0%} "
+              f"{v['speedup_vs_bnb']:5.2f}x | {v['exact']}")
 
 # %% [markdown]
-# The bars on the right of each panel are the benchmark's other weights, timed the same way:
-
-# %%
-for r in results["challenge"]:
-    v = dequantize_summary(r)
-    print(f"{r['shape'][0]}x{r['shape'][1]} {r['dtype']} {'nested' if r['nested'] else 'plain'}: "
-          f"{v['speedup_vs_bnb']:.2f}x bitsandbytes, {v['fraction_of_copy']:.0%} of the copy")
-
-# %% [markdown]
-# ### The targets, honestly
-#
-# The kernel was written with two targets for the two largest weights: **1.3x bitsandbytes** and **90% of
-# the copy bandwidth**. From the file:
-
-# %%
-TARGET_SPEEDUP, TARGET_FRACTION = 1.3, 0.90
-for shape in [(8192, 8192), (8192, 28672)]:
-    for nested in (False, True):
-        for dtype in ("fp16", "bf16"):
-            v = dequantize_summary(by_case[(shape, dtype, nested)])
-            verdict = "met" if v["speedup_vs_bnb"] >= TARGET_SPEEDUP and v["fraction_of_copy"] >= TARGET_FRACTION else "MISSED"
-            print(f"{shape[0]}x{shape[1]} {dtype} {'nested' if nested else 'plain ':6}: {v['speedup_vs_bnb']:.2f}x bnb, "
-                  f"{v['fraction_of_copy']:.0%} of copy -> {verdict}")
-
-# %% [markdown]
-# 90% of the copy: met everywhere on these two. 1.3x bitsandbytes: met with double quantization, missed
-# without. The reason is in the bnb/copy column: on plain weights bitsandbytes is already a good
-# streaming kernel, and no kernel beats a copy of its own bytes. The best possible speed-up is the copy's:
-
-# %%
-for shape in [(8192, 8192), (8192, 28672)]:
-    v = dequantize_summary(by_case[(shape, "bf16", False)])
-    bnb_fraction = v["bnb_gbps"] / v["copy_gbps"]
-    print(f"{shape[0]}x{shape[1]} bf16 plain: bitsandbytes at {bnb_fraction:.0%} of the copy; at 100% of the copy a kernel would be "
-          f"{1 / bnb_fraction:.2f}x faster at most; 1.3x needs {TARGET_SPEEDUP * bnb_fraction:.0%} of the copy; ours: "
-          f"{v['fraction_of_copy']:.0%} -> {v['speedup_vs_bnb']:.2f}x")
-
-# %% [markdown]
-# ### Why double quantization is where a fused kernel wins
-#
-# bitsandbytes dequantizes a nested state in separate launches: an 8-bit blockwise dequantization of the
-# absmax codes (written out as float32), the offset added (another pass), then the 4-bit kernel, which
-# reads the float32 absmax back. Our kernel restores each absmax in registers, inside the one launch, and
-# reads 1 byte per block instead of 4. The GPU-only times (CUDA-graph replays, no Python between calls)
-# and the host's time per call (a tiny weight, where launching is all there is) separate the two effects:
-
-# %%
-for shape in [(4096, 4096), (8192, 28672)]:
-    plain_r, nested_r = by_case[(shape, "bf16", False)], by_case[(shape, "bf16", True)]
-    print(f"{shape[0]}x{shape[1]} bf16, GPU-only ms: bnb plain {plain_r['device_ms']['bnb']:.4f} -> nested "
-          f"{nested_r['device_ms']['bnb']:.4f} ({nested_r['device_ms']['bnb'] / plain_r['device_ms']['bnb'] - 1:+.0%}); "
-          f"triton plain {plain_r['device_ms']['default']:.4f} -> nested {nested_r['device_ms']['default']:.4f} "
-          f"({nested_r['device_ms']['default'] / plain_r['device_ms']['default'] - 1:+.0%})")
-host = results["host_us_per_call"]
-print(f"host time per call (us): bnb plain {host['bnb plain']:.0f}, bnb nested {host['bnb nested']:.0f}; "
-      f"triton plain {host['triton plain']:.0f}, triton nested {host['triton nested']:.0f}")
-
-# %% [markdown]
-# On the GPU, double quantization costs bitsandbytes 7-16% (the extra passes) and our kernel nothing (it
-# reads fewer bytes). On the host, bitsandbytes' launches cost 75 µs a call against 48: for a small weight,
-# where the GPU needs only about 20 µs, the host's time is most of the 1.55x of the table on 4096 × 4096
-# (and of the 3.29x on fp16, the same effect caught larger in that measurement: bitsandbytes' GPU-only time
-# there is 0.026 ms, as for bf16).
-#
-# Last, our naive kernel's store pattern on the real GPU. The benchmark's sweep ran the library kernel
-# with its `tl.join` replaced by two strided stores, as in section 2:
-
-# %%
-sweep = {(tuple(s["shape"]), s["variant"]): s for s in results["sweep"]}
-for shape in [(8192, 28672), (4096, 4096)]:
-    default, strided = sweep[(shape, "default")], sweep[(shape, "strided stores, no join")]
-    print(f"{shape[0]}x{shape[1]} {default['dtype']} {'nested' if default['nested'] else 'plain'}: tl.join {default['ms']:.4f} ms "
-          f"({default['gbps']:.0f} GB/s), two strided stores {strided['ms']:.4f} ms ({strided['gbps']:.0f} GB/s): "
-          f"{strided['ms'] / default['ms']:.1f}x slower, same bits: {strided['exact']}")
-
-# %% [markdown]
-# Same bits, 4.4 to 6 times slower: on a memory-bound kernel, *how* the bytes are stored is the whole game.
+# On the largest weight the kernel streams at 94-95% of a copy's bandwidth. It is faster than bitsandbytes on
+# every weight: 1.20-1.27x on plain weights, 1.40-1.55x with double quantization, where it restores each
+# absmax in registers inside its one launch while bitsandbytes makes separate passes over the absmax. The
+# optional [lesson 11](11_performance.ipynb) reads the rest of this benchmark: the fp16 rows and a figure, the
+# targets the kernel met and missed (and why one of them was out of any kernel's reach), the GPU-only and host
+# times that separate the two effects of double quantization, and what the naive kernel's two strided stores
+# cost on the GPU.
 #
 # ## 7. On your GPU
 #
@@ -759,18 +690,63 @@ else:
 # - The library kernel shapes its tile for 16-byte stores, interleaves with `tl.join`, skips masks on full
 #   tiles and forbids the fma that would change the nested absmax's bits; its PTX shows all of it, compiled
 #   here for an H100 and a T4 without either.
-# - On an H100 it reaches 94-95% of a copy on 8192 × 28672. Against bitsandbytes: 1.40x with double
-#   quantization (the target of 1.3x met), 1.23-1.27x without (missed: bitsandbytes is at 74% of the
-#   copy there, so even a perfect kernel could not exceed 1.35x).
-#
+# - On an H100 it reaches 94-95% of a copy on 8192 × 28672, and runs 1.20-1.27x as fast as bitsandbytes on
+#   plain weights, 1.40-1.55x with double quantization (section 6; lesson 11 has its targets).
+
+# %% [markdown]
+# **Exercise:** [exercises/05_triton_kernels.ipynb](../exercises/05_triton_kernels.ipynb) (solution:
+# [solutions/05_triton_kernels.ipynb](../solutions/05_triton_kernels.ipynb))
+
+# %% [markdown]
 # ## Check your understanding
 #
 # 1. With float32 output, how many bytes per value must the kernel move, and what is the floor for
 #    8192 × 28672 at 2985 GB/s? Why is float32 output rarely what a QLoRA layer wants?
+#
+# <details><summary>Answer</summary>
+#
+# 0.5 (codes) + 4/64 (absmax) + 4 (output) = 4.5625 bytes per value, against 2.5625 for bf16. For
+# 8192 × 28672 = 234,881,024 values that is 1,072 MB, and 1,072 MB / 2985 GB/s = 0.36 ms, against 0.20 ms for
+# bf16: the output is now 88% of the bytes. A QLoRA layer multiplies in its 16-bit compute dtype (tensor cores
+# run 16-bit products), so a float32 weight would be converted again before the GEMM, or slow it down.
+#
+# </details>
+
+# %% [markdown]
 # 2. In step 4 the block of byte j is `2j // blocksize`. Which block size would break this, and why does
 #    the library require COLS ≤ blocksize / 2 for its one-absmax-per-row trick?
-# 3. Round 1.00390625 (= 1 + 2^-8) and 1.01171875 (= 1 + 3 · 2^-8) to bfloat16 by truncation and by round-to-nearest-even.
-#    Which of them differ? (bfloat16 keeps 7 fraction bits.)
-# 4. Section 6: double quantization costs bitsandbytes 7% more GPU time on 8192 × 28672. Count the bytes of its
-#    extra passes (the absmax codes read, a float32 absmax written, read and written again for the offset,
-#    read by the 4-bit kernel) and compare them with the 602 MB of the 4-bit kernel itself.
+#
+# <details><summary>Answer</summary>
+#
+# An odd one: byte j holds values 2j and 2j + 1, and only an even block size guarantees that both fall in the
+# same block (with blocksize 3, values 2 and 3 lie in blocks 0 and 1). A row of the library's tile is COLS
+# packed bytes, 2 · COLS values; it starts at a multiple of 2 · COLS values, so with COLS ≤ blocksize / 2 (both
+# powers of two) the row lies inside one block, and one absmax load serves the whole row.
+#
+# </details>
+
+# %% [markdown]
+# 3. Round 1.00390625 (= 1 + 2^-8) and 1.01171875 (= 1 + 3 · 2^-8) to bfloat16 by truncation and by
+#    round-to-nearest-even. Which of them differ? (bfloat16 keeps 7 fraction bits.)
+#
+# <details><summary>Answer</summary>
+#
+# A bfloat16 step near 1 is 2^-7, so 2^-8 is exactly half a step: both numbers are ties. 1 + 2^-8: truncation
+# gives 1.0; to nearest even also 1.0 (its last kept bit is 0, already even). 1 + 3 · 2^-8 = 1 + 2^-7 + 2^-8:
+# truncation gives 1 + 2^-7 = 1.0078125; the last kept bit is 1 (odd), so round-to-nearest-even goes up to
+# 1 + 2^-6 = 1.015625. Only the second differs, by one step: what section 4 saw on 44% of the values.
+#
+# </details>
+
+# %% [markdown]
+# 4. Section 6's "ours/copy" column compares bandwidths, not times. On 8192 × 28672, which takes less time,
+#    our kernel or the copy, and why?
+#
+# <details><summary>Answer</summary>
+#
+# Our kernel: 0.2137 ms against the copy's 0.3147 ms. The copy of a bf16 tensor of the output's size reads
+# and writes 2 bytes a value (4 in all, 940 MB in section 1), the kernel moves 2.56 (602 MB). It moves 64% of
+# the copy's bytes at 94% of its bandwidth, so it takes about 0.64 / 0.94 ≈ 0.68 of its time. The copy is the
+# yardstick for bandwidth; a kernel that reads 4-bit codes is allowed to finish first.
+#
+# </details>

@@ -5,23 +5,19 @@
 #
 # Lessons 2-4 stored a weight matrix in about 4.127 bits per weight: NF4 codes, one absmax per block of 64,
 # and double-quantized absmax values. A 4-bit weight cannot be trained: there is no small step from one
-# code to the next. QLoRA (Dettmers et al. 2023, arXiv:2305.14314) does not train it. It freezes the
-# quantized base weight and trains a small low-rank correction next to it, LoRA (Hu et al. 2021,
-# arXiv:2106.09685). This lesson builds that layer and checks it against PEFT and bitsandbytes.
+# code to the next. QLoRA (Dettmers et al. 2023) does not train it: it freezes the quantized base weight and
+# trains a small low-rank correction next to it, LoRA (Hu et al. 2021). This lesson builds that layer.
 #
 # **What you will learn**
-# - LoRA's maths: W = W0 + (alpha/r) B A, the shapes, why B starts at zero, how A is initialised,
-#   and what the scale alpha/r does when you change r;
-# - how few parameters train: for one 4096 × 4096 layer and for a Llama-2-7B-shaped model;
-# - how `QLoRALinear` holds its base weight (NF4 codes and double-quantized constants, no dense copy)
-#   and the custom autograd function that dequantizes it in the forward *and again* in the backward;
-# - how to check the gradients: exact against a dense reference and against bitsandbytes' `Linear4bit`,
-#   close against float64, and why `torch.autograd.gradcheck` cannot be used on the layer directly;
-# - the memory of one layer, byte by byte, against bf16 and fp32 `nn.Linear`;
-# - saving adapters in PEFT's format, loading them with `peft`, and merging them into the base.
+# - LoRA's maths: W = W0 + (alpha/r) B A, drawn and then written out; why B starts at zero, how A is
+#   initialised, what alpha/r does when you change r, and why a low rank is enough;
+# - how few parameters train, for one 4096 × 4096 layer and a Llama-2-7B-shaped model;
+# - how `QLoRALinear` holds its base weight (NF4 codes, no dense copy) and the autograd function that
+#   dequantizes it in the forward *and again* in the backward;
+# - how to check the gradients, and why `torch.autograd.gradcheck` cannot be used on the layer directly;
+# - the memory of one layer, and saving, loading (PEFT) and merging adapters.
 #
-# **Prerequisites:** lessons 3 and 4 (`quantize_4bit` / `dequantize_4bit`, double quantization), and
-# PyTorch autograd (`loss.backward()`, `requires_grad`).
+# **Prerequisites:** lessons 3 and 4 (`quantize_4bit`, double quantization) and PyTorch autograd.
 #
 # **Sources:** LoRA: Hu et al. 2021 (arXiv:2106.09685). QLoRA: Dettmers et al. 2023 (arXiv:2305.14314),
 # sections 2-3. PEFT (huggingface/peft) for the initialisation and the file format; bitsandbytes'
@@ -60,6 +56,7 @@ import peft
 import torch
 import torch.nn.functional as F
 import transformers
+from IPython.display import display
 from safetensors import safe_open
 from torch import nn
 
@@ -74,7 +71,10 @@ from qlora_ref import (
     save_adapters,
 )
 from qlora_ref.compare import compare
+from qlora_ref.llama import LlamaForCausalLM
 from qlora_ref.lora import DequantizeMatmul
+from qlora_ref.plots.lora import lora_diagram, spectrum_figure
+from qlora_ref.tasks import collate, date_task
 
 transformers.logging.set_verbosity_error()  # no download or deprecation chatter in the outputs
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -92,7 +92,16 @@ print("torch", torch.__version__, "| bitsandbytes", bnb.__version__, "| peft", p
 # ## 1. LoRA: a frozen weight plus a low-rank correction
 #
 # A linear layer computes y = x W0^T + b with W0 of shape [out, in]. Fine-tuning would change all
-# out × in entries. LoRA keeps W0 frozen and learns
+# out × in entries. LoRA keeps W0 frozen and learns a correction that is the product of two thin matrices,
+# B (out × r) times A (r × in). Drawn to scale for a 64 × 64 layer and r = 8:
+
+# %%
+fig, _ = lora_diagram(out_features=64, in_features=64, r=8)
+display(fig)
+
+# %% [markdown]
+# The grey square never changes. Only the two thin strips train, and their product B A is a full 64 × 64
+# matrix again, but one of rank at most 8. As a formula:
 #
 # $$W = W_0 + \frac{\alpha}{r} B A, \qquad A: [r, \text{in}], \quad B: [\text{out}, r], \quad r \ll \min(\text{in}, \text{out})$$
 #
@@ -106,7 +115,6 @@ print("torch", torch.__version__, "| bitsandbytes", bnb.__version__, "| peft", p
 IN, OUT, R, ALPHA = 256, 128, 8, 16
 base = nn.Linear(IN, OUT)
 lora = LoRALinear(base, r=R, alpha=ALPHA)
-print(lora)
 for name, p in lora.named_parameters():
     print(f"{name:14s} {str(list(p.shape)):11s} requires_grad={p.requires_grad}")
 print(f"scaling = alpha / r = {ALPHA} / {R} = {lora.scaling}")
@@ -199,6 +207,45 @@ for label, scale in [("alpha/r", lambda r: ALPHA / r), ("alpha/sqrt(r)", lambda 
 # over-corrects (the update shrinks with r); that is the argument of rank-stabilized LoRA (Kalajdzievski
 # 2023, arXiv:2312.03732), which scales by alpha/sqrt(r) (PEFT: `use_rslora=True`) and here gives 3.4
 # and 1.45. This course uses the original alpha/r, PEFT's default.
+
+# %% [markdown]
+# ### Why a low rank is enough
+#
+# A rank-r product can only hold an update that is close to rank r. Is a real fine-tuning update like that?
+# Measure one: fully fine-tune the course's small pretrained model (lesson 8's base, 4 layers, hidden size
+# 128) on lesson 8's date task, every weight free, for 30 AdamW steps, in float64 so that every CPU computes
+# the same. Then take each weight's change, W_ft - W0, and ask how much of it (its energy: the sum of its
+# squared entries) the top r singular values hold. By the Eckart-Young theorem that share is exactly what the
+# best rank-r matrix can capture. A random matrix of the same shape is the comparison: its energy is spread
+# over all directions.
+
+# %%
+torch.manual_seed(0)
+pretrained = LlamaForCausalLM.from_pretrained().double()
+start = {name: p.detach().clone() for name, p in pretrained.named_parameters()}
+dates, _ = date_task(n_train=32 * 30, n_eval=0)
+full_ft = torch.optim.AdamW(pretrained.parameters(), lr=1e-3, weight_decay=0.0)
+for step in range(30):
+    loss = pretrained(**collate(dates[32 * step:32 * (step + 1)])).loss
+    full_ft.zero_grad()
+    loss.backward()
+    full_ft.step()
+print(f"full fine-tuning, 30 steps: loss {loss.item():.1f}")
+q_proj = "model.layers.1.self_attn.q_proj.weight"
+deltas = {"q_proj update, W_ft - W0": dict(pretrained.named_parameters())[q_proj].detach() - start[q_proj],
+          "random 128 x 128": torch.randn(128, 128, dtype=torch.float64, generator=torch.Generator().manual_seed(0))}
+fig, shares = spectrum_figure(deltas)
+for name, share in shares.items():
+    print(f"{name:25s} " + ", ".join(f"top {k}: {v:.0%}" for k, v in share.items()))
+display(fig)
+
+# %% [markdown]
+# The update is far from random: its top 8 directions hold most of it, the random matrix's top 8 about a
+# fifth. The other weights of the model look the same (try another name). LoRA's bet is that this holds for
+# large models too, and Hu et al. tested it on GPT-3 (their section 7.2): adapting the attention weights with
+# a rank as small as 1 already performed competitively. A rank-r
+# adapter does not copy this update, it learns its own within rank r; the spectrum only says that the change
+# a task asks for lives in few directions.
 #
 # ## 2. How many parameters train
 #
@@ -265,7 +312,8 @@ summary = prepare_model(model, r=4, alpha=8, target_modules="all-linear")
 print(summary)
 reference = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
 print("PEFT (trainable, all):", reference.get_nb_trainable_parameters(), "| ours:", (summary.trainable, summary.total))
-print(model.model.layers[0].mlp)
+print("LoRA layers:", sum(isinstance(m, LoRALinear) for m in model.modules()), "| mlp.gate_proj is now a",
+      type(model.model.layers[0].mlp.gate_proj).__name__)
 
 # %% [markdown]
 # ## 3. Building QLoRALinear: the base only as NF4 codes
@@ -280,7 +328,6 @@ IN, OUT = 512, 256
 torch.manual_seed(5)
 base = nn.Linear(IN, OUT)
 qlayer = QLoRALinear(base, r=R, alpha=ALPHA)  # nf4, blocksize 64, double_quant=True by default
-print(qlayer)
 print("buffers:")
 for name, buf in qlayer.named_buffers():
     print(f"  {name:14s} {str(list(buf.shape)):10s} {str(buf.dtype):14s} {buf.numel() * buf.element_size():>7,} bytes")
@@ -311,7 +358,12 @@ print(f"W0^ differs from W0 by {(W_hat - base.weight).double().abs().mean():.5f}
 # dL/dx = dL/dy · W0^. Plain autograd would *save* the dense W0^ between the two, and then a 4-bit
 # model would hold its 16-bit weights during training after all. So the matmul is a custom
 # `torch.autograd.Function` that saves only the codes and dequantizes again in the backward. W0^ gets no
-# gradient: `backward` returns `None` for the codes and their state. Written out, without the bias:
+# gradient: `backward` returns `None` for the codes and their state.
+#
+# One of the course's seed documents gets this backwards: it says that "the 4-bit weights ... are discarded
+# immediately after the calculation". The 4-bit codes are never discarded: they are the model, kept for the
+# whole of training. What is discarded is the dequantized 16-bit copy W0^, made for one product and freed,
+# then made again in the backward. Written out, without the bias:
 
 # %%
 class MyDequantizeMatmul(torch.autograd.Function):
@@ -615,195 +667,97 @@ _ = compare("logits, merged vs with adapters", logits_merged, logits_ours, rtol=
 # %% [markdown]
 # ## 7. On a GPU: speed, measured
 #
-# Everything above ran on a CPU. The numbers below were measured on an H100 and saved with the device,
-# the versions and the raw timings; `python -m bench.layer` and `python -m bench.gemv`
-# measure them again on any CUDA GPU. This cell only reads the saved files.
-#
-# **Training: one layer, forward plus backward, 4096 tokens** (bf16, NF4 + double quantization, r = 16,
-# adapters in bf16). The baseline is bitsandbytes' `Linear4bit` with a LoRA branch written as PEFT writes
-# it, its weight quantized from bf16 as transformers does when it loads a model in 4 bits. "dense" is a bf16
-# `nn.Linear` with the same branch, which holds 4x the weight memory. "GEMMs" is the two matrix products
-# alone, x W0^T and dL/dy W0 with W0 dense: every layer in the table runs them, so no 4-bit layer whose
-# GEMMs are cuBLAS's can beat bitsandbytes by more than bnb / GEMMs, the ceiling. Each time is taken two
-# ways, the median of five rounds that alternate between the layers: by `do_bench` (what a step costs,
-# host included) and by the GPU alone (CUDA-graph replays):
+# Everything above ran on a CPU. On an H100, `python -m bench.layer` timed one layer's forward and backward
+# over 4096 tokens (bf16, NF4 + double quantization, r = 16) against bitsandbytes' `Linear4bit` with a LoRA
+# branch written as PEFT writes it, and against a dense bf16 `nn.Linear` with the same branch. The GPU's time
+# alone (CUDA-graph replays), read from the results file:
 
 # %%
-import json
-from pathlib import Path
-
-results = Path("..") / "bench" / "results"
-layer = json.loads((results / "layer-nvidia-h100-80gb-hbm3.json").read_text())
-
-
-def beyond_gemms(times):
-    """The share of our step spent on anything but the two GEMMs: dequantizations, adapters, launches."""
-    return (times["ours"] - times["gemms"]) / times["ours"]
-
-
-print(f"{layer['device']}, torch {layer['torch']}, bitsandbytes {layer['bitsandbytes']}, {layer['date'][:10]}")
-print("ms, do_bench / GPU time")
-print(f"{'weight (out x in)':>18} {'bnb':>13} {'ours':>13} {'dense':>13} {'GEMMs':>13} {'ours vs bnb':>13} "
-      f"{'ceiling':>13} {'ours above GEMMs':>17}")
+layer = json.loads((Path("..") / "bench" / "results" / "layer-nvidia-h100-80gb-hbm3.json").read_text())
+print(f"{layer['device']}, {layer['date'][:10]}: forward + backward, 4096 tokens, GPU ms")
+print(f"{'weight (out x in)':>18} {'bnb + PEFT':>10} {'ours':>7} {'dense':>7} {'ours vs bnb':>11}")
 for row in layer["layers"]:
-    ms, gpu = row["ms"], row["device_ms"]
-    both = {name: f"{ms[name]:.3f} / {gpu[name]:.3f}" for name in ms}
-    print(f"{row['shape'][0]:>8} x {row['shape'][1]:<7} {both['bnb']:>13} {both['ours']:>13} {both['dense']:>13} "
-          f"{both['gemms']:>13} {row['ours_vs_bnb_ms']:5.2f}x/{row['ours_vs_bnb_device_ms']:.2f}x "
-          f"{row['ceiling_vs_bnb_ms']:5.2f}x/{row['ceiling_vs_bnb_device_ms']:.2f}x {beyond_gemms(gpu):16.0%}")
-large = layer["layers"][1:]  # the three large weights
-for clock, label in (("ms", "do_bench"), ("device_ms", "GPU time")):
-    lead = [r[f"ours_vs_bnb_{clock}"] - 1 for r in large]
-    share = [r[clock]["gemms"] / r[clock]["ours"] for r in large]
-    met = [f"{r['shape'][0]}x{r['shape'][1]}" for r in layer["layers"] if r[f"ours_vs_bnb_{clock}"] >= 1.2]
-    print(f"{label}: ours faster than bnb by {min(lead):.0%} to {max(lead):.0%} on the large weights, whose "
-          f"steps are {min(share):.0%} to {max(share):.0%} GEMMs; the target 1.2x met on {met}")
-print("what a 1.2x step leaves for all but the GEMMs (GPU time), and what ours spends there:")
-for r in large:
-    gpu = r["device_ms"]
-    target = gpu["bnb"] / 1.2
-    print(f"  {r['shape'][0]} x {r['shape'][1]}: {max(target - gpu['gemms'], 0) / target:4.0%} of the step; "
-          f"ours {beyond_gemms(gpu):.0%}")
-cost = [r["float32_state_cost_device_ms"] for r in layer["layers"]]
-print(f"bitsandbytes with its weight quantized from float32: {min(cost):.0%} to {max(cost):.0%} slower (GPU time)")
+    gpu = row["device_ms"]
+    print(f"{row['shape'][0]:>8} x {row['shape'][1]:<7} {gpu['bnb']:10.3f} {gpu['ours']:7.3f} {gpu['dense']:7.3f} "
+          f"{row['ours_vs_bnb_device_ms']:10.2f}x")
 
 # %% [markdown]
-# Ours is faster than bitsandbytes + PEFT on every weight, by 3-13% on the three large ones, where it runs
-# about as fast as the dense layer. The GEMMs column says why there is little more to win: at 4096 tokens the
-# two GEMMs are 82-93% of every step, and they are the same cuBLAS GEMMs for every layer. The course's target
-# of 1.2x leaves the rest of the step (two dequantizations, which write the bf16 weight; four skinny products,
-# which read x or dL/dy; two rank-r products added into y and dL/dx, which read and write them) 6-8% on the
-# middle two weights, where ours spends 15%, and nothing on the largest, whose GEMMs alone are only 1.16-1.21x
-# faster than bitsandbytes' whole step. The target is met only on the smallest weight, and only by do_bench,
-# whose time there is mostly the host launching a dozen kernels (bitsandbytes launches more). Going past the
-# ceiling would take a faster GEMM. Getting close to it would take the dequantization inside the GEMM (a
-# kernel that loads 4-bit tiles and still runs at cuBLAS speed) and the low-rank products folded into the
-# GEMMs' edges: this course's kernels do not go that far. Runs on this machine differ by a few percent (the
-# clock moves with power and temperature), which is why the timings alternate between the layers and keep the
-# median of five rounds.
-#
-# A lesson in benchmarking on the way: the first version of this comparison quantized bitsandbytes'
-# weight from float32, `nn.Linear`'s default dtype. Its `QuantState` is then float32, and its backward
-# dequantizes to float32 and converts to bf16: two more passes over the weight, whose cost the last line above
-# measures. That made ours look faster than it is. A baseline must be built as its users build it: transformers
-# quantizes the checkpoint's bf16 weights.
-#
-# **Decoding: one token** (`QLoRALinear` takes the fused GEMV of `qlora_ref/kernels/gemv_4bit.py` for a single
-# token on a GPU). The kernel reads the 4-bit codes, multiplies and sums in registers, and never writes the
-# bf16 weight. The floor is the time to read the packed weight once at the ~3 TB/s an H100 streams. Each
-# kernel is timed two ways: by the GPU alone (CUDA-graph replays, the L2 cache flushed), and by
-# `triton.testing.do_bench`, whose time includes the host's launch when that outlasts the flush (a few
-# microseconds, and noisy on the machine measured):
-
-# %%
-gemv = json.loads((results / "gemv-nvidia-h100-80gb-hbm3.json").read_text())
-print(f"{'weight':>14} {'nested':>6} {'GPU us: ours':>12} {'bnb':>6} {'ours vs bnb':>11} {'floor':>6}"
-      f" {'do_bench: ours vs bnb':>21} {'max error ours / bnb':>21}")
-for row in gemv["llama"]:
-    ours = row["triton"]["default"]
-    floor = row["weight_bytes"] / 3.0e12 * 1e6
-    print(f"{row['shape'][0]:>6} x {row['shape'][1]:<6} {'yes' if row['nested'] else 'no':>6} "
-          f"{1e3 * ours['device_ms']:12.1f} {1e3 * row['bnb_device_ms']:6.1f} "
-          f"{row['bnb_device_ms'] / ours['device_ms']:10.2f}x {floor:6.1f} {row['bnb_ms'] / ours['ms']:20.2f}x "
-          f"{ours['max_abs_error']:10.2f} / {row['error_bnb']['max_abs']:.2f}")
-speedup = {f"{row['shape'][0]}x{row['shape'][1]}{' nested' if row['nested'] else ''}":
-           row["bnb_device_ms"] / row["triton"]["default"]["device_ms"] for row in gemv["llama"]}
-print(f"GPU time: at least 1.5x bitsandbytes on {sum(v >= 1.5 for v in speedup.values())} of {len(speedup)}; "
-      "below: " + (", ".join(f"{name} {v:.3f}x" for name, v in speedup.items() if v < 1.5) or "none"))
-same = gemv["llama"][0]["triton"]  # 4096 x 4096 plain: "default" runs the settings of "row c512 prefetch (before)"
-print(f"one kernel timed twice in the run (4096 x 4096 plain): do_bench {1e3 * same['default']['ms']:.1f} and "
-      f"{1e3 * same['row c512 prefetch (before)']['ms']:.1f} us, GPU time {1e3 * same['default']['device_ms']:.1f} "
-      f"and {1e3 * same['row c512 prefetch (before)']['device_ms']:.1f} us")
-before = [row["bnb_device_ms"] / row["triton"]["tile (before)"]["device_ms"] for row in gemv["llama"]]
-print(f"the first design (one [rows, sub-blocks, bytes] tile, codebook gathers from memory): "
-      f"{min(before):.2f}-{max(before):.2f}x bitsandbytes")
-
-# %% [markdown]
-# The GEMV is more accurate than bitsandbytes' (it rounds nothing to bf16 before the sum) and, by GPU
-# time, 1.51-1.68x faster: the course's target of 1.5x is met on all eight cases, narrowly on the nested
-# 8192 x 8192 weight. Nested weights make bitsandbytes faster (it reads an 8-bit absmax code instead of a
-# float32 absmax) and cost ours instructions and registers, and registers decide how many warps share an
-# SM: with its block indexes in 64-bit integers the kernel's loop held 76 registers on nested weights, in
-# 32-bit ones 64, which let 8 programs share an SM instead of 6. The first design was no faster than
-# bitsandbytes: it was bound by instructions, two codebook gathers from memory per byte among them, with the
-# memory system mostly idle. The kernel now reads the weight as 32-bit words and looks codes up with warp
-# shuffles from registers (`bench/experiments/README.md` counts the machine instructions per byte before and
-# after), and picks its tile per weight: on rows of 8192 values or more each lane takes
-# two 16-byte groups of its row per step. By do_bench the small weights are host-bound and the ratios move
-# with the launch time: one kernel timed twice in the same run differs by 1.6x, while its GPU times agree
-# within a few percent. The floor is still 2x away. The experiments on the way, the slower ones included,
-# are in `bench/experiments/README.md`, with their timings in `bench/results/gemv-experiments-*`.
-#
-# **On your GPU.** With a CUDA GPU, both measurements run on your card, smaller: one 4096 × 4096 layer, forward
-# and backward over 4096 tokens, against a dense layer in the compute dtype (float16 on a T4), and the one-token
-# product against bitsandbytes' on the same weight (the layer takes the GEMV for one token; its B is still zero, so
-# the adapters add nothing), both by `do_bench`. The output is your machine's.
-
-# %%
-# NBVAL_IGNORE_OUTPUT
-if device.type == "cuda":
-    import bitsandbytes as bnb
-    from triton.testing import do_bench
-
-    torch.manual_seed(0)
-    dense_gpu = nn.Linear(4096, 4096, bias=False, device=device, dtype=compute_dtype)
-    qlora_gpu = QLoRALinear(dense_gpu, r=16, alpha=32, adapter_dtype=compute_dtype)
-    tokens_in = torch.randn(4096, 4096, device=device, dtype=compute_dtype, requires_grad=True)
-
-    def forward_backward(module):
-        module(tokens_in).sum().backward()
-
-    step_ms = {"QLoRALinear": do_bench(lambda: forward_backward(qlora_gpu)),
-               "dense": do_bench(lambda: forward_backward(dense_gpu))}
-    print(f"{torch.cuda.get_device_name(device)}, {str(compute_dtype)[6:]}: forward + backward, 4096 tokens, 4096 x 4096: "
-          + ", ".join(f"{name} {ms:.3f} ms" for name, ms in step_ms.items()))
-    one_token = torch.randn(1, 4096, device=device, dtype=compute_dtype)
-    bnb_packed, bnb_state = bnb.functional.quantize_4bit(dense_gpu.weight.detach(), quant_type="nf4",
-                                                          compress_statistics=True)
-    with torch.no_grad():
-        ours_y, bnb_y = qlora_gpu(one_token), bnb.matmul_4bit(one_token, bnb_packed.t(), quant_state=bnb_state)
-        gemv_us = {"ours": 1e3 * do_bench(lambda: qlora_gpu(one_token)),
-                   "bitsandbytes": 1e3 * do_bench(lambda: bnb.matmul_4bit(one_token, bnb_packed.t(), quant_state=bnb_state))}
-    print(f"one token through the 4-bit weight: " + ", ".join(f"{name} {us:.1f} us" for name, us in gemv_us.items())
-          + f" ({gemv_us['bitsandbytes'] / gemv_us['ours']:.2f}x); largest difference of the outputs "
-          f"{(ours_y.float() - bnb_y.float()).abs().max().item():.3g}")
-else:
-    print("No GPU here: on a CUDA GPU this cell times one QLoRA layer (forward and backward) and the one-token "
-          "GEMV on your card against a dense layer and bitsandbytes.")
+# Ours is faster than bitsandbytes + PEFT on every weight, by 1.04-1.18x, and about as fast as the dense
+# layer, which holds four times the weight memory: the one autograd node of section 3 saves passes over the
+# largest tensors. The optional [lesson 11](11_performance.ipynb) reads the rest of these measurements: why the
+# two GEMMs that every layer runs leave little more to win, a baseline built the wrong way, the one-token GEMV
+# that `QLoRALinear` takes for decoding, and cells that time the layer and the GEMV on your GPU.
 
 # %% [markdown]
 # ## Summary
 #
 # - LoRA: W = W0 + (alpha/r) B A with A [r, in] and B [out, r]. B = 0 at init, so the layer starts
 #   exactly at the base; A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming_uniform with a = sqrt(5)).
+# - A real fine-tuning update is far from random: a few singular directions hold most of its energy, which
+#   is why a low-rank correction can stand in for it.
 # - alpha/r ties the scale to the rank: from r = 8 to r = 64 Adam's first update changed by 1.2x (one
-#   example) and 0.5x (32 examples), against 9.6x and 4.1x without it; rsLoRA's alpha/sqrt(r) is the alternative.
+#   example) and 0.5x (32 examples), against 9.6x and 4.1x without it.
 # - Trainable parameters: r (in + out) per layer; 39,976,960 at r = 16 on all linear layers of a
 #   Llama-2-7B-shaped model, 0.59% of its 6.74 billion.
-# - `QLoRALinear` keeps the base only as NF4 codes and double-quantized constants (4.127 bits per weight
-#   + shared tables); its autograd function dequantizes in the forward and again in the backward, saves
-#   only the codes, gives the base no gradient, and adds the low-rank product inside the GEMM.
-# - On an H100 a layer's forward + backward at 4096 tokens runs faster than bitsandbytes + PEFT (by 3-13% on
-#   the large weights, measured above) and about as fast as a dense bf16 layer; the two GEMMs every layer
-#   runs cap any 4-bit layer at 1.16-1.31x there; one-token decoding is more accurate than bitsandbytes'
-#   kernel and, by GPU time, 1.51-1.68x faster.
-# - Checked: outputs and the gradients of x, A and B equal a dense fp32 reference on W0^ bit for bit, and
-#   bitsandbytes' `Linear4bit` + LoRA too except dL/dx (within 4 float32 roundings: where the low-rank product
-#   is added), and float64 formulas within 1e-6 of their largest value (gradcheck needs float64).
-# - Adapters are saved in PEFT's safetensors layout; PEFT loads them and gives the same logits exactly.
-#   Merging folds them into the weights, equal up to float32 rounding.
-#
+# - `QLoRALinear` keeps the base only as NF4 codes and constants (4.127 bits per weight). Its autograd
+#   function dequantizes in the forward and again in the backward: the 16-bit copy is what is discarded (not
+#   the 4-bit weights, as a seed document says). It saves only the codes.
+# - Checked: a dense fp32 reference and bitsandbytes' `Linear4bit` + LoRA bit for bit (dL/dx within 4 float32
+#   roundings of the latter), float64 formulas within 1e-6 of their largest value.
+# - PEFT loads the saved adapters and gives the same logits exactly; merging is equal up to rounding.
+# - On an H100 a layer's forward + backward runs 1.04-1.18x as fast as bitsandbytes + PEFT (lesson 11: more).
+
+# %% [markdown]
+# **Exercise:** [exercises/06_qlora_backward.ipynb](../exercises/06_qlora_backward.ipynb) (solution:
+# [solutions/06_qlora_backward.ipynb](../solutions/06_qlora_backward.ipynb))
+
+# %% [markdown]
 # ## Check your understanding
 #
 # 1. If A were initialised to zero and B randomly, would training still start at the base model? Would
 #    the first Adam step change anything? (Look at dL/dA and dL/dB when A = 0.)
+#
+# <details><summary>Answer</summary>
+#
+# Yes, it starts at the base: B A = 0 whenever either factor is zero. The first step changes A only:
+# dL/dB = s g^T (x A^T) is zero while A is, and dL/dA = s B^T g^T x is not, since B is random. After that step
+# B A is no longer zero and both train. It is the mirror image of the usual init; PEFT and the paper pick B = 0.
+#
+# </details>
+
+# %% [markdown]
 # 2. How many trainable parameters does r = 16 add to one 11008 → 4096 `down_proj`, and what fraction
 #    of its weights is that?
+#
+# <details><summary>Answer</summary>
+#
+# r (in + out) = 16 × (11008 + 4096) = 241,664, against 11008 × 4096 = 45,088,768 weights: 0.54%.
+#
+# </details>
+
+# %% [markdown]
 # 3. Why does the backward of `DequantizeMatmul` dequantize the codes again instead of saving W0^ from
 #    the forward? Estimate what saving it would cost for all linear layers of the 7B model in bf16.
+#
+# <details><summary>Answer</summary>
+#
+# Saved tensors live from the forward until the backward, so every layer's 16-bit W0^ would be held at once:
+# the model in 16 bits again, which 4-bit storage was meant to avoid. Section 2 counted 6,476,005,376 linear
+# weights; at 2 bytes each that is about 13.0 GB (12.1 GiB), on top of the 4-bit codes. Dequantizing again
+# costs one more pass over the weight per layer, small next to the layer's GEMMs at training batch sizes.
+#
+# </details>
+
+# %% [markdown]
 # 4. After `merge_adapters` on a `QLoRALinear` model, the merged weights are no longer 4-bit. What would
 #    you lose if you quantized W0^ + (alpha/r) B A back to NF4?
-# 5. In section 7, why can no 4-bit layer whose GEMMs are cuBLAS's beat bitsandbytes by more than the
-#    "ceiling" column? The GEMMs' time shrinks with the number of tokens, the dequantizations' does not:
-#    from the 8192 x 28672 row, estimate below how many tokens the two dequantizations (each writes 470 MB
-#    of bf16 at ~3 TB/s) would cost as much as the two GEMMs.
+#
+# <details><summary>Answer</summary>
+#
+# Much of the adapter. (alpha/r) B A is a small correction, often smaller than the spacing between NF4 levels
+# within a block (absmax times the gap between neighbouring codes), so rounding the sum back to the 16 levels
+# moves many entries back to where W0^ already was, or one level away, and adds a new rounding error of the
+# size of W0's own. The merged 4-bit model computes something between the base and the fine-tuned one; keeping
+# the adapters separate (or merging into a 16-bit copy) keeps what training learned.
+#
+# </details>

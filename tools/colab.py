@@ -27,7 +27,7 @@ BRANCH = "main"
 CLONE = REPO.rsplit("/", 1)[1]  # the folder `git clone` makes, under Colab's /content
 # The lessons that carry the set-up (notebooks/NN_*.py). Every solutions/NN_name.py carries it too, and so does
 # its exercise: they need no list.
-LESSONS = ("00", "01", "02", "03", "04", "05", "06", "07", "08", "09", "10", "12")
+LESSONS = ("00", "01", "02", "03", "04", "05", "06", "07", "08", "09", "10", "11", "12")
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 SOLUTIONS = ROOT / "solutions"
