@@ -28,20 +28,14 @@ import os
 import sys
 
 IN_COLAB = "google.colab" in sys.modules
-if IN_COLAB:  # clone the course and install it next to Colab's own torch (lesson 0, "Troubleshooting")
+if IN_COLAB:  # clone the course, install it beside Colab's own torch (tools/colab_install.sh), run from notebooks/
     import importlib
     import subprocess
-    from importlib.metadata import version
 
-    COURSE = "/content/qlora-course"
-    if not os.path.isdir(COURSE):
-        url = "https://github.com/OWNER/qlora-course"
-        subprocess.run(["git", "clone", "--depth", "1", "--branch", "main", url, COURSE], check=True)
-    # torch pinned to the version installed: pip keeps Colab's CUDA build instead of replacing it
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", COURSE, "bitsandbytes==0.50.2", f"torch=={version('torch')}"],
-                   check=True)
+    subprocess.run(["sh", "-c", "[ -d qlora-course ] || git clone -q --depth 1 -b main https://github.com/OWNER/qlora-course; "
+                    f"sh qlora-course/tools/colab_install.sh {sys.executable}"], cwd="/content", check=True)
     importlib.invalidate_caches()  # so that this running kernel finds the packages just installed
-    os.chdir(f"{COURSE}/notebooks")  # the lessons run from notebooks/ (lesson 5 reads ../bench/results)
+    os.chdir("/content/qlora-course/notebooks")
 
 # %matplotlib inline
 import json
@@ -51,7 +45,8 @@ import torch
 from IPython.display import Image, display
 
 from qlora_ref.results import dequantize_summary, load_kernel_results
-from qlora_ref.vram import GIB, PRESETS, estimate
+from qlora_ref.model_shapes import PRESETS
+from qlora_ref.vram import GIB, estimate
 
 _ = torch.manual_seed(0)  # `_ =` keeps the generator's repr (a memory address) out of the output
 # Lesson 0's device and compute dtype (float16 on a T4): section 2's cell "On your GPU" uses them.
