@@ -112,8 +112,13 @@ class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.weight, self.eps = nn.Parameter(torch.ones(size)), eps
+        self.fused = False  # qlora_ref.fused.enable_fused_kernels: one Triton kernel each way
 
     def forward(self, x):
+        if self.fused:
+            from .kernels.rmsnorm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
@@ -164,8 +169,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.fused = False  # qlora_ref.fused.enable_fused_kernels: silu(g) * u in one Triton kernel each way
 
     def forward(self, x):
+        if self.fused:
+            from .kernels.swiglu import swiglu
+
+            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -204,7 +214,7 @@ def _check_labels(labels, shape) -> None:
 
 
 class CausalLMOutput(NamedTuple):
-    logits: torch.Tensor  # [batch, seq, vocab]
+    logits: Optional[torch.Tensor]  # [batch, seq, vocab]; None when the fused path computed the loss without them
     loss: Optional[torch.Tensor]  # None without labels
 
 
@@ -217,6 +227,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        self.fused = False  # qlora_ref.fused.enable_fused_kernels: with labels, the loss without the whole logits
         self.apply(self._init_weights)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -273,7 +284,16 @@ class LlamaForCausalLM(nn.Module):
                 h = checkpoint(layer, h, cos, sin, use_reentrant=False, preserve_rng_state=not capturing)
             else:
                 h = layer(h, cos, sin)
-        logits = self.lm_head(self.model.norm(h))
+        h = self.model.norm(h)
+        if self.fused and labels is not None:
+            from .fused import linear_cross_entropy
+
+            if not capturing:
+                _check_labels(labels, input_ids.shape[:2])
+            targets = labels[:, 1:].reshape(-1)
+            return CausalLMOutput(None, linear_cross_entropy(h[:, :-1].reshape(-1, h.shape[-1]), self.lm_head.weight,
+                                                             targets))
+        logits = self.lm_head(h)
         return CausalLMOutput(logits, None if labels is None else self.loss(logits, labels))
 
     @staticmethod

@@ -54,6 +54,7 @@ from tqdm import tqdm
 from .adapters import merge_adapters, prepare_model, writable_directory
 from .checkpoints import latest_checkpoint, resume_latest, save_checkpoint
 from .distributed import launched_by_torchrun, shard_qlora_model, start_data_parallel
+from .fused import enable_fused_kernels
 from .llama import LlamaForCausalLM
 from .memory import PeakMemory, tensor_bytes
 from .optim8bit import AdamW8bit, optimizer_state_bytes, predicted_state_bytes
@@ -193,6 +194,10 @@ def setup(config: TrainConfig) -> Run:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:  # its name before, as Colab's transformers may still have it
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.fused:
+        if data_parallel:
+            raise ValueError("fused is not wired to FSDP2 here: under torchrun set fused=false")
+        enable_fused_kernels(model)
     model.train()
     if data_parallel:
         shard_qlora_model(model, data_parallel.mesh)

@@ -63,6 +63,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0          # 0: no clipping
     optimizer: str = "paged_adamw_8bit"
     gradient_checkpointing: bool = True
+    fused: bool = False                 # qlora_ref.fused's kernels (model "base" or another qlora_ref.llama; qlora, lora)
     dtype: str = "auto"                 # compute dtype: "auto" = bfloat16 on Ampere+, float16 before, float32 on a CPU
     device: str = "auto"
     seed: int = 0
@@ -143,6 +144,9 @@ def check_config(config: TrainConfig) -> None:
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{name} {str(path)!r} does not exist; give the path of a JSON-lines file "
                                     "of {\"prompt\": ..., \"answer\": ...}, or leave it out for the date task")
+    if config.fused and config.method == "full":
+        raise ValueError("fused runs the LoRA and QLoRA step (method qlora or lora); full fine-tuning keeps the "
+                         "unfused path: set fused=false")
     if config.resume and config.output_dir is None:
         raise ValueError("resume needs output_dir: the directory whose latest checkpoint to continue from")
     if config.optimizer == "adamw" and config.output_dir is not None:
