@@ -1,5 +1,5 @@
-"""The fused training path: the loss without the full float32 logits, and the switch that puts the fused kernels
-(kernels/rmsnorm.py, kernels/swiglu.py) into qlora_ref.llama's model.
+"""The fused training path's loss: cross-entropy without the full float32 logits. With the fused kernels
+(kernels/rmsnorm.py, kernels/swiglu.py) it is what LlamaForCausalLM.fused_kernels_enable() switches on.
 
 The unfused loss computes logits = h W^T for every position ([N, V] in the compute dtype), a float32 copy, its
 log-softmax and, in the backward, a float32 gradient of the same size: at 2,048 tokens and Llama-3's V = 128,256
@@ -17,30 +17,28 @@ before the products), summed in another order: tests/test_fused.py holds the los
 
 import torch
 
-from .llama import IGNORE_INDEX
+__all__ = ["DEFAULT_CHUNK", "linear_cross_entropy"]
 
-__all__ = ["DEFAULT_CHUNK", "enable_fused_kernels", "linear_cross_entropy"]
-
-DEFAULT_CHUNK = 1024  # rows of logits alive at once: chunk * V float32 values
+DEFAULT_CHUNK = 256  # rows of logits alive at once: chunk * V float32 values (128 MiB at V = 128,256)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk):
-        valid = targets != IGNORE_INDEX
+    def forward(ctx, h, weight, targets, chunk, ignore_index):
+        valid = targets != ignore_index
         n_valid = valid.sum()  # a tensor: no copy to the host, so a CUDA graph can capture the step
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         dh = torch.empty_like(h)
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[1] else None
         for start in range(0, h.shape[0], chunk):
             h_c, t_c, v_c = h[start:start + chunk], targets[start:start + chunk], valid[start:start + chunk]
-            z = (h_c @ weight.T).float()
+            z = (h_c @ weight.T).float()  # the chunk's logits: the one [chunk, V] float32 tensor, reused in place
             lse = torch.logsumexp(z, dim=-1)
             safe = torch.where(v_c, t_c, 0)
             loss += torch.where(v_c, lse - z.gather(1, safe[:, None])[:, 0], 0.0).sum()
-            p = torch.exp(z - lse[:, None])
-            p.scatter_add_(1, safe[:, None], -v_c[:, None].float())
-            p = (p * (v_c[:, None] / n_valid)).to(h.dtype)
+            p = z.sub_(lse[:, None]).exp_()  # softmax
+            p.scatter_add_(1, safe[:, None], -v_c[:, None].float())  # - onehot(target)
+            p = p.mul_(v_c[:, None] / n_valid).to(h.dtype)
             dh[start:start + chunk] = p @ weight
             if dw is not None:
                 dw.addmm_(p.T.float(), h_c.float())
@@ -51,13 +49,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         dh, dw = ctx.saved_tensors
-        return dh * grad.to(dh.dtype), (dw * grad).to(dh.dtype) if ctx.weight_trains else None, None, None
+        return dh * grad.to(dh.dtype), (dw * grad).to(dh.dtype) if ctx.weight_trains else None, None, None, None
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """mean over targets != -100 of -log softmax(h W^T)[target], float32, never holding more than `chunk` rows of
-    logits. h: [N, d] (the final norm's output), weight: [V, d] (lm_head's), targets: [N] long."""
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = DEFAULT_CHUNK,
+                         ignore_index: int = -100) -> torch.Tensor:
+    """mean over targets != ignore_index of -log softmax(h W^T)[target], float32, never holding more than `chunk`
+    rows of logits. h: [N, d] (the final norm's output), weight: [V, d] (lm_head's), targets: [N] long."""
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
         raise ValueError(f"h must be [N, d] and weight [V, d]; got {tuple(h.shape)} and {tuple(weight.shape)}")
     if targets.shape != h.shape[:1] or targets.dtype != torch.long:
@@ -65,21 +63,4 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          f"{tuple(targets.shape)}")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
-    return _LinearCrossEntropy.apply(h, weight.to(h.dtype), targets, chunk)
-
-
-def enable_fused_kernels(model, on: bool = True):
-    """Switch qlora_ref.llama's model to the fused path (or back): every RMSNorm and SwiGLU through one Triton kernel
-    each way, and with labels the loss by linear_cross_entropy (the output's logits are then None). Returns model."""
-    from .llama import MLP, LlamaForCausalLM, RMSNorm
-
-    if not isinstance(model, LlamaForCausalLM):
-        raise TypeError(f"enable_fused_kernels takes qlora_ref.llama.LlamaForCausalLM, got {type(model).__name__} "
-                        "(a transformers model keeps its own kernels: set fused=false)")
-    if type(model.lm_head) is not torch.nn.Linear:
-        raise TypeError(f"the fused loss reads lm_head.weight, but lm_head is a {type(model.lm_head).__name__}: "
-                        "leave lm_head out of target_modules")
-    for module in model.modules():
-        if isinstance(module, (RMSNorm, MLP, LlamaForCausalLM)):
-            module.fused = bool(on)
-    return model
+    return _LinearCrossEntropy.apply(h, weight.to(h.dtype), targets, chunk, ignore_index)

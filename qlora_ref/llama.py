@@ -112,7 +112,7 @@ class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.weight, self.eps = nn.Parameter(torch.ones(size)), eps
-        self.fused = False  # qlora_ref.fused.enable_fused_kernels: one Triton kernel each way
+        self.fused = False  # LlamaForCausalLM.fused_kernels_enable: one Triton kernel each way
 
     def forward(self, x):
         if self.fused:
@@ -169,7 +169,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.fused = False  # qlora_ref.fused.enable_fused_kernels: silu(g) * u in one Triton kernel each way
+        self.fused = False  # LlamaForCausalLM.fused_kernels_enable: silu(g) * u in one Triton kernel each way
 
     def forward(self, x):
         if self.fused:
@@ -227,7 +227,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
-        self.fused = False  # qlora_ref.fused.enable_fused_kernels: with labels, the loss without the whole logits
+        self.fused = False  # fused_kernels_enable: with labels, the loss without the whole logits
         self.apply(self._init_weights)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -248,6 +248,17 @@ class LlamaForCausalLM(nn.Module):
 
     def gradient_checkpointing_disable(self) -> None:
         self.gradient_checkpointing = False
+
+    def fused_kernels_enable(self, on: bool = True) -> "LlamaForCausalLM":
+        """The fused path (lesson 11), or back: every RMSNorm and SwiGLU through one Triton kernel each way, and with
+        labels the loss by qlora_ref.fused.linear_cross_entropy (the output's logits are then None)."""
+        if on and type(self.lm_head) is not nn.Linear:
+            raise TypeError(f"the fused loss reads lm_head.weight, but lm_head is a {type(self.lm_head).__name__}: "
+                            "leave lm_head out of target_modules")
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, MLP, LlamaForCausalLM)):
+                module.fused = bool(on)
+        return self
 
     def _check_ids(self, ids, name: str) -> None:
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
@@ -292,7 +303,7 @@ class LlamaForCausalLM(nn.Module):
                 _check_labels(labels, input_ids.shape[:2])
             targets = labels[:, 1:].reshape(-1)
             return CausalLMOutput(None, linear_cross_entropy(h[:, :-1].reshape(-1, h.shape[-1]), self.lm_head.weight,
-                                                             targets))
+                                                             targets, ignore_index=IGNORE_INDEX))
         logits = self.lm_head(h)
         return CausalLMOutput(logits, None if labels is None else self.loss(logits, labels))
 

@@ -54,7 +54,6 @@ from tqdm import tqdm
 from .adapters import merge_adapters, prepare_model, writable_directory
 from .checkpoints import latest_checkpoint, resume_latest, save_checkpoint
 from .distributed import launched_by_torchrun, shard_qlora_model, start_data_parallel
-from .fused import enable_fused_kernels
 from .llama import LlamaForCausalLM
 from .memory import PeakMemory, tensor_bytes
 from .optim8bit import AdamW8bit, optimizer_state_bytes, predicted_state_bytes
@@ -197,7 +196,10 @@ def setup(config: TrainConfig) -> Run:
     if config.fused:
         if data_parallel:
             raise ValueError("fused is not wired to FSDP2 here: under torchrun set fused=false")
-        enable_fused_kernels(model)
+        if not isinstance(model, LlamaForCausalLM):
+            raise ValueError(f"fused runs qlora_ref.llama's model; {config.model!r} loads a {type(model).__name__} "
+                             "(transformers keeps its own kernels): set fused=false")
+        model.fused_kernels_enable()
     model.train()
     if data_parallel:
         shard_qlora_model(model, data_parallel.mesh)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qlora_ref.fused import enable_fused_kernels, linear_cross_entropy
+from qlora_ref.fused import linear_cross_entropy
 from qlora_ref.kernels.rmsnorm import compile_ahead as rms_norm_compile_ahead
 from qlora_ref.kernels.rmsnorm import rms_norm
 from qlora_ref.kernels.swiglu import compile_ahead as swiglu_compile_ahead
@@ -133,7 +133,7 @@ def _tiny_model(fused: bool):
     config = LlamaConfig(vocab_size=120, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     model = LlamaForCausalLM(config)
-    return enable_fused_kernels(model) if fused else model
+    return model.fused_kernels_enable(fused)
 
 
 def test_the_fused_model_computes_the_same_loss_and_gradients():
@@ -180,8 +180,10 @@ def test_a_stopped_and_resumed_fused_run_equals_an_uninterrupted_one(tmp_path, s
 def test_fused_refuses_what_it_does_not_run(tmp_path):
     with pytest.raises(ValueError, match="fused runs the LoRA and QLoRA step"):
         setup(TrainConfig(method="full", fused=True))
-    with pytest.raises(TypeError, match="takes qlora_ref.llama.LlamaForCausalLM"):
-        enable_fused_kernels(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="leave lm_head out of target_modules"):
+        model = _tiny_model(False)
+        model.lm_head = torch.nn.Sequential(model.lm_head)
+        model.fused_kernels_enable()
     with pytest.raises(ValueError, match="weight must be 1-D"):
         rms_norm(torch.randn(3, 8), torch.ones(4), 1e-5)
     with pytest.raises(ValueError, match="gate and up must share"):
