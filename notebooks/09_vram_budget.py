@@ -570,11 +570,11 @@ print(f"the smallest card of our list for Llama-2-70B at 512 tokens: {smallest}"
 
 # %%
 side_by_side = json.loads((RESULTS / "baseline-nvidia-h100-80gb-hbm3.json").read_text())
-RECIPES = {"standard": "standard", "no_upcast": "no_upcast", "ours, eager": "qlora_ref",
+RECIPE_OF = {"standard": "standard", "no_upcast": "no_upcast", "ours, eager": "qlora_ref",
            "ours, in backward": "qlora_ref_in_backward", "ours, graph": "qlora_ref_graph"}
 at_512 = {name: next(run for run in side_by_side["runs"]
                      if run["recipe"] == recipe and (run["seq_len"], run["r"]) == (512, 64))
-          for name, recipe in RECIPES.items()}
+          for name, recipe in RECIPE_OF.items()}
 print(f"{side_by_side['device']}, Llama-2-7B, batch 1, 512 tokens, r = 64; ratios to the standard recipe")
 print(f"{'':19s} {'peak allocated':>15s} {'tokens/s':>9s} {'memory':>7s} {'speed':>6s}")
 for name, run in at_512.items():

@@ -102,8 +102,8 @@ for model in (SMOLLM2_360M, PRESETS["Llama-2-7B"], PRESETS["Llama-2-13B"], PRESE
 # %% [markdown]
 # QLoRA moves each model down the list of cards. Llama-2-7B: full fine-tuning needs an A100 40 GiB, 16-bit
 # LoRA just fits a T4, QLoRA an 8 GiB card. Llama-2-13B: from an A100 40 GiB (LoRA) to a 12 GiB card.
-# Llama-2-70B fits one card only with QLoRA, and that card is an A100 40 GiB, not a 24 GiB consumer card
-# (one of the seed documents' claims). For the 360M model the three differ little: question 4c below.
+# Llama-2-70B fits one card only with QLoRA, and at this setting (r = 16) that card is an A100 40 GiB, not a
+# 24 GiB consumer card (one of the seed documents' claims; lesson 9, at r = 64, finds a 48 GiB A6000). For the 360M model the three differ little: question 4c below.
 #
 # Are the estimates right? `bench/memory.py` measured QLoRA steps of 7B, 13B and 70B on an H100 (the update
 # inside the backward, the step as a CUDA graph, paged 8-bit AdamW: lesson 9, section 8). Measured here means
