@@ -377,6 +377,10 @@ else:
 #   rows that are not whole blocks: the lessons check against its portable path, the same on every CPU.
 # - `troubleshoot` names the usual problems (no GPU runtime, a T4 without bfloat16, an old Python or torch,
 #   triton missing) and their fix.
+#
+# Along the way: [glossary.md](glossary.md) defines the course's terms (absmax, block, codebook, compute dtype,
+# paged, GB vs GiB, ...), each with the lesson that teaches it; after lesson 12, [from_here.md](from_here.md)
+# lists where to go next.
 
 # %% [markdown]
 # ## Check your understanding

@@ -365,10 +365,10 @@ side_by_side = json.loads((RESULTS / f"baseline-{GPU_NAME}.json").read_text())
 print(f"{side_by_side['device']}, {side_by_side['date']}, torch {side_by_side['torch']}, triton "
       f"{side_by_side['triton']}, bitsandbytes {side_by_side['bitsandbytes']}, transformers "
       f"{side_by_side['transformers']}, peft {side_by_side['peft']}")
-RECIPES = {"standard": "standard", "no_upcast": "no_upcast", "ours, eager": "qlora_ref",
+RECIPE_OF = {"standard": "standard", "no_upcast": "no_upcast", "ours, eager": "qlora_ref",
            "ours, in backward": "qlora_ref_in_backward", "ours, graph": "qlora_ref_graph"}
 stacks = {name: {(run["seq_len"], run["r"]): run for run in side_by_side["runs"] if run["recipe"] == recipe}
-          for name, recipe in RECIPES.items()}
+          for name, recipe in RECIPE_OF.items()}
 SETTINGS = ((512, 64), (512, 16), (2048, 64), (2048, 16))
 for setting in SETTINGS:
     standard = stacks["standard"][setting]
@@ -469,6 +469,49 @@ spread = max(max(runs[(512, 64)]["step_seconds"][1:]) / min(runs[(512, 64)]["ste
 print(f"the 3 timed steps of a run differ by up to {spread:.0%} at 512 tokens, r = 64")
 
 # %% [markdown]
+# ## 4. Fusing what the profile shows (begun)
+#
+# The graph takes the host out of the step, but the GPU still runs some 350 kernels a layer, most of them small:
+# casts, copies, multiplies and adds between the matrix products, each reading and writing whole tensors. Fusing
+# them is the next step, and it saves memory as well as time, because autograd then keeps fewer tensors:
+#
+# - **RMSNorm** (`kernels/rmsnorm.py`): one Triton kernel each way instead of eight ops; it keeps the input in
+#   its own dtype and one float32 number a row, where autograd keeps a float32 copy of the input.
+# - **SwiGLU** (`kernels/swiglu.py`): silu(g) * u in one pass; it keeps g and u, where autograd also keeps silu(g).
+# - **The loss** (`fused.py`): the logits of 256 positions at a time, never all of them in float32, with the
+#   backward's gradient computed while a chunk's logits exist.
+#
+# `model.fused_kernels_enable()` switches a model to them, and `TrainConfig(fused=True)` a training run. On a
+# CPU, Triton's interpreter runs the kernels: slow, but the same code. Below, a small model with a large
+# vocabulary, as Llama-3's is large next to its width, measured both ways: the bytes autograd keeps after the
+# forward pass and the peak of every tensor alive during a step (lesson 9's `measure_saved_bytes` and
+# `measure_peak_bytes`), and whether loss and gradients agree. How much faster this makes a step on a GPU is
+# not measured yet.
+
+# %%
+from qlora_ref.activations import measure_peak_bytes, measure_saved_bytes
+from qlora_ref.llama import LlamaConfig, LlamaForCausalLM
+
+config = LlamaConfig(vocab_size=8192, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+ids = torch.randint(0, config.vocab_size, (2, 256), generator=torch.Generator().manual_seed(0))
+measured = {}
+for fused in (False, True):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16).train().fused_kernels_enable(fused)
+    saved, peak = measure_saved_bytes(model, ids, ids), measure_peak_bytes(model, ids, ids)
+    model.zero_grad()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    measured[fused] = saved, peak, loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}
+    print(f"{'fused' if fused else 'unfused':8s} kept after the forward {saved / 2**20:6.2f} MiB, "
+          f"peak of the step {peak / 2**20:6.2f} MiB")
+(_, _, loss_a, grads_a), (_, _, loss_b, grads_b) = measured[False], measured[True]
+worst = max(((grads_a[n] - grads_b[n]).abs().max() / grads_a[n].abs().max()).item() for n in grads_a)
+print(f"loss {loss_a:.2f} both ways: {abs(loss_a - loss_b) < 1e-3}; every gradient within 2% of its largest value "
+      f"(bfloat16 rounds to 0.4%): {worst < 0.02}")
+
+# %% [markdown]
 # ## Summary
 #
 # - The dequantization kernel reaches 94-95% of a copy on the largest Llama weight. Against bitsandbytes it
@@ -483,6 +526,8 @@ print(f"the 3 timed steps of a run differ by up to {spread:.0%} at 512 tokens, r
 # - A whole 7B step takes the same bytes as the standard stack run the same way, and is host-bound; updating
 #   each adapter inside the backward pass frees the gradients, and a CUDA graph removes the host: four times
 #   the standard recipe's tokens per second at 0.83 times its peak memory (512 tokens, r = 64).
+# - Fused RMSNorm, SwiGLU and loss keep fewer tensors: on the small model of section 4 they cut what autograd keeps
+#   and the step's peak; their speed on a GPU is still to be measured.
 #
 # ## Check your understanding
 
