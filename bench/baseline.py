@@ -3,7 +3,8 @@ bitsandbytes, measured exactly as bench.memory measures ours (on a CUDA GPU).
 
     python -m bench.baseline [--out bench/results] [--settings 512:16 512:64 2048:16 2048:64]
                                        [--recipes standard no_upcast qlora_ref qlora_ref_in_backward
-                                                  qlora_ref_graph qlora_ref_bnb_optimizer]
+                                                  qlora_ref_graph qlora_ref_bnb_optimizer qlora_ref_fused
+                                                  qlora_ref_fused_graph]
 
 The model: transformers' LlamaForCausalLM with Llama-2-7B's shape (qlora_ref.model_shapes.PRESETS) and random weights
 (transformers' own initialisation, N(0, 0.02^2), norms 1), built once on the GPU in bf16 and saved with
@@ -34,8 +35,10 @@ More recipes, not run by default, time OUR step (memory.build's model, checkpoin
 same process, so that the ratios are side by side: qlora_ref (our PagedAdamW8bit, paging="managed", the
 update after the backward, as the baseline; phase by phase, to see where the time goes),
 qlora_ref_in_backward (the update inside the backward: AdamW8bit.step_in_backward), qlora_ref_graph (that
-step captured as a CUDA graph and replayed: memory.timed_steps, one phase "step"), and
-qlora_ref_bnb_optimizer (bitsandbytes' PagedAdamW8bit instead of ours, after the backward).
+step captured as a CUDA graph and replayed: memory.timed_steps, one phase "step"),
+qlora_ref_bnb_optimizer (bitsandbytes' PagedAdamW8bit instead of ours, after the backward), and
+qlora_ref_fused, qlora_ref_fused_graph (qlora_ref and qlora_ref_graph with the fused RMSNorm, SwiGLU and loss of
+LlamaForCausalLM.fused_kernels_enable, issue 23).
 
 Measured per (recipe, sequence length, rank), as memory.run: peak stats reset before the model is
 loaded, so the peaks include it and the loading; peak_allocated / peak_reserved over load and steps (also each
@@ -64,7 +67,9 @@ from .memory import build, config_of, parse_settings, timed_steps
 
 DEVICE = "cuda"
 RECIPES = ("standard", "no_upcast")  # transformers + peft + bitsandbytes
-OURS = ("qlora_ref", "qlora_ref_in_backward", "qlora_ref_graph", "qlora_ref_bnb_optimizer")  # our model (see above)
+OURS = ("qlora_ref", "qlora_ref_in_backward", "qlora_ref_graph", "qlora_ref_bnb_optimizer", "qlora_ref_fused",
+        "qlora_ref_fused_graph")  # our model (see above)
+GRAPHED = ("qlora_ref_graph", "qlora_ref_fused_graph")
 
 
 def hf_config(name: str = "Llama-2-7B"):
@@ -145,6 +150,7 @@ def setup(recipe: str, seq_len: int, r: int, folder: Path = None):
         generator = torch.Generator(device=DEVICE).manual_seed(0)
         model = build(config_of("Llama-2-7B", seq_len), r, generator)
         model.gradient_checkpointing_enable()
+        model.fused_kernels_enable("fused" in recipe)
         model.train()
     else:
         model = load_qlora(folder, r, recipe)
@@ -169,7 +175,7 @@ def run(folder: Path, seq_len: int, r: int, recipe: str, steps: int = 4) -> dict
     config = model.config
     ids = torch.randint(0, config.vocab_size, (1, seq_len), device=DEVICE,
                         generator=torch.Generator(device=DEVICE).manual_seed(0))
-    if recipe == "qlora_ref_graph":  # one phase: the replayed graph
+    if recipe in GRAPHED:  # one phase: the replayed graph
         timed = timed_steps(model, optimizer, ids, steps, "graph")
         result = {"phase_seconds": {"step": timed["step_seconds"]}, "loss": timed["loss"]}
     else:
