@@ -37,7 +37,7 @@ update after the backward, as the baseline; phase by phase, to see where the tim
 qlora_ref_in_backward (the update inside the backward: AdamW8bit.step_in_backward), qlora_ref_graph (that
 step captured as a CUDA graph and replayed: memory.timed_steps, one phase "step"),
 qlora_ref_bnb_optimizer (bitsandbytes' PagedAdamW8bit instead of ours, after the backward), and
-qlora_ref_fused, qlora_ref_fused_graph (qlora_ref and qlora_ref_graph with the fused RMSNorm, SwiGLU and loss of
+qlora_ref_fused, qlora_ref_fused_graph (qlora_ref and qlora_ref_graph with the fused RMSNorm, rotary embeddings, SwiGLU and loss of
 LlamaForCausalLM.fused_kernels_enable, issue 23).
 
 Measured per (recipe, sequence length, rank), as memory.run: peak stats reset before the model is

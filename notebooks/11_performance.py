@@ -473,20 +473,20 @@ print(f"the 3 timed steps of a run differ by up to {spread:.0%} at 512 tokens, r
 #
 # The graph takes the host out of the step, but the GPU still runs some 350 kernels a layer, most of them small:
 # casts, copies, multiplies and adds between the matrix products, each reading and writing whole tensors. Fusing
-# them is the next step, and it saves memory as well as time, because autograd then keeps fewer tensors:
+# them saves time, and memory too, because autograd then keeps fewer tensors:
 #
 # - **RMSNorm** (`kernels/rmsnorm.py`): one Triton kernel each way instead of eight ops; it keeps the input in
-#   its own dtype and one float32 number a row, where autograd keeps a float32 copy of the input.
-# - **SwiGLU** (`kernels/swiglu.py`): silu(g) * u in one pass; it keeps g and u, where autograd also keeps silu(g).
-# - **The loss** (`fused.py`): the logits of 256 positions at a time, never all of them in float32, with the
-#   backward's gradient computed while a chunk's logits exist.
+#   its own dtype and one float32 number a row, not a float32 copy of the input.
+# - **Rotary embeddings** (`kernels/rope.py`): q and k turned in one launch and rounded once, not six kernels each.
+# - **SwiGLU** (`kernels/swiglu.py`): silu(g) * u in one pass; it keeps g and u, not silu(g) as well.
+# - **The loss** (`fused.py`): the logits of 256 positions at a time, never all of them in float32, the backward's
+#   gradient computed while a chunk's logits exist.
 #
-# `model.fused_kernels_enable()` switches a model to them, and `TrainConfig(fused=True)` a training run. On a
-# CPU, Triton's interpreter runs the kernels: slow, but the same code. Below, a small model with a large
-# vocabulary, as Llama-3's is large next to its width, measured both ways: the bytes autograd keeps after the
-# forward pass and the peak of every tensor alive during a step (lesson 9's `measure_saved_bytes` and
-# `measure_peak_bytes`), and whether loss and gradients agree. How much faster this makes a step on a GPU is
-# not measured yet.
+# `model.fused_kernels_enable()` switches a model to them, `TrainConfig(fused=True)` a training run; on a CPU,
+# Triton's interpreter runs the same kernels, slowly. Below, a small model with a large vocabulary (as Llama-3's
+# is, next to its width), both ways: the bytes autograd keeps after the forward pass and the peak of every tensor
+# alive in a step (lesson 9's `measure_saved_bytes`, `measure_peak_bytes`), and whether loss and gradients agree.
+# The speed-up on a GPU is not measured yet.
 
 # %%
 from qlora_ref.activations import measure_peak_bytes, measure_saved_bytes
@@ -526,7 +526,7 @@ print(f"loss {loss_a:.2f} both ways: {abs(loss_a - loss_b) < 1e-3}; every gradie
 # - A whole 7B step takes the same bytes as the standard stack run the same way, and is host-bound; updating
 #   each adapter inside the backward pass frees the gradients, and a CUDA graph removes the host: four times
 #   the standard recipe's tokens per second at 0.83 times its peak memory (512 tokens, r = 64).
-# - Fused RMSNorm, SwiGLU and loss keep fewer tensors: on the small model of section 4 they cut what autograd keeps
+# - Fused RMSNorm, rotary embeddings, SwiGLU and loss keep fewer tensors: on the small model of section 4 they cut what autograd keeps
 #   and the step's peak; their speed on a GPU is still to be measured.
 #
 # ## Check your understanding

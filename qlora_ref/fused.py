@@ -1,5 +1,5 @@
 """The fused training path's loss: cross-entropy without the full float32 logits. With the fused kernels
-(kernels/rmsnorm.py, kernels/swiglu.py) it is what LlamaForCausalLM.fused_kernels_enable() switches on.
+(kernels/rmsnorm.py, kernels/rope.py, kernels/swiglu.py) it is what LlamaForCausalLM.fused_kernels_enable() switches on.
 
 The unfused loss computes logits = h W^T for every position ([N, V] in the compute dtype), a float32 copy, its
 log-softmax and, in the backward, a float32 gradient of the same size: at 2,048 tokens and Llama-3's V = 128,256

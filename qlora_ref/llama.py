@@ -148,13 +148,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.kv_heads * h_d, bias=False)
         self.v_proj = nn.Linear(d, self.kv_heads * h_d, bias=False)
         self.o_proj = nn.Linear(self.heads * h_d, d, bias=False)
+        self.fused = False  # LlamaForCausalLM.fused_kernels_enable: rotary embeddings of q and k in one Triton kernel
 
     def forward(self, x, cos, sin):
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.heads, self.head_dim).transpose(1, 2)  # [B, heads, T, d_h]
         k = self.k_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.fused:
+            from .kernels.rope import rope_qk
+
+            q, k = rope_qk(q, k, cos, sin)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         group = self.heads // self.kv_heads  # K/V head j serves query heads j*group .. (j+1)*group - 1
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # softmax(QK^T/sqrt(d_h) + mask) V
@@ -250,13 +256,14 @@ class LlamaForCausalLM(nn.Module):
         self.gradient_checkpointing = False
 
     def fused_kernels_enable(self, on: bool = True) -> "LlamaForCausalLM":
-        """The fused path (lesson 11), or back: every RMSNorm and SwiGLU through one Triton kernel each way, and with
-        labels the loss by qlora_ref.fused.linear_cross_entropy (the output's logits are then None)."""
+        """The fused path (lesson 11), or back: every RMSNorm, rotary embedding (q and k together) and SwiGLU through one
+        Triton kernel each way, and with labels the loss by qlora_ref.fused.linear_cross_entropy (the output's logits
+        are then None)."""
         if on and type(self.lm_head) is not nn.Linear:
             raise TypeError(f"the fused loss reads lm_head.weight, but lm_head is a {type(self.lm_head).__name__}: "
                             "leave lm_head out of target_modules")
         for module in self.modules():
-            if isinstance(module, (RMSNorm, MLP, LlamaForCausalLM)):
+            if isinstance(module, (RMSNorm, Attention, MLP, LlamaForCausalLM)):
                 module.fused = bool(on)
         return self
 

@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from qlora_ref.fused import linear_cross_entropy
 from qlora_ref.kernels.rmsnorm import compile_ahead as rms_norm_compile_ahead
 from qlora_ref.kernels.rmsnorm import rms_norm
+from qlora_ref.kernels.rope import compile_ahead as rope_compile_ahead
+from qlora_ref.kernels.rope import rope_qk
 from qlora_ref.kernels.swiglu import compile_ahead as swiglu_compile_ahead
 from qlora_ref.kernels.swiglu import swiglu
-from qlora_ref.llama import LlamaConfig, LlamaForCausalLM, RMSNorm
+from qlora_ref.llama import LlamaConfig, LlamaForCausalLM, RMSNorm, apply_rope, rope_cos_sin
 from qlora_ref.train import TrainConfig, setup, train, train_step
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -93,6 +95,30 @@ def test_swiglu_matches_silu_times_up_forward_and_backward(dtype):
     _no_worse(fused, unfused, exact.detach(), dtype)
     _no_worse(gate.grad, unfused_grads[0], g64.grad, dtype)
     _no_worse(up.grad, unfused_grads[1], u64.grad, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_qk_matches_apply_rope_on_q_and_k_forward_and_backward(dtype):
+    """Grouped K/V heads (4 query heads, 2 key/value heads): q and k have different shapes, one launch turns both."""
+    torch.manual_seed(0)
+    cos, sin = rope_cos_sin(37, 32, 10000.0, dtype=dtype)
+    q = torch.randn(2, 4, 37, 32).to(dtype).requires_grad_()
+    k = torch.randn(2, 2, 37, 32).to(dtype).requires_grad_()
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+
+    unfused = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    torch.autograd.backward(unfused, (dq, dk))
+    unfused_grads = q.grad, k.grad
+    q.grad = k.grad = None
+    fused = rope_qk(q, k, cos, sin)
+    torch.autograd.backward(fused, (dq, dk))
+
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    exact = apply_rope(q64, cos.double(), sin.double()), apply_rope(k64, cos.double(), sin.double())
+    torch.autograd.backward(exact, (dq.double(), dk.double()))
+    for ours, theirs, truth in zip((*fused, q.grad, k.grad), (*unfused, *unfused_grads),
+                                   (*(e.detach() for e in exact), q64.grad, k64.grad)):
+        _no_worse(ours, theirs, truth, dtype)
 
 
 def _unfused_loss(h, weight, targets):
@@ -186,6 +212,8 @@ def test_fused_refuses_what_it_does_not_run(tmp_path):
         model.fused_kernels_enable()
     with pytest.raises(ValueError, match="weight must be 1-D"):
         rms_norm(torch.randn(3, 8), torch.ones(4), 1e-5)
+    with pytest.raises(ValueError, match="rope_qk takes q"):
+        rope_qk(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 6, 8), torch.randn(5, 8), torch.randn(5, 8))
     with pytest.raises(ValueError, match="gate and up must share"):
         swiglu(torch.randn(3, 8), torch.randn(3, 9))
     with pytest.raises(ValueError, match="chunk must be a positive int"):
@@ -202,8 +230,9 @@ def test_one_fused_step_runs_through_the_trainer():
     assert 0 < train_step(run) < 10
 
 
-@pytest.mark.parametrize("compile_ahead", [rms_norm_compile_ahead, swiglu_compile_ahead])
+@pytest.mark.parametrize("compile_ahead", [rms_norm_compile_ahead, swiglu_compile_ahead, rope_compile_ahead])
 def test_the_fused_kernels_compile_for_a_t4(compile_ahead):
     """sm_75, float16 (a T4 has no bfloat16): what a Colab learner's GPU runs, compiled here without a GPU."""
-    for kernel in compile_ahead(75, torch.float16):
+    kernels = compile_ahead(75, torch.float16)
+    for kernel in kernels if isinstance(kernels, tuple) else (kernels,):
         assert ".target sm_75" in kernel.asm["ptx"] and kernel.asm["cubin"]
