@@ -58,17 +58,12 @@ from ..validation import FLOAT_DTYPES, check_blocksize
 from . import blockwise_8bit
 from .launch import TRITON_TYPES, compile_for
 from .quantize_4bit import launch_config
-from .twins import twin
+from .twins import interpreted, twin
 
 __all__ = ["SCALAR_NAMES", "adamw8bit_kernel", "adamw8bit_update_triton", "compile_ahead", "device_scalars",
            "scalar_values"]
 
 DEFAULT_TILE_VALUES = 1024  # values per program (NB = TILE // BLOCKSIZE blocks, at least one)
-
-try:
-    from triton.runtime.interpreter import InterpretedFunction
-except ImportError:  # pragma: no cover
-    InterpretedFunction = ()
 
 
 @triton.jit
@@ -76,7 +71,7 @@ def _signbit(x):
     return (x.to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
 
 
-INTERPRETED = isinstance(_signbit, InterpretedFunction)
+INTERPRETED = interpreted(_signbit)
 _quantizer = blockwise_8bit._twin(interpret=INTERPRETED)  # its helpers, jit-ed in the same mode as this module
 _ftz, _max_nan, _pivot_search = _quantizer._ftz, _quantizer._max_nan, _quantizer._pivot_search
 _reciprocal, _round_to_bf16 = _quantizer._reciprocal, _quantizer._round_to_bf16

@@ -32,16 +32,11 @@ from ..codebooks import dynamic_map
 from ..state import QuantState
 from ..validation import check_blocksize, check_code_8bit, check_float_tensor
 from .bf16 import round_to_bf16
-from .twins import twin
+from .twins import interpreted, twin
 
 __all__ = ["compress_absmax_triton", "dequantize_blockwise_triton", "quantize_blockwise_triton"]
 
 DEFAULT_TILE_VALUES = 2048
-
-try:
-    from triton.runtime.interpreter import InterpretedFunction
-except ImportError:  # pragma: no cover
-    InterpretedFunction = ()
 
 
 @triton.jit
@@ -136,7 +131,7 @@ def dequantize_blockwise_kernel(q_ptr, absmax_ptr, code_ptr, out_ptr, n, BLOCKSI
     tl.store(out_ptr + index, value, mask=inside)
 
 
-INTERPRETED = isinstance(quantize_blockwise_kernel, InterpretedFunction)
+INTERPRETED = interpreted(quantize_blockwise_kernel)
 
 
 def _twin(interpret: bool):

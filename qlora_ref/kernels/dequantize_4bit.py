@@ -59,7 +59,7 @@ import triton.language as tl
 from ..state import QuantState
 from .bf16 import round_to_bf16
 from .launch import TRITON_TYPES, compile_for, launch
-from .twins import twin
+from .twins import interpreted, twin
 
 __all__ = ["compile_ahead", "dequantize_4bit_kernel", "dequantize_4bit_triton", "launch_config"]
 
@@ -70,11 +70,6 @@ __all__ = ["compile_ahead", "dequantize_4bit_kernel", "dequantize_4bit_triton", 
 DEFAULT_TILE_BYTES = 2048
 BYTES_PER_THREAD = 16  # packed bytes per thread: sets num_warps from the tile
 STORE_BYTES = 16  # output bytes per row of the tile: one 16-byte vector store
-
-try:
-    from triton.runtime.interpreter import InterpretedFunction
-except ImportError:  # pragma: no cover
-    InterpretedFunction = ()
 
 
 _round_to_bf16 = triton.jit(round_to_bf16)
@@ -197,7 +192,7 @@ def dequantize_4bit_kernel(
 
 
 # True when this module was loaded with TRITON_INTERPRET=1: its kernels then run on the CPU, in numpy.
-INTERPRETED = isinstance(dequantize_4bit_kernel, InterpretedFunction)
+INTERPRETED = interpreted(dequantize_4bit_kernel)
 
 
 def _twin(interpret: bool):

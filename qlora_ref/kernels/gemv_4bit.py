@@ -49,14 +49,10 @@ from ..state import QuantState
 from .bf16 import round_to_bf16
 from .dequantize_4bit import _on
 from .launch import TRITON_TYPES, compile_for, launch
-from .twins import twin
+from .twins import interpreted, twin
 
 __all__ = ["compile_ahead", "gemv_4bit_row_kernel", "gemv_4bit_triton", "row_defaults", "row_settings", "MAX_BLOCKS"]
 
-try:
-    from triton.runtime.interpreter import InterpretedFunction
-except ImportError:  # pragma: no cover
-    InterpretedFunction = ()
 
 MAX_BLOCKS = 2**31  # block indexes are int32
 # The settings (bench.gemv's sweep on the Llama weights chose them: bench/experiments/README.md)
@@ -300,7 +296,7 @@ def gemv_4bit_row_kernel(
     tl.store(y_ptr + rows, _round_out(_sum12(acc), y_ptr, SOFT_BF16), mask=row_ok)
 
 
-INTERPRETED = isinstance(gemv_4bit_row_kernel, InterpretedFunction)
+INTERPRETED = interpreted(gemv_4bit_row_kernel)
 CONSTEXPRS = ("BLOCKSIZE", "NESTED_BLOCKSIZE", "NESTED", "BLOCK_N", "SUB", "ASM", "X_MODE", "SOFT_BF16", "PREFETCH")
 _X_MODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 

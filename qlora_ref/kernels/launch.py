@@ -10,7 +10,8 @@ launcher, `compiled[grid](*args, *constexprs)`.
 
 import torch
 import triton
-from triton.runtime.interpreter import InterpretedFunction
+
+from .twins import interpreted
 
 __all__ = ["FAST_LAUNCH", "TRITON_TYPES", "compile_for", "launch"]
 
@@ -35,7 +36,7 @@ def launch(kernel, names, grid, args, constexprs, num_warps, **options):
         compiled[grid](*args, *constexprs)
         return
     compiled = kernel[grid](*args, **dict(zip(names, constexprs)), num_warps=num_warps, **options)
-    if compiled is not None and not isinstance(kernel, InterpretedFunction):
+    if compiled is not None and not interpreted(kernel):
         _COMPILED[key] = compiled
 
 

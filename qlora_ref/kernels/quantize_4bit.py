@@ -51,18 +51,13 @@ from ..codebooks import codebook_4bit
 from ..state import QuantState
 from ..validation import FLOAT_DTYPES, check_blocksize, check_float_tensor
 from .launch import TRITON_TYPES, compile_for, launch
-from .twins import twin
+from .twins import interpreted, twin
 
 __all__ = ["compile_ahead", "hardware_reciprocal", "quantize_4bit_kernel", "quantize_4bit_triton"]
 
 DEFAULT_TILE_VALUES = 4096  # values per program (NB = TILE // BLOCKSIZE blocks, at least one)
 DEFAULT_NUM_WARPS = 4
 QUANT_TYPES = {"nf4": 0, "fp4": 1}
-
-try:
-    from triton.runtime.interpreter import InterpretedFunction
-except ImportError:  # pragma: no cover
-    InterpretedFunction = ()
 
 
 @triton.jit
@@ -178,7 +173,7 @@ def reciprocal_kernel(a_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + i, _reciprocal(_ftz(a), True), mask=i < n)
 
 
-INTERPRETED = isinstance(quantize_4bit_kernel, InterpretedFunction)
+INTERPRETED = interpreted(quantize_4bit_kernel)
 
 
 def _twin(interpret: bool):

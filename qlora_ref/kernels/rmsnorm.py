@@ -22,12 +22,7 @@ import triton.language as tl
 
 from .bf16 import round_to_bf16
 from .launch import TRITON_TYPES, compile_for
-from .twins import twin
-
-try:
-    from triton.runtime.interpreter import InterpretedFunction
-except ImportError:  # pragma: no cover
-    InterpretedFunction = ()
+from .twins import interpreted, twin
 
 __all__ = ["compile_ahead", "rms_norm"]
 
@@ -85,7 +80,7 @@ def rms_norm_backward_kernel(x_ptr, w_ptr, r_ptr, dy_ptr, dx_ptr, dw_partial_ptr
     tl.store(dw_partial_ptr + program * D + cols, dw[None, :], mask=cols < D)
 
 
-INTERPRETED = isinstance(rms_norm_forward_kernel, InterpretedFunction)
+INTERPRETED = interpreted(rms_norm_forward_kernel)
 
 
 def _twin(interpret: bool):

@@ -18,12 +18,7 @@ import triton.language as tl
 
 from .bf16 import round_to_bf16
 from .launch import TRITON_TYPES, compile_for
-from .twins import twin
-
-try:
-    from triton.runtime.interpreter import InterpretedFunction
-except ImportError:  # pragma: no cover
-    InterpretedFunction = ()
+from .twins import interpreted, twin
 
 __all__ = ["compile_ahead", "rope_qk"]
 
@@ -62,7 +57,7 @@ def rope_qk_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, q_rows,
         _rotate(k_ptr, cos_ptr, sin_ptr, k_out_ptr, program - q_programs, k_rows, seq, HALF, ROWS, SIGN, SOFT_BF16)
 
 
-INTERPRETED = isinstance(rope_qk_kernel, InterpretedFunction)
+INTERPRETED = interpreted(rope_qk_kernel)
 
 
 def _twin(interpret: bool):

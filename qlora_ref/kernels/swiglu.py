@@ -17,12 +17,7 @@ import triton.language as tl
 
 from .bf16 import round_to_bf16
 from .launch import TRITON_TYPES, compile_for
-from .twins import twin
-
-try:
-    from triton.runtime.interpreter import InterpretedFunction
-except ImportError:  # pragma: no cover
-    InterpretedFunction = ()
+from .twins import interpreted, twin
 
 __all__ = ["compile_ahead", "swiglu"]
 
@@ -61,7 +56,7 @@ def swiglu_backward_kernel(g_ptr, u_ptr, dh_ptr, dg_ptr, du_ptr, n, BLOCK: tl.co
     tl.store(du_ptr + offs, _round(du, du_ptr, SOFT_BF16).to(du_ptr.dtype.element_ty), mask=mask)
 
 
-INTERPRETED = isinstance(swiglu_forward_kernel, InterpretedFunction)
+INTERPRETED = interpreted(swiglu_forward_kernel)
 # values per program: 1,024 on a GPU; the interpreter (numpy, one program at a time) takes 2^20 at once
 BLOCK = 2**20 if INTERPRETED else 1024
 

@@ -12,7 +12,15 @@ import importlib.util
 import os
 import sys
 
+from triton.runtime.interpreter import InterpretedFunction
+
 _TWINS = {}
+
+
+def interpreted(kernel) -> bool:
+    """Whether `kernel` (a @triton.jit function) runs in Triton's interpreter: it was decorated under
+    TRITON_INTERPRET=1. Each kernel module asks it once, as INTERPRETED, to know which of the twins it is."""
+    return isinstance(kernel, InterpretedFunction)
 
 
 def twin(name: str, path: str, interpret: bool, interpreted: bool):
