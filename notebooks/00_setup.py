@@ -15,6 +15,10 @@
 # lessons 5-8 also time and train on it (section 6 says what each needs).
 
 # %% [markdown]
+# **The code of this lesson**, in the order to read it: `qlora_ref/environment.py`, `qlora_ref/compare.py`,
+# `qlora_ref/bnb_cpu.py`.
+
+# %% [markdown]
 # **Install, locally:** `make lab` in the repository root sets everything up and opens JupyterLab; `make test`
 # runs the course's own checks. Both install exactly the versions in `requirements.lock` (one version of every
 # package, with its hash), so that your outputs are the ones printed here. With conda: `conda env create -f

@@ -16,6 +16,9 @@
 # This lesson's code is `qlora_ref/linear.py` (about 100 lines); the widget's plot is in
 # `qlora_ref/plots/linear.py`.
 
+# %% [markdown]
+# **The code of this lesson**: `qlora_ref/linear.py`.
+
 # %%
 import logging
 import os

@@ -20,6 +20,9 @@
 # section 3 ("4-bit NormalFloat Quantization"). This lesson's code is `qlora_ref/codebooks.py`; the figures
 # come from `qlora_ref/plots/codebooks.py`.
 
+# %% [markdown]
+# **The code of this lesson**: `qlora_ref/codebooks.py`.
+
 # %%
 import logging
 import os

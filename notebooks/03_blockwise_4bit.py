@@ -21,6 +21,10 @@
 # arXiv:2110.02861); QLoRA (Dettmers et al. 2023, arXiv:2305.14314, section 2, "Block-wise k-bit
 # Quantization") uses it with NF4 and blocks of 64.
 
+# %% [markdown]
+# **The code of this lesson**, in the order to read it: `qlora_ref/blockwise.py`, `qlora_ref/fourbit.py`,
+# `qlora_ref/state.py`.
+
 # %%
 import logging
 import os

@@ -23,6 +23,9 @@
 # dynamic map: Dettmers 2015 (arXiv:1511.04561) and the 8-bit optimizers paper (Dettmers et al. 2021,
 # arXiv:2110.02861).
 
+# %% [markdown]
+# **The code of this lesson**, in the order to read it: `qlora_ref/double_quant.py`, `qlora_ref/dynamic8bit.py`.
+
 # %%
 import logging
 import os

@@ -24,6 +24,11 @@
 # "Triton: an intermediate language and compiler for tiled neural network computations", MAPL);
 # the roofline model (Williams, Waterman and Patterson 2009, Communications of the ACM 52(4)).
 
+# %% [markdown]
+# **The code of this lesson**, in the order to read it: `qlora_ref/kernels/dequantize_4bit.py`,
+# `qlora_ref/kernels/launch.py`, `qlora_ref/kernels/twins.py`, `qlora_ref/kernels/bf16.py`. For its demonstrations
+# it also uses `qlora_ref/results.py`.
+
 # %%
 import logging
 import os

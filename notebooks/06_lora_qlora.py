@@ -23,6 +23,10 @@
 # sections 2-3. PEFT (huggingface/peft) for the initialisation and the file format; bitsandbytes'
 # `Linear4bit` / `MatMul4Bit` for the 4-bit layer.
 
+# %% [markdown]
+# **The code of this lesson**, in the order to read it: `qlora_ref/lora.py`, `qlora_ref/adapters.py`. For its
+# demonstrations it also uses `qlora_ref/plots/lora.py`, `qlora_ref/llama.py`, `qlora_ref/tasks.py`.
+
 # %%
 import logging
 import os

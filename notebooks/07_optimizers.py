@@ -11,6 +11,11 @@
 # memory spike of a long batch.
 
 # %% [markdown]
+# **The code of this lesson**, in the order to read it: `qlora_ref/adamw_step.py`, `qlora_ref/optim8bit.py`,
+# `qlora_ref/pager.py`, `qlora_ref/paging.py`. For its demonstrations it also uses `qlora_ref/spike.py`,
+# `qlora_ref/managed_memory.py`.
+
+# %% [markdown]
 # **What you will learn**
 # - what full fine-tuning of a 7B-shaped model keeps per parameter (weights, gradients, Adam's m and v),
 #   computed, and which of the course's source notes get it wrong; what QLoRA keeps instead: the

@@ -10,6 +10,11 @@
 # that fine-tuning through a 4-bit base matches LoRA on an unquantized one.
 
 # %% [markdown]
+# **The code of this lesson**, in the order to read it: `qlora_ref/llama.py`, `qlora_ref/tasks.py`,
+# `qlora_ref/methods.py`, `qlora_ref/train_config.py`, `qlora_ref/train.py`, `qlora_ref/checkpoints.py`. For its
+# demonstrations it also uses `qlora_ref/memory.py`, `qlora_ref/hf.py`.
+
+# %% [markdown]
 # **What you will learn**
 # - the course's pretrained model (a 0.9M-parameter Llama with Hugging Face's layout) and a task it cannot do;
 # - the QLoRA paper's Table 2 in shape: perplexity of the base after INT4, the two FP4 types and NF4

@@ -25,6 +25,10 @@
 # 8-bit optimizers (Dettmers et al. 2021, arXiv:2110.02861); gradient checkpointing (Chen et al. 2016,
 # arXiv:1604.06174); Llama 2 (Touvron et al. 2023, arXiv:2307.09288) for the architectures.
 
+# %% [markdown]
+# **The code of this lesson**, in the order to read it: `qlora_ref/model_shapes.py`, `qlora_ref/activations.py`,
+# `qlora_ref/vram.py`. For its demonstrations it also uses `qlora_ref/results.py`.
+
 # %%
 import json
 import logging

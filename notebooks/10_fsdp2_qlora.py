@@ -19,6 +19,10 @@
 # - what each GPU holds, and whether 70B fits two 24 GB cards.
 
 # %% [markdown]
+# **The code of this lesson**, in the order to read it: `qlora_ref/sharded_4bit.py`, `qlora_ref/distributed.py`. For
+# its demonstrations it also uses `qlora_ref/fsdp_demo.py`, `qlora_ref/plots/fsdp.py`.
+
+# %% [markdown]
 # **Prerequisites:** lessons 3 and 4 (the 4-bit bytes and their constants), 6 (`QLoRALinear`), 7 (8-bit
 # AdamW), 8 (the trainer) and 9 (the estimator). Everything runs on a CPU: the processes talk through
 # gloo, PyTorch's CPU backend (on GPUs the same code uses NCCL).

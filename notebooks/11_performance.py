@@ -23,6 +23,11 @@
 #
 # **Prerequisites:** lessons 5, 6 and 9. **Source:** QLoRA (Dettmers et al. 2023, arXiv:2305.14314).
 
+# %% [markdown]
+# **The code of this lesson**, in the order to read it: `qlora_ref/kernels/gemv_4bit.py`, `qlora_ref/cuda_graph.py`,
+# `qlora_ref/kernels/rmsnorm.py`, `qlora_ref/kernels/rope.py`, `qlora_ref/kernels/swiglu.py`, `qlora_ref/fused.py`.
+# For its demonstrations it also uses `qlora_ref/results.py`, `qlora_ref/vram.py`.
+
 # %%
 import os
 import sys

@@ -23,6 +23,11 @@
 # **Sources:** QLoRA, Dettmers et al. 2023, arXiv:2305.14314 (abstract, section 4); LoRA, Hu et al. 2021,
 # arXiv:2106.09685; mixed-precision training with loss scaling, Micikevicius et al. 2017, arXiv:1710.03740.
 
+# %% [markdown]
+# **The code of this lesson**: none of its own; it reads lesson 9's estimator and `bench/results`. For its
+# demonstrations it also uses `qlora_ref/results.py`, `qlora_ref/plots/vram.py`, `qlora_ref/train.py`,
+# `qlora_ref/adapters.py`, `qlora_ref/fourbit.py`.
+
 # %%
 import copy
 import json

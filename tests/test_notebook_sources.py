@@ -219,3 +219,18 @@ def test_colab_install_script_keeps_colabs_torch(tmp_path):
     subprocess.run(["sh", str(ROOT / "tools" / "colab_install.sh"), str(python)], check=True)
     assert log.read_text().split() == ["-m", "pip", "install", "-q", str(ROOT), "bitsandbytes==0.50.2",
                                        "torch==2.8.0+cu126"]
+
+
+def test_each_lesson_names_its_modules_as_the_readme_table_does():
+    """Each lesson says which modules hold its code, in the order to read them, and which it only uses for its
+    demonstrations: the README's lesson table, which ../shared/tools/house.py measures, is the one list."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = [line for line in readme.splitlines() if re.match(r"\| \d+ ", line)]
+    assert len(rows) == len(sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py")))
+    for row in rows:
+        _, notebook, uses, reads = [cell.strip() for cell in row.strip("|").split("|")]
+        text = (ROOT / "notebooks" / f"{notebook.strip('`')}.py").read_text(encoding="utf-8")
+        cell = re.search(r"# \*\*The code of this lesson\*\*.*?(?=\n\n)", text, re.S)
+        assert cell, f"{notebook} does not say which modules hold its code"
+        named = re.findall(r"`qlora_ref/([\w/]+\.py)`", cell.group(0))
+        assert named == re.findall(r"`([\w/]+\.py)`", reads) + re.findall(r"`([\w/]+\.py)`", uses), notebook
