@@ -33,7 +33,8 @@
 # arXiv:2106.09685; gradient checkpointing, Chen et al. 2016, arXiv:1604.06174; cosine schedules,
 # Loshchilov & Hutter 2016, arXiv:1608.03983.
 #
-# On a CPU the whole notebook runs in about three minutes. Every figure in it is computed here.
+# On a CPU the whole notebook runs in a few minutes (about two on a free 2-core machine). Every figure in it is
+# computed here.
 
 # %%
 import os

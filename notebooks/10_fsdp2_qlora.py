@@ -3,8 +3,8 @@
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/qlora-course/blob/main/notebooks/10_fsdp2_qlora.ipynb)
 #
-# Lesson 9 ends where learners most want QLoRA: Llama-2-70B in NF4 needs about 42 GB on one GPU, and a
-# 24 GB card holds half of that. Two cards hold it only if no card holds the whole model. PyTorch's FSDP2
+# Lesson 9 ends where learners most want QLoRA: Llama-2-70B in NF4 does not fit one 24 GB card (section 1
+# computes by how much). Two cards hold it only if no card holds the whole model. PyTorch's FSDP2
 # (`torch.distributed.fsdp.fully_shard`) does exactly that for ordinary weights: every parameter is cut by
 # rows into N shards, one per process ("rank"); before a layer computes, its rows are all-gathered from
 # every rank, and after it they are freed again. This lesson makes a 4-bit weight shardable the same way,
