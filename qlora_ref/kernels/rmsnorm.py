@@ -31,7 +31,7 @@ _round_to_bf16 = triton.jit(round_to_bf16)
 
 @triton.jit
 def _to_out(value, out_ptr, SOFT_BF16: tl.constexpr):
-    """float32 -> the output's dtype, rounding to nearest even (SOFT_BF16: by integers, in the interpreter)."""
+    """float32 -> the dtype out_ptr points to, rounding to nearest even (SOFT_BF16: by integers, in the interpreter)."""
     if SOFT_BF16:
         return _round_to_bf16(value)
     return value.to(out_ptr.dtype.element_ty)
@@ -45,7 +45,7 @@ def _row_sum(values):
 
 
 @triton.jit
-def rms_norm_forward_kernel(x_ptr, w_ptr, y_ptr, r_ptr, x_hat_ptr, rows, D, eps,
+def rms_norm_forward_kernel(x_ptr, w_ptr, y_ptr, r_ptr, rows, D, eps,
                             ROWS: tl.constexpr, BLOCK: tl.constexpr, SOFT_BF16: tl.constexpr,
                             SOFT_BF16_Y: tl.constexpr):
     row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]  # a tile of ROWS rows, each whole
@@ -53,14 +53,14 @@ def rms_norm_forward_kernel(x_ptr, w_ptr, y_ptr, r_ptr, x_hat_ptr, rows, D, eps,
     mask = (row < rows) & (cols < D)
     x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
     r = 1.0 / tl.sqrt(_row_sum(x * x) / D + eps)  # [ROWS]
-    x_hat = _to_out(x * r[:, None], x_hat_ptr, SOFT_BF16)  # round(x^), in the input's dtype
+    x_hat = _to_out(x * r[:, None], x_ptr, SOFT_BF16)  # round(x^), in the input's dtype
     w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * D + cols, _to_out(w * x_hat.to(tl.float32), y_ptr, SOFT_BF16_Y), mask=mask)
     tl.store(r_ptr + row, r[:, None], mask=row < rows)
 
 
 @triton.jit
-def rms_norm_backward_kernel(x_ptr, w_ptr, r_ptr, dy_ptr, dx_ptr, dw_partial_ptr, x_hat_ptr, rows, D,
+def rms_norm_backward_kernel(x_ptr, w_ptr, r_ptr, dy_ptr, dx_ptr, dw_partial_ptr, rows, D,
                              ROWS: tl.constexpr, BLOCK: tl.constexpr, SOFT_BF16: tl.constexpr,
                              SOFT_BF16_DX: tl.constexpr):
     program = tl.program_id(0)
@@ -76,7 +76,7 @@ def rms_norm_backward_kernel(x_ptr, w_ptr, r_ptr, dy_ptr, dx_ptr, dw_partial_ptr
     dx = r * (g - x_hat * (_row_sum(g * x_hat) / D)[:, None])
     tl.store(dx_ptr + row * D + cols, _to_out(dx, dx_ptr, SOFT_BF16_DX), mask=mask)
     # this tile's share of dw = sum over rows of dy * round(x^): one float32 row per program, added up by torch
-    dw = tl.reduce(dy * _to_out(x_hat, x_hat_ptr, SOFT_BF16).to(tl.float32), 0, tl.standard._sum_combine)
+    dw = tl.reduce(dy * _to_out(x_hat, x_ptr, SOFT_BF16).to(tl.float32), 0, tl.standard._sum_combine)
     tl.store(dw_partial_ptr + program * D + cols, dw[None, :], mask=cols < D)
 
 
@@ -103,9 +103,8 @@ def _forward(x2d, weight, eps):
     out_dtype = torch.promote_types(x2d.dtype, weight.dtype)  # as `weight * x^.to(x.dtype)` in torch
     y = torch.empty((rows, D), dtype=out_dtype, device=x2d.device)
     r = torch.empty(rows, dtype=torch.float32, device=x2d.device)
-    # x_hat_ptr only carries the input's dtype to _to_out; nothing is stored through it
     tile = _rows_per_program(D)
-    rms_norm_forward_kernel[(triton.cdiv(rows, tile),)](x2d, weight, y, r, x2d, rows, D, eps, ROWS=tile,
+    rms_norm_forward_kernel[(triton.cdiv(rows, tile),)](x2d, weight, y, r, rows, D, eps, ROWS=tile,
                                                         BLOCK=triton.next_power_of_2(D), SOFT_BF16=_soft(x2d.dtype),
                                                         SOFT_BF16_Y=_soft(out_dtype), num_warps=4)
     return y, r
@@ -117,7 +116,7 @@ def _backward(x2d, weight, r, dy2d):
     tile = _rows_per_program(D)
     programs = triton.cdiv(rows, tile)
     dw_partial = torch.empty((programs, D), dtype=torch.float32, device=x2d.device)
-    rms_norm_backward_kernel[(programs,)](x2d, weight, r, dy2d.contiguous(), dx, dw_partial, x2d, rows, D, ROWS=tile,
+    rms_norm_backward_kernel[(programs,)](x2d, weight, r, dy2d.contiguous(), dx, dw_partial, rows, D, ROWS=tile,
                                           BLOCK=triton.next_power_of_2(D), SOFT_BF16=_soft(x2d.dtype),
                                           SOFT_BF16_DX=_soft(dx.dtype), num_warps=4)
     return dx, dw_partial.sum(0).to(weight.dtype)
@@ -162,12 +161,12 @@ def compile_ahead(capability: int, dtype: torch.dtype = torch.float16, hidden_si
     kernels = _twin(interpret=False)
     tile = max(1, 4096 // block)  # as _rows_per_program on a GPU
     forward = compile_for(kernels.rms_norm_forward_kernel, capability,
-                          {"x_ptr": t, "w_ptr": t, "y_ptr": t, "r_ptr": "*fp32", "x_hat_ptr": t},
+                          {"x_ptr": t, "w_ptr": t, "y_ptr": t, "r_ptr": "*fp32"},
                           {"rows": "i32", "D": "i32", "eps": "fp32"},
                           {"ROWS": tile, "BLOCK": block, "SOFT_BF16": False, "SOFT_BF16_Y": False}, 4,
-                          aligned=["x_ptr", "w_ptr", "y_ptr", "r_ptr", "x_hat_ptr", "rows", "D"])
+                          aligned=["x_ptr", "w_ptr", "y_ptr", "r_ptr", "rows", "D"])
     backward = compile_for(kernels.rms_norm_backward_kernel, capability,
                            {"x_ptr": t, "w_ptr": t, "r_ptr": "*fp32", "dy_ptr": t, "dx_ptr": t,
-                            "dw_partial_ptr": "*fp32", "x_hat_ptr": t}, {"rows": "i32", "D": "i32"},
+                            "dw_partial_ptr": "*fp32"}, {"rows": "i32", "D": "i32"},
                            {"ROWS": tile, "BLOCK": block, "SOFT_BF16": False, "SOFT_BF16_DX": False}, 4)
     return forward, backward
