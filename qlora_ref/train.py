@@ -210,17 +210,12 @@ def setup(config: TrainConfig) -> Run:
                data_parallel=data_parallel)
 
 
-def _set_learning_rate(run: Run) -> None:
-    """Every parameter group at learning_rate(config, step) for the step about to run."""
-    lr = learning_rate(run.config, run.step)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-
-
 def train_step(run: Run) -> float:
     """One optimizer step (see the module docstring); returns the mean loss of its micro-batches."""
     config = run.config
-    _set_learning_rate(run)
+    lr = learning_rate(config, run.step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
     total = 0.0
     for micro in range(config.grad_accum):
         index = run.step * config.grad_accum + micro
@@ -252,7 +247,9 @@ def sharded_train_step(run: Run) -> float:
     the ranks' gradients is the whole batch's gradient (DataParallel.weight_loss); it returns the whole batch's loss.
     The rest is train_step's: the schedule, accumulation, clipping (over DTensors: the whole gradient's norm)."""
     config, data_parallel = run.config, run.data_parallel
-    _set_learning_rate(run)
+    lr = learning_rate(config, run.step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
     total = 0.0
     for micro in range(config.grad_accum):
         index = run.step * config.grad_accum + micro
